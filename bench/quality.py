@@ -1,0 +1,164 @@
+"""Perplexity of compressed SmolLM2-135M under every strategy and storage mode (issue 2 and 5 tables).
+
+One analysis (calibration pass, whitening, whitened SVD, scores) per calibration seed is shared by all
+configurations; each configuration compresses a fresh copy of the model and is evaluated on several texts.
+Results are appended to a JSON-lines file as they finish, so an interrupted run resumes where it stopped,
+and the markdown tables are rebuilt from that file.
+
+    python bench/quality.py --calib-file ../shared/data/wikitext-2/valid.txt \\
+        --eval wikitext2=../shared/data/wikitext-2/test.txt --eval licenses=@licenses --eval pydoc=@pydoc \\
+        --suite main --seeds 0 --results bench/results/quality.jsonl
+
+``@licenses`` is the license texts of /usr/share/common-licenses (legal English, on every Debian system),
+``@pydoc`` the docstrings of Python's standard library (technical English, wherever Python runs).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import zssvd
+from zssvd import calibration
+from zssvd.demo import stdlib_docstrings
+from zssvd.evaluate import perplexity
+from zssvd.pipeline import AnalysisOptions, analyze, compress
+
+LICENSES = ("GPL-3", "Apache-2.0", "MPL-2.0", "LGPL-2.1", "GFDL-1.3", "Artistic", "CC0-1.0")
+ABLATION = ("zero-sum", "most-negative", "abs-dl", "sigma")
+
+
+def builtin_text(name: str) -> str:
+    if name == "@pydoc":
+        return stdlib_docstrings()
+    if name == "@licenses":
+        root = Path("/usr/share/common-licenses")
+        return "\n\n".join((root / n).read_text() for n in LICENSES if (root / n).is_file())
+    return Path(name).read_text()
+
+
+def suite_configs(suite: str, ratios: list[float], corrections: int) -> list[dict]:
+    """The configurations of a suite, as keyword arguments of ``zssvd.compress``."""
+    configs = []
+    for r in ratios:
+        if suite in ("issue2", "main"):
+            configs += [dict(ratio=r, strategy="uniform"), dict(ratio=r, strategy="zero-sum")]
+            if corrections:
+                configs += [dict(ratio=r, strategy="zero-sum", corrections=corrections)]
+        if suite == "main":
+            configs += [dict(ratio=r, storage="remap"), dict(ratio=r, storage="remap", strategy="uniform")]
+            if r <= 0.5:
+                configs += [dict(ratio=r, storage="hq"), dict(ratio=r, storage="hq", strategy="uniform")]
+        if suite == "ablation":
+            configs += [dict(ratio=r, strategy=s, ordered=o) for s in ABLATION for o in (True, False)]
+    return configs
+
+
+def config_key(seed: int, config: dict) -> str:
+    full = {"seed": seed, "storage": "dense", "strategy": "zero-sum", "ordered": True, "corrections": 0, **config}
+    return json.dumps(full, sort_keys=True)
+
+
+def run(args) -> None:
+    results_path = Path(args.results)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    done = {json.loads(line)["key"] for line in results_path.read_text().splitlines()} if results_path.exists() else set()
+    model, tokenizer, source = zssvd.load_model(args.model)
+    evals = {}
+    for spec in args.eval:
+        name, _, path = spec.partition("=")
+        evals[name] = calibration.tokenize_stream(tokenizer, builtin_text(path))
+    windows = dict(pair.split("=") for pair in args.eval_windows) if args.eval_windows else {}
+
+    def evaluate(m) -> dict:
+        return {name: round(perplexity(m, ids, args.seq_len, max_windows=int(windows.get(name, args.windows)),
+                                       desc=f"ppl {name}")["perplexity"], 3)
+                for name, ids in evals.items()}
+
+    def record(entry: dict) -> None:
+        with results_path.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        print(json.dumps(entry), flush=True)
+
+    dense_key = json.dumps({"dense": True, "evals": sorted(evals)})
+    if dense_key not in done:
+        record({"key": dense_key, "dense": True, "ppl": evaluate(model)})
+    for seed in args.seeds:
+        configs = [c for c in suite_configs(args.suite, args.ratios, args.corrections)
+                   if config_key(seed, c) not in done]
+        if not configs:
+            continue
+        calib = _calibration(tokenizer, args, seed)
+        analysis = analyze(model, calib, AnalysisOptions(cache_dir=args.cache_dir, source=source))
+        for config in configs:
+            start = time.perf_counter()
+            compressed, report = compress(copy.deepcopy(model), calib, analysis=analysis, **config)
+            record({"key": config_key(seed, config), "seed": seed, **json.loads(config_key(seed, config)),
+                    "achieved_ratio": round(report["achieved_ratio"], 5),
+                    "achieved_bytes_ratio": round(report["achieved_bytes_ratio"], 5),
+                    "calib_source": calib.source, "ppl": evaluate(compressed),
+                    "correction_losses": report["correction_losses"],
+                    "seconds": round(time.perf_counter() - start, 1)})
+
+
+def _calibration(tokenizer, args, seed: int) -> calibration.CalibrationSet:
+    """Seeded windows of the joined calibration texts (files, @licenses, @pydoc)."""
+    ids = calibration.tokenize_stream(tokenizer, "\n\n".join(builtin_text(s) for s in args.calib_file))
+    windows = calibration.sample_windows(ids, args.calib_samples, args.seq_len, seed, what="calibration text")
+    return calibration.CalibrationSet(windows, source="+".join(Path(s).name for s in args.calib_file))
+
+
+def markdown(results_path: Path) -> str:
+    """Tables: mean perplexity over seeds (per-seed values in brackets) for every configuration."""
+    rows = [json.loads(line) for line in results_path.read_text().splitlines()]
+    dense = next((r for r in rows if r.get("dense")), None)
+    evals = list(dense["ppl"]) if dense else sorted({k for r in rows for k in r["ppl"]})
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if not r.get("dense"):
+            groups.setdefault((r["ratio"], r["storage"], r["strategy"], r["ordered"], r["corrections"]), []).append(r)
+    lines = ["| ratio | storage | strategy | order | corrections | achieved | " + " | ".join(evals) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(evals)]
+    if dense:
+        lines.append("| 1.0 | (dense model) | | | | 1.0 | " + " | ".join(f"{dense['ppl'][e]:.2f}" for e in evals) + " |")
+    for (ratio, storage, strategy, ordered, corr), group in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0])):
+        cells = []
+        for e in evals:
+            values = [g["ppl"][e] for g in sorted(group, key=lambda g: g["seed"])]
+            mean = statistics.mean(values)
+            cells.append(f"{mean:.2f}" + (f" ({', '.join(f'{v:.1f}' for v in values)})" if len(values) > 1 else ""))
+        achieved = statistics.mean(g["achieved_ratio"] for g in group)
+        lines.append(f"| {ratio} | {storage} | {strategy} | {'yes' if ordered else 'no'} | {corr} | "
+                     f"{achieved:.4f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default")
+    p.add_argument("--calib-file", action="append", required=True, help="path, @licenses or @pydoc (repeatable)")
+    p.add_argument("--eval", action="append", required=True, metavar="NAME=PATH", help="PATH, @licenses or @pydoc")
+    p.add_argument("--suite", choices=("issue2", "main", "ablation"), default="main")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.6, 0.4])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--corrections", type=int, default=5)
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--windows", type=int, default=24, help="evaluation windows per text (default 24)")
+    p.add_argument("--eval-windows", nargs="*", metavar="NAME=N", help="per-text override of --windows")
+    p.add_argument("--cache-dir", default=str(zssvd.models.cache_root() / "stages"))
+    p.add_argument("--results", default="bench/results/quality.jsonl")
+    p.add_argument("--tables-only", action="store_true", help="print the markdown tables from --results and exit")
+    args = p.parse_args(argv)
+    if not args.tables_only:
+        run(args)
+    print(markdown(Path(args.results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

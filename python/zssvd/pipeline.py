@@ -1,0 +1,241 @@
+"""The whole method, stage by stage, as the paper reads:
+
+    calibrate -> whiten -> decompose -> score -> select -> correct -> pack
+
+``analyze`` runs the stages that do not depend on the target ratio (one forward/backward
+pass for covariances and gradients, whitening, whitened SVD, scores) and caches them on
+disk; ``compress`` selects, corrects and packs for one ratio, storage and strategy, reusing
+an analysis when given one.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import __version__
+from .cache import StageCache, cache_key
+from .calibration import CalibrationSet
+from .correction import correct
+from .covariance import CovarianceCollector
+from .decompose import Factors, whitened_svd
+from .gradients import calibration_pass
+from .models import TargetSet, assign_input_groups, find_targets, model_fingerprint
+from .packing import pack_model
+from .progress import progress
+from .scores import component_scores
+from .selection import MatrixSpec, Selection, check_ratio, select
+from .whitening import whitening_factor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AnalysisOptions:
+    """Settings of the ratio-independent stages (part of the cache key where they matter)."""
+
+    micro_batch: int = 4
+    checkpointing: bool = False
+    decompose_method: str = "gram"
+    base_jitter: float = 1e-6
+    score_backend: str = "auto"
+    blocks_path: str | None = None
+    cache_dir: str | None = None
+    source: str = ""  # model id, for the cache key
+
+
+@dataclass
+class Analysis:
+    """Everything the selection needs, computed once per model and calibration set."""
+
+    targets: TargetSet
+    specs: list[MatrixSpec]
+    whitening: dict[str, torch.Tensor]  # input group -> S (lower triangular)
+    jitter: dict[str, float]  # input group -> relative diagonal shift used
+    factors: dict[str, Factors]  # target -> full whitened SVD
+    scores: dict[str, torch.Tensor]  # target -> dL per component
+    loss: float  # calibration loss of the uncompressed model
+    calibration: CalibrationSet
+    options: AnalysisOptions
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@contextmanager
+def _timed(timings: dict, stage: str):
+    start = time.perf_counter()
+    yield
+    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+def analyze(model: nn.Module, calib: CalibrationSet, options: AnalysisOptions | None = None) -> Analysis:
+    """Calibrate, whiten, decompose and score every target of ``model``."""
+    options = options or AnalysisOptions()
+    timings: dict[str, float] = {}
+    _check_weights(model)
+    device = next(model.parameters()).device
+    targets = find_targets(model, options.blocks_path)
+    assign_input_groups(model, targets, calib.input_ids[:1, : min(16, calib.seq_len)].to(device))
+    cache = StageCache(options.cache_dir)
+    key = cache_key(model_fingerprint(model, options.source), calib.fingerprint(), __version__) if cache.enabled else ""
+
+    with _timed(timings, "calibration_pass"):
+        stats = _calibration_statistics(model, targets, calib, options, cache, key)
+    factor_key = cache_key(key, options.decompose_method, options.base_jitter)
+    cached = cache.load("factors", factor_key)
+    if cached is not None:
+        whitening, factors, jitter = _unpack_factors(cached, targets)
+    else:
+        whitening, jitter, factors = {}, {}, {}
+        with _timed(timings, "whitening"):
+            for group in progress(targets.groups, desc="whitening", unit="group"):
+                w = whitening_factor(stats["covariances"][group], group, base_jitter=options.base_jitter)
+                whitening[group], jitter[group] = w.factor, w.relative_jitter
+        with _timed(timings, "decomposition"):
+            for t in progress(targets.targets, desc="whitened SVD", unit="matrix"):
+                factors[t.name] = whitened_svd(t.module.weight.detach(), whitening[t.group],
+                                               method=options.decompose_method)
+            whitening = {g: s.float() for g, s in whitening.items()}
+        cache.store("factors", factor_key, _pack_factors(whitening, factors), {"jitter": jitter})
+    escalated = {g: j for g, j in jitter.items() if j > options.base_jitter}
+    if escalated:
+        log.info("whitening needed a larger diagonal shift for %d groups (max %.1e x trace/n)",
+                 len(escalated), max(escalated.values()))
+    with _timed(timings, "scores"):
+        scores = {t.name: component_scores(factors[t.name], stats["grads"][t.name], backend=options.score_backend)
+                  for t in targets}
+    specs = [MatrixSpec(t.name, *t.shape) for t in targets]
+    return Analysis(targets=targets, specs=specs, whitening=whitening, jitter=jitter, factors=factors,
+                    scores=scores, loss=stats["loss"], calibration=calib, options=options, timings=timings)
+
+
+def _check_weights(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ValueError(f"the model's weight {name} contains NaN/Inf: the checkpoint is corrupt or was "
+                             "loaded in a dtype that overflows; fix the weights before compressing")
+
+
+def _calibration_statistics(model, targets, calib, options, cache, key) -> dict:
+    cached = cache.load("stats", key)
+    if cached is not None:
+        files, meta = cached
+        return {"covariances": files["covariances"], "grads": files["grads"], "loss": meta["loss"]}
+    collector = CovarianceCollector(targets)
+    result = calibration_pass(model, targets, calib.input_ids, micro_batch=options.micro_batch,
+                              covariances=collector, checkpointing=options.checkpointing,
+                              desc="calibration pass (covariances + gradients)")
+    stats = {"covariances": collector.covariances(), "grads": result.grads, "loss": result.loss}
+    cache.store("stats", key, {"covariances": stats["covariances"], "grads": stats["grads"]},
+                {"loss": result.loss, "tokens": result.tokens})
+    return stats
+
+
+def _pack_factors(whitening, factors) -> dict[str, dict[str, torch.Tensor]]:
+    tensors = {f"S::{g}": s for g, s in whitening.items()}
+    for name, f in factors.items():
+        tensors.update({f"U::{name}": f.U, f"sigma::{name}": f.sigma, f"Z::{name}": f.Z})
+    return {"factors": tensors}
+
+
+def _unpack_factors(cached, targets: TargetSet):
+    files, meta = cached
+    tensors = files["factors"]
+    whitening = {g: tensors[f"S::{g}"] for g in targets.groups}
+    factors = {t.name: Factors(tensors[f"U::{t.name}"], tensors[f"sigma::{t.name}"], tensors[f"Z::{t.name}"])
+               for t in targets}
+    return whitening, factors, meta["jitter"]
+
+
+def truncate(analysis: Analysis, selection: Selection) -> dict[str, Factors]:
+    """The kept components of every factorised matrix."""
+    return {name: Factors(f.U[:, keep], f.sigma[keep], f.Z[:, keep])
+            for name, f in analysis.factors.items()
+            if not selection.dense[name] for keep in [selection.keep[name]]}
+
+
+def compress(model: nn.Module, calib: CalibrationSet, ratio: float = 0.8, storage: str = "dense",
+             strategy: str = "zero-sum", corrections: int = 0, *, ordered: bool = True, min_rank: int = 1,
+             analysis: Analysis | None = None, options: AnalysisOptions | None = None):
+    """Compress ``model`` in place to ``ratio`` of its targets' storage; returns ``(model, report)``.
+
+    ``analysis`` (from ``analyze`` on the same model and calibration set) skips the
+    ratio-independent stages, e.g. when sweeping ratios or strategies.
+    """
+    if corrections < 0:
+        raise ValueError(f"corrections must be >= 0, got {corrections}")
+    if analysis is None:
+        targets = find_targets(model, (options or AnalysisOptions()).blocks_path)
+        check_ratio([MatrixSpec(t.name, *t.shape) for t in targets], ratio, storage, min_rank)  # fail fast
+        analysis = analyze(model, calib, options)
+    targets = analysis.targets.rebind(model)  # ``model`` may be a copy of the analysed one
+    timings = dict(analysis.timings)
+    with _timed(timings, "selection"):
+        sigmas = {name: f.sigma for name, f in analysis.factors.items()}
+        selection = select(analysis.specs, analysis.scores, sigmas, ratio=ratio, storage=storage,
+                           strategy=strategy, ordered=ordered, min_rank=min_rank)
+    truncated = truncate(analysis, selection)
+    losses = []
+    if corrections:
+        with _timed(timings, "correction"):
+            result = correct(model, targets, calib.input_ids, truncated, analysis.whitening, corrections,
+                             micro_batch=analysis.options.micro_batch, checkpointing=analysis.options.checkpointing,
+                             decompose_method=analysis.options.decompose_method)
+            truncated, losses = result.factors, result.losses
+    with _timed(timings, "packing"):
+        manifest = pack_model(model, targets, truncated, selection)
+    report = build_report(model, analysis, selection, manifest, timings, corrections, losses)
+    model.zssvd_manifest = manifest
+    return model, report
+
+
+def model_nbytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers, counting tied (shared) tensors once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def build_report(model, analysis: Analysis, selection: Selection, manifest: dict, timings: dict,
+                 corrections: int, correction_losses: list[float]) -> dict:
+    specs = {s.name: s for s in analysis.specs}
+    removed_dl = sum(float(analysis.scores[name][j]) for name, j in selection.removed
+                     if not selection.dense[name])
+    target_bytes_16bit = 2 * sum(s.params for s in analysis.specs)
+    target_bytes_now = sum(
+        manifest[name]["nbytes"] if name in manifest else
+        specs[name].params * 2 for name in specs  # an untouched Linear counts at 16 bits, like the budget
+    )
+    trace = selection.running_sum
+    stride = max(1, len(trace) // 2000)
+    return {
+        "zssvd_version": __version__,
+        "target_ratio": selection.target_ratio,
+        "achieved_ratio": selection.achieved_ratio,
+        "achieved_bytes_ratio": target_bytes_now / target_bytes_16bit,
+        "storage": selection.storage,
+        "strategy": selection.strategy,
+        "ordered": selection.ordered,
+        "corrections": corrections,
+        "ranks": selection.ranks,
+        "full_ranks": {name: s.rank for name, s in specs.items()},
+        "kept_dense": sorted(name for name, d in selection.dense.items() if d),
+        "calibration": {"source": analysis.calibration.source, "samples": analysis.calibration.num_samples,
+                        "seq_len": analysis.calibration.seq_len, "loss": analysis.loss},
+        "correction_losses": correction_losses,
+        "predicted_dl_removed": removed_dl,
+        "selection_running_sum": trace[::stride][-2000:] + ([trace[-1]] if trace else []),
+        "target_params": sum(s.params for s in analysis.specs),
+        "target_bytes_16bit": target_bytes_16bit,
+        "target_bytes_packed": target_bytes_now,
+        "model_bytes": model_nbytes(model),
+        "whitening_max_relative_jitter": max(analysis.jitter.values()),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "torch_version": torch.__version__,
+    }

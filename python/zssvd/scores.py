@@ -1,0 +1,25 @@
+"""Stage 6 -- first-order loss change of removing each singular component.
+
+Setting sigma_i to zero changes the whitened weight by -sigma_i u_i v_i^T, i.e. the weight by
+dW = -sigma_i u_i v_i^T S^{-1} = -sigma_i u_i z_i^T, so to first order
+
+    dL_i = <G, dW> = -sigma_i u_i^T G z_i = -sigma_i u_i^T (G S^{-T}) v_i,
+
+with G = dL/dW from the gradient pass. dL_i is signed: removing some components is predicted
+to lower the calibration loss. The bilinear forms are computed by ``zskernels.sigma_scores``
+(a fused Triton kernel on the GPU, its torch reference elsewhere).
+"""
+from __future__ import annotations
+
+import torch
+
+import zskernels
+
+from .decompose import Factors
+
+
+def component_scores(factors: Factors, grad: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """dL_i for every component of one matrix (float64, ordered like ``factors.sigma``)."""
+    grad = grad.to(device=factors.U.device, dtype=factors.U.dtype)
+    bilinear = zskernels.sigma_scores(factors.U, grad, factors.Z, backend=backend)
+    return -(factors.sigma.double() * bilinear.double())
