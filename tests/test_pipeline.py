@@ -1,0 +1,62 @@
+"""The pipeline as a whole: reuse of an analysis, caching and resume, few calibration tokens."""
+import copy
+
+import torch
+
+import zssvd
+from tiny_models import random_windows, tiny_model
+from zssvd.cache import StageCache
+from zssvd.calibration import CalibrationSet
+from zssvd.pipeline import AnalysisOptions, analyze, compress
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_reusing_an_analysis_equals_a_fresh_run_and_leaves_the_original_alone():
+    model = tiny_model("qwen2")
+    calib = CalibrationSet(random_windows(4, 16, seed=1), "random")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    analysis = analyze(model, calib)
+    reused, report_a = compress(copy.deepcopy(model), calib, ratio=0.5, analysis=analysis)
+    fresh, report_b = compress(copy.deepcopy(model), calib, ratio=0.5)
+    assert report_a["ranks"] == report_b["ranks"]
+    ids = random_windows(1, 12, seed=2)
+    torch.testing.assert_close(_logits(reused, ids), _logits(fresh, ids))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_cache_resumes_and_ignores_leftovers_of_a_killed_run(tmp_path):
+    model = tiny_model("llama")
+    calib = CalibrationSet(random_windows(4, 16, seed=3), "random")
+    options = AnalysisOptions(cache_dir=str(tmp_path), source="tiny")
+    (tmp_path / "stats-deadbeef.tmp123").mkdir()  # what a killed run could leave behind
+    first = analyze(model, calib, options)
+    assert {"calibration_pass", "whitening", "decomposition"} <= set(first.timings)
+    second = analyze(model, calib, options)
+    assert "whitening" not in second.timings and "decomposition" not in second.timings
+    for name in first.scores:
+        torch.testing.assert_close(first.scores[name], second.scores[name])
+    entries = sorted(p.name.split("-")[0] for p in tmp_path.iterdir() if ".tmp" not in p.name)
+    assert entries == ["factors", "stats"]
+    # Another calibration set gets its own entries; it does not reuse these.
+    other = CalibrationSet(random_windows(4, 16, seed=4), "random")
+    analyze(model, other, options)
+    assert len([p for p in tmp_path.glob("stats-*") if ".tmp" not in p.name]) == 2
+
+
+def test_partial_cache_entry_is_not_used(tmp_path):
+    cache = StageCache(tmp_path)
+    (tmp_path / "stats-abc").mkdir()  # no meta.json: incomplete
+    assert cache.load("stats", "abc") is None
+
+
+def test_fewer_calibration_tokens_than_features_still_compresses():
+    model = tiny_model("llama")  # 32 and 64 input features
+    calib = CalibrationSet(random_windows(1, 12, seed=5), "random")  # 12 tokens: rank-deficient covariances
+    out, report = zssvd.compress(model, calib, ratio=0.6)
+    assert report["achieved_ratio"] <= 0.6
+    assert torch.isfinite(_logits(out, random_windows(1, 8))).all()
