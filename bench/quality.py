@@ -22,11 +22,15 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 import zssvd
 from zssvd import calibration
 from zssvd.demo import stdlib_docstrings
 from zssvd.evaluate import perplexity
-from zssvd.pipeline import AnalysisOptions, analyze, compress
+from zssvd.pipeline import AnalysisOptions, analyze, compress, rescore
+from zssvd.scores import sign_flips
+from zssvd.selection import select
 
 LICENSES = ("GPL-3", "Apache-2.0", "MPL-2.0", "LGPL-2.1", "GFDL-1.3", "Artistic", "CC0-1.0")
 ABLATION = ("zero-sum", "most-negative", "abs-dl", "sigma")
@@ -94,6 +98,11 @@ def run(args) -> None:
             continue
         calib = _calibration(tokenizer, args, seed)
         analysis = analyze(model, calib, AnalysisOptions(cache_dir=args.cache_dir, source=source))
+        for other in args.sign_flip or []:
+            key = json.dumps({"signflip": other, "seed": seed, "calib": args.calib_file})
+            if key not in done:
+                record({"key": key, "seed": seed, "signflip": _sign_flip_rows(model, analysis, tokenizer, other,
+                                                                               args, seed)})
         for config in configs:
             start = time.perf_counter()
             compressed, report = compress(copy.deepcopy(model), calib, analysis=analysis, **config)
@@ -103,6 +112,24 @@ def run(args) -> None:
                     "calib_source": calib.source, "ppl": evaluate(compressed),
                     "correction_losses": report["correction_losses"],
                     "seconds": round(time.perf_counter() - start, 1)})
+
+
+def _sign_flip_rows(model, analysis, tokenizer, other: str, args, seed: int) -> dict:
+    """Sign agreement of dL between the calibration corpus and ``other`` (same components), over all
+    components and over those zero-sum removes at each ratio."""
+    ids = calibration.tokenize_stream(tokenizer, builtin_text(other))
+    windows = calibration.sample_windows(ids, args.calib_samples, args.seq_len, seed, what=other)
+    other_scores = rescore(model, analysis, calibration.CalibrationSet(windows, other))
+    rows = {"all": sign_flips(analysis.scores, other_scores)}
+    sigmas = {n: f.sigma for n, f in analysis.factors.items()}
+    for ratio in args.ratios:
+        sel = select(analysis.specs, analysis.scores, sigmas, ratio=ratio)
+        removed = {}
+        for name, j in sel.removed:
+            removed.setdefault(name, []).append(j)
+        among = {n: torch.tensor(removed.get(n, []), dtype=torch.long) for n in analysis.scores}
+        rows[f"removed at {ratio}"] = sign_flips(analysis.scores, other_scores, among=among)
+    return {"other": other, "calib": "+".join(args.calib_file), **rows}
 
 
 def _calibration(tokenizer, args, seed: int) -> calibration.CalibrationSet:
@@ -115,6 +142,8 @@ def _calibration(tokenizer, args, seed: int) -> calibration.CalibrationSet:
 def markdown(results_path: Path) -> str:
     """Tables: mean perplexity over seeds (per-seed values in brackets) for every configuration."""
     rows = [json.loads(line) for line in results_path.read_text().splitlines()]
+    flips = [r for r in rows if "signflip" in r]
+    rows = [r for r in rows if "signflip" not in r]
     dense = next((r for r in rows if r.get("dense")), None)
     evals = list(dense["ppl"]) if dense else sorted({k for r in rows for k in r["ppl"]})
     groups: dict[tuple, list[dict]] = {}
@@ -134,6 +163,16 @@ def markdown(results_path: Path) -> str:
         achieved = statistics.mean(g["achieved_ratio"] for g in group)
         lines.append(f"| {ratio} | {storage} | {strategy} | {'yes' if ordered else 'no'} | {corr} | "
                      f"{achieved:.4f} | " + " | ".join(cells) + " |")
+    if flips:
+        lines += ["", "| calibration | scored on | seed | components | sign flips | |dL|-weighted flips | pearson |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in flips:
+            f = r["signflip"]
+            for subset, stats in f.items():
+                if isinstance(stats, dict):
+                    lines.append(f"| {f['calib']} | {f['other']} ({subset}) | {r['seed']} | {stats['components']} | "
+                                 f"{stats['flip_rate']:.3f} | {stats['weighted_flip_rate']:.3f} | "
+                                 f"{stats['pearson']:.3f} |")
     return "\n".join(lines)
 
 
@@ -150,6 +189,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--windows", type=int, default=24, help="evaluation windows per text (default 24)")
     p.add_argument("--eval-windows", nargs="*", metavar="NAME=N", help="per-text override of --windows")
+    p.add_argument("--sign-flip", action="append", metavar="PATH",
+                   help="also report how often dL changes sign when scored on this corpus (path, @licenses, @pydoc)")
     p.add_argument("--cache-dir", default=str(zssvd.models.cache_root() / "stages"))
     p.add_argument("--results", default="bench/results/quality.jsonl")
     p.add_argument("--tables-only", action="store_true", help="print the markdown tables from --results and exit")

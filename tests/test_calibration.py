@@ -38,12 +38,16 @@ def test_windows_are_seeded_and_do_not_overlap(text_file):
     assert len(set(starts)) == 6
 
 
-def test_several_files_are_joined(tmp_path, text_file):
+def test_several_files_are_corpora_of_equal_weight(tmp_path, text_file):
     other = tmp_path / "other.txt"
-    other.write_text("z" * 500)
-    calib = calibration.from_files(CharTokenizer(), [text_file, other], num_samples=30, seq_len=50)
-    assert calib.num_samples == 30
+    other.write_text("z" * 500)  # 10 windows of 50, against the first file's 20
+    calib = calibration.from_files(CharTokenizer(), [text_file, other], num_samples=15, seq_len=50)
+    assert calib.num_samples == 15
+    from_other = (calib.input_ids == ord("z") % 96).all(dim=1)
+    assert int(from_other.sum()) == 7  # 8 + 7 windows: the long file cannot drown the short one
     assert "text.txt" in calib.source and "other.txt" in calib.source
+    with pytest.raises(ValueError, match="other.txt has 500 tokens"):
+        calibration.from_files(CharTokenizer(), [text_file, other], num_samples=30, seq_len=50)
 
 
 def test_short_text_gives_a_clear_error(text_file):

@@ -65,3 +65,23 @@ def test_scores_predict_sign_and_size_of_removing_small_components(analysed):
     assert corr > 0.95
     ratio = (predicted[big] / actual[big]).median()
     assert 0.5 < ratio < 2.0
+
+
+def test_sign_flips_between_calibration_sets(analysed):
+    from zssvd.pipeline import rescore
+    from zssvd.scores import sign_flips
+
+    model, calib, analysis = analysed
+    same = rescore(model, analysis, calib)
+    for name in same:
+        torch.testing.assert_close(same[name], analysis.scores[name], rtol=1e-5, atol=1e-9)
+    assert sign_flips(analysis.scores, same)["flip_rate"] == 0.0
+    other = rescore(model, analysis, CalibrationSet(random_windows(6, 24, seed=9), "random"))
+    stats = sign_flips(analysis.scores, other)
+    assert stats["components"] == sum(f.rank for f in analysis.factors.values())
+    assert 0.0 < stats["flip_rate"] < 1.0 and 0.0 <= stats["weighted_flip_rate"] <= 1.0
+    negated = {n: -s for n, s in analysis.scores.items()}
+    assert sign_flips(analysis.scores, negated)["flip_rate"] == pytest.approx(
+        float(torch.cat(list(analysis.scores.values())).ne(0).double().mean()))
+    first_two = {n: torch.tensor([0, 1]) for n in analysis.scores}
+    assert sign_flips(analysis.scores, other, among=first_two)["components"] == 2 * len(analysis.scores)

@@ -1,6 +1,9 @@
 """Tiny random-weight causal LMs of several architectures, built from configs (no downloads)."""
 from __future__ import annotations
 
+import copy
+import functools
+
 import torch
 
 VOCAB = 96
@@ -92,7 +95,13 @@ def text_windows(num: int, length: int, seed: int = 0) -> torch.Tensor:
 
 def trained_tiny_model(arch: str = "llama", steps: int = 150, seed: int = 0):
     """A tiny model briefly trained on ``english_text``: unlike a random one, its loss surface has
-    real structure, so compression hurts it and first-order effects are clearly measurable."""
+    real structure, so compression hurts it and first-order effects are clearly measurable.
+    Trained once per process and settings; every caller gets its own copy."""
+    return copy.deepcopy(_trained(arch, steps, seed))
+
+
+@functools.lru_cache(maxsize=None)
+def _trained(arch: str, steps: int, seed: int):
     model = tiny_model(arch, seed=seed).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     data = text_windows(64, 32, seed=seed + 100)

@@ -82,10 +82,22 @@ def sample_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int,
 
 
 def from_files(tokenizer, paths: Sequence[str | Path], num_samples: int, seq_len: int, seed: int = 0) -> CalibrationSet:
-    ids = tokenize_stream(tokenizer, read_texts(paths))
+    """Windows from local text files; several files are separate corpora with equal weight.
+
+    With k files, each contributes num_samples / k windows (the first files one more when it does
+    not divide), so a long corpus cannot drown a short one; the gradient, and hence every score,
+    is then the average of the corpora's own.
+    """
+    if not paths:
+        raise ValueError("no calibration files given")
+    shares = [num_samples // len(paths) + (i < num_samples % len(paths)) for i in range(len(paths))]
+    parts = []
+    for i, (path, share) in enumerate(zip(paths, shares)):
+        if share:
+            ids = tokenize_stream(tokenizer, read_texts([path]))
+            parts.append(sample_windows(ids, share, seq_len, seed + i, what=f"the calibration text {Path(path).name}"))
     names = ", ".join(Path(p).name for p in paths)
-    windows = sample_windows(ids, num_samples, seq_len, seed, what=f"the calibration text ({names})")
-    return CalibrationSet(windows, source=f"files:{names}")
+    return CalibrationSet(torch.cat(parts), source=f"files:{names}")
 
 
 def load_dataset_text(name: str, purpose: str) -> str:

@@ -18,7 +18,8 @@ log = logging.getLogger("zssvd")
 def _add_calibration_args(p: argparse.ArgumentParser, samples: int, seq_len: int, required: bool) -> None:
     group = p.add_mutually_exclusive_group(required=required)
     group.add_argument("--calib-file", action="append", metavar="PATH",
-                       help="local text file to calibrate on (repeatable; the files are joined)")
+                       help="local text file to calibrate on (repeatable: several files are corpora of equal weight, "
+                            "each giving an equal share of the windows)")
     group.add_argument("--calib-dataset", metavar="NAME", help="wikitext2, ptb or c4, via the datasets library "
                        "(needs the Hugging Face hub)")
     group.add_argument("--calib-self", action="store_true",
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "'none' disables)")
     c.add_argument("--blocks", default=None, metavar="PATH", help="attribute path of the decoder blocks, for "
                    "architectures zssvd does not know (e.g. model.layers)")
+    c.add_argument("--no-plots", action="store_true", help="do not write the PNG plots of report.json into OUT "
+                   "(they need matplotlib; without it they are skipped)")
     _add_runtime_args(c)
 
     e = sub.add_parser("eval", help="perplexity of a model or compressed checkpoint on a text",
@@ -130,26 +133,37 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--eval-windows", type=int, default=16)
     d.add_argument("--corrections", type=int, default=0)
     _add_runtime_args(d)
+
+    p = sub.add_parser("plot", help="(re)draw the PNG plots of a compressed checkpoint from its report.json",
+                       description="Writes kept_ranks.png, running_sum.png (not for uniform) and scores.png into "
+                                   "DIR (needs matplotlib).")
+    p.add_argument("dir", metavar="DIR", help="directory written by zssvd compress")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    from .distributed import init_from_env, is_main
     from .progress import set_quiet
 
-    set_quiet(args.quiet)
+    joined = init_from_env(getattr(args, "device", "cpu"))  # under torchrun: join its process group
+    set_quiet(args.quiet or not is_main())
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     commands = {"compress": cmd_compress, "eval": cmd_eval, "demo": cmd_demo, "generate": cmd_generate,
-                "bench-serve": cmd_bench_serve, "lm-eval": cmd_lm_eval}
+                "bench-serve": cmd_bench_serve, "lm-eval": cmd_lm_eval, "plot": cmd_plot}
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, OSError, RuntimeError, FloatingPointError, ImportError) as err:
         print(f"zssvd {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
 
 
 def _calibration(args, model, tokenizer):
@@ -163,6 +177,7 @@ def _calibration(args, model, tokenizer):
 
 
 def cmd_compress(args) -> int:
+    from . import distributed
     from .checkpoint import save_compressed
     from .models import cache_root, find_targets, load_model
     from .pipeline import AnalysisOptions, compress
@@ -179,12 +194,15 @@ def cmd_compress(args) -> int:
         log.info("--seq-len %d exceeds the model's context %d; using %d", args.seq_len, limit, limit)
         args.seq_len = limit
     calib = _calibration(args, model, tokenizer)
+    calib.input_ids = distributed.from_rank0(calib.input_ids)  # several ranks: all calibrate on rank 0's windows
     calibrated = time.perf_counter()
     cache_dir = None if args.cache_dir == "none" else (args.cache_dir or str(cache_root() / "stages"))
     options = AnalysisOptions(micro_batch=args.micro_batch, checkpointing=args.checkpointing, cache_dir=cache_dir,
                               blocks_path=args.blocks, source=source)
     model, report = compress(model, calib, ratio=args.ratio, storage=args.storage, strategy=args.strategy,
                              corrections=args.corrections, ordered=not args.no_order, options=options)
+    if not distributed.is_main():
+        return 0  # under torchrun, rank 0 writes the checkpoint and prints the summary
     report["timings"] = {"load": round(loaded - start, 3), "calibration_data": round(calibrated - loaded, 3),
                          **report["timings"]}
     report["model"] = source
@@ -193,6 +211,13 @@ def cmd_compress(args) -> int:
     report["timings"]["save"] = round(time.perf_counter() - save_start, 3)
     report["timings"]["total"] = round(time.perf_counter() - start, 3)
     (out / "report.json").write_text(json.dumps(report, indent=1))
+    if not args.no_plots:
+        from .plots import write_plots
+
+        try:
+            write_plots(report, out)
+        except ImportError as err:
+            log.info("plots skipped: %s", err)
     print(json.dumps({"out": str(out), "target_ratio": report["target_ratio"],
                       "achieved_ratio": round(report["achieved_ratio"], 5), "storage": report["storage"],
                       "strategy": report["strategy"], "seconds": report["timings"]["total"]}))
@@ -249,6 +274,13 @@ def cmd_lm_eval(args) -> int:
     results = zero_shot(model, tokenizer, [t for t in args.tasks.split(",") if t], include_path=args.include_path,
                         limit=args.limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot)
     print(json.dumps(results))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plots import plot_directory
+
+    print(json.dumps({"plots": [str(p) for p in plot_directory(args.dir)]}))
     return 0
 
 

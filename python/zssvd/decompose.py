@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .progress import progress
 from .whitening import solve_right_transpose
 
 
@@ -77,3 +78,10 @@ def _svd_by_gram(A: torch.Tensor):
     other = (A @ vecs if tall else A.T @ vecs) / torch.where(tiny, 1.0, sigma)
     other[:, tiny] = 0.0
     return (other, sigma, vecs) if tall else (vecs, sigma, other)
+
+
+def decompose_all(weights: dict[str, torch.Tensor], factor_of: dict[str, torch.Tensor], *, method: str = "gram",
+                  out_dtype: torch.dtype = torch.float32) -> dict[str, Factors]:
+    """Whitened SVD of every named weight, with its whitening factor ``factor_of[name]``."""
+    return {name: whitened_svd(w, factor_of[name], method=method, out_dtype=out_dtype)
+            for name, w in progress(weights.items(), desc="whitened SVD", unit="matrix", total=len(weights))}

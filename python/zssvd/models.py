@@ -184,10 +184,12 @@ def _gguf_as_safetensors(gguf_path: Path) -> Path:
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
+    try:
         os.replace(tmp, out)  # write-then-rename: a killed run never leaves a half-written model
+    except OSError:
+        if not (out / "model.safetensors").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process (e.g. another rank) finished first
     return out
 
 

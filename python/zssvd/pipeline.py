@@ -22,7 +22,8 @@ from .cache import StageCache, cache_key
 from .calibration import CalibrationSet
 from .correction import correct
 from .covariance import CovarianceCollector
-from .decompose import Factors, whitened_svd
+from .decompose import Factors
+from .distributed import decompose_sharded, everywhere, is_main
 from .gradients import calibration_pass
 from .models import TargetSet, assign_input_groups, find_targets, model_fingerprint
 from .packing import pack_model
@@ -72,7 +73,13 @@ def _timed(timings: dict, stage: str):
 
 
 def analyze(model: nn.Module, calib: CalibrationSet, options: AnalysisOptions | None = None) -> Analysis:
-    """Calibrate, whiten, decompose and score every target of ``model``."""
+    """Calibrate, whiten, decompose and score every target of ``model``.
+
+    Under ``torch.distributed`` (e.g. ``torchrun``) every rank must call this with the same model
+    and calibration set: the calibration pass and the whitening run on every rank, the whitened
+    SVDs are shared out across the ranks (``zssvd.distributed``), and every rank returns the
+    whole analysis. Only rank 0 writes cache entries.
+    """
     options = options or AnalysisOptions()
     timings: dict[str, float] = {}
     _check_weights(model)
@@ -86,20 +93,23 @@ def analyze(model: nn.Module, calib: CalibrationSet, options: AnalysisOptions | 
         stats = _calibration_statistics(model, targets, calib, options, cache, key)
     factor_key = cache_key(key, options.decompose_method, options.base_jitter)
     cached = cache.load("factors", factor_key)
+    if not everywhere(cached is not None):  # the ranks decompose together, or none does
+        cached = None
     if cached is not None:
         whitening, factors, jitter = _unpack_factors(cached, targets)
     else:
-        whitening, jitter, factors = {}, {}, {}
+        whitening, jitter = {}, {}
         with _timed(timings, "whitening"):
             for group in progress(targets.groups, desc="whitening", unit="group"):
                 w = whitening_factor(stats["covariances"][group], group, base_jitter=options.base_jitter)
                 whitening[group], jitter[group] = w.factor, w.relative_jitter
         with _timed(timings, "decomposition"):
-            for t in progress(targets.targets, desc="whitened SVD", unit="matrix"):
-                factors[t.name] = whitened_svd(t.module.weight.detach(), whitening[t.group],
-                                               method=options.decompose_method)
+            factors = decompose_sharded({t.name: t.module.weight.detach() for t in targets},
+                                        {t.name: whitening[t.group] for t in targets},
+                                        method=options.decompose_method)
             whitening = {g: s.float() for g, s in whitening.items()}
-        cache.store("factors", factor_key, _pack_factors(whitening, factors), {"jitter": jitter})
+        if is_main():
+            cache.store("factors", factor_key, _pack_factors(whitening, factors), {"jitter": jitter})
     escalated = {g: j for g, j in jitter.items() if j > options.base_jitter}
     if escalated:
         log.info("whitening needed a larger diagonal shift for %d groups (max %.1e x trace/n)",
@@ -129,8 +139,9 @@ def _calibration_statistics(model, targets, calib, options, cache, key) -> dict:
                               covariances=collector, checkpointing=options.checkpointing,
                               desc="calibration pass (covariances + gradients)")
     stats = {"covariances": collector.covariances(), "grads": result.grads, "loss": result.loss}
-    cache.store("stats", key, {"covariances": stats["covariances"], "grads": stats["grads"]},
-                {"loss": result.loss, "tokens": result.tokens})
+    if is_main():
+        cache.store("stats", key, {"covariances": stats["covariances"], "grads": stats["grads"]},
+                    {"loss": result.loss, "tokens": result.tokens})
     return stats
 
 
@@ -148,6 +159,19 @@ def _unpack_factors(cached, targets: TargetSet):
     factors = {t.name: Factors(tensors[f"U::{t.name}"], tensors[f"sigma::{t.name}"], tensors[f"Z::{t.name}"])
                for t in targets}
     return whitening, factors, meta["jitter"]
+
+
+def rescore(model: nn.Module, analysis: Analysis, calib: CalibrationSet) -> dict[str, torch.Tensor]:
+    """Scores of the analysis's components under another calibration set's gradient.
+
+    The whitened factors stay those of the analysis, so component i of every matrix is the same
+    direction in both score sets and their signs can be compared (see ``scores.sign_flips``).
+    """
+    targets = analysis.targets.rebind(model)
+    grads = calibration_pass(model, targets, calib.input_ids, micro_batch=analysis.options.micro_batch,
+                             checkpointing=analysis.options.checkpointing, desc="gradient pass (rescoring)").grads
+    return {t.name: component_scores(analysis.factors[t.name], grads[t.name], backend=analysis.options.score_backend)
+            for t in targets}
 
 
 def truncate(analysis: Analysis, selection: Selection) -> dict[str, Factors]:
@@ -192,6 +216,33 @@ def compress(model: nn.Module, calib: CalibrationSet, ratio: float = 0.8, storag
     return model, report
 
 
+def sampled_steps(n: int, points: int = 2000) -> list[int]:
+    """At most about ``points`` evenly spaced indices of a length-n trace, always ending with the last."""
+    if n == 0:
+        return []
+    stride = -(-n // points)
+    return list(range(0, n - 1, stride)) + [n - 1]
+
+
+def score_summary(analysis: Analysis, bins: int = 61) -> dict:
+    """Distribution of dL over all components, by module kind (the last name part), on a symmetric
+    log scale: ``edges`` are shared, ``counts[kind]`` has one entry per bin."""
+    by_kind: dict[str, list[torch.Tensor]] = {}
+    for name, scores in analysis.scores.items():
+        by_kind.setdefault(name.rsplit(".", 1)[-1], []).append(scores.double())
+    values = {kind: torch.cat(v) for kind, v in by_kind.items()}
+    everything = torch.cat(list(values.values()))
+    top = float(everything.abs().max().clamp_min(1e-30))
+    floor = max(top * 1e-12, float(everything.abs()[everything != 0].min()) if (everything != 0).any() else top)
+    half = torch.logspace(torch.log10(torch.tensor(floor)), torch.log10(torch.tensor(top)), (bins - 1) // 2,
+                          dtype=torch.float64)
+    edges = torch.cat([-half.flip(0), torch.zeros(1, dtype=torch.float64), half])
+    edges[0], edges[-1] = edges[0] * 1.0001, edges[-1] * 1.0001
+    return {"edges": edges.tolist(),
+            "counts": {kind: torch.histogram(v, bins=edges).hist.long().tolist() for kind, v in values.items()},
+            "positive_fraction": float((everything >= 0).double().mean()), "total": int(everything.numel())}
+
+
 def model_nbytes(model: nn.Module) -> int:
     """Bytes of all parameters and buffers, counting tied (shared) tensors once."""
     seen, total = set(), 0
@@ -212,8 +263,7 @@ def build_report(model, analysis: Analysis, selection: Selection, manifest: dict
         manifest[name]["nbytes"] if name in manifest else
         specs[name].params * 2 for name in specs  # an untouched Linear counts at 16 bits, like the budget
     )
-    trace = selection.running_sum
-    stride = max(1, len(trace) // 2000)
+    steps = sampled_steps(len(selection.running_sum))
     return {
         "zssvd_version": __version__,
         "target_ratio": selection.target_ratio,
@@ -230,7 +280,9 @@ def build_report(model, analysis: Analysis, selection: Selection, manifest: dict
                         "seq_len": analysis.calibration.seq_len, "loss": analysis.loss},
         "correction_losses": correction_losses,
         "predicted_dl_removed": removed_dl,
-        "selection_running_sum": trace[::stride][-2000:] + ([trace[-1]] if trace else []),
+        "selection_steps": [i + 1 for i in steps],  # 1-based removal step of each running-sum point
+        "selection_running_sum": [selection.running_sum[i] for i in steps],
+        "score_summary": score_summary(analysis),
         "target_params": sum(s.params for s in analysis.specs),
         "target_bytes_16bit": target_bytes_16bit,
         "target_bytes_packed": target_bytes_now,

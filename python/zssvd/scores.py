@@ -23,3 +23,23 @@ def component_scores(factors: Factors, grad: torch.Tensor, *, backend: str = "au
     grad = grad.to(device=factors.U.device, dtype=factors.U.dtype)
     bilinear = zskernels.sigma_scores(factors.U, grad, factors.Z, backend=backend)
     return -(factors.sigma.double() * bilinear.double())
+
+
+def sign_flips(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], among=None) -> dict:
+    """How often two score sets (same components, e.g. two calibration corpora) disagree in sign.
+
+    ``flip_rate`` counts components; ``weighted_flip_rate`` weighs each by its mean |dL|, so
+    flips of negligible components matter little. ``among`` ({name: indices}) restricts the count,
+    e.g. to the components a selection removed.
+    """
+    xs, ys = [], []
+    for name in a:
+        idx = among[name] if among is not None else slice(None)
+        xs.append(a[name].double()[idx])
+        ys.append(b[name].double()[idx])
+    x, y = torch.cat(xs), torch.cat(ys)
+    flipped = (x.sign() * y.sign()) < 0
+    weight = 0.5 * (x.abs() + y.abs())
+    return {"components": int(x.numel()), "flip_rate": float(flipped.double().mean()),
+            "weighted_flip_rate": float((weight * flipped).sum() / weight.sum().clamp_min(1e-300)),
+            "pearson": float(torch.corrcoef(torch.stack([x, y]))[0, 1])}
