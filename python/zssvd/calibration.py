@@ -133,28 +133,31 @@ def from_dataset(tokenizer, name: str, num_samples: int, seq_len: int, seed: int
 
 @torch.no_grad()
 def from_model(model, tokenizer, num_samples: int, seq_len: int, seed: int = 0,
-               batch_size: int = 8, temperature: float = 1.0) -> CalibrationSet:
+               batch_size: int = 32, temperature: float = 1.0) -> CalibrationSet:
     """Data-free calibration: sequences sampled from the model itself (seeded).
 
-    Each sequence starts from a random token of the vocabulary's ordinary range (or BOS when the
-    tokenizer has one) and is continued by plain sampling at ``temperature``.
+    Each sequence starts from a random ordinary (non-special) token and is continued by plain
+    sampling at ``temperature``, ``batch_size`` sequences at a time (larger batches amortise the
+    per-step cost: on a 2-core CPU, 32 sequences take about 1.8x the time of 8).
     """
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     vocab = model.get_input_embeddings().num_embeddings
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     rows = []
-    for start in progress(range(0, num_samples, batch_size), desc="sampling calibration text", unit="batch"):
-        n = min(batch_size, num_samples - start)
-        first = torch.randint(0, vocab, (n, 1), generator=generator)
-        for i in range(n):  # avoid special tokens as seeds
-            while int(first[i, 0]) in special:
-                first[i, 0] = torch.randint(0, vocab, (1,), generator=generator)
-        rows.append(_sample(model, first.to(device), seq_len, generator, temperature).cpu())
+    with progress(total=num_samples * (seq_len - 1), desc="sampling calibration text", unit="tok") as bar:
+        for start in range(0, num_samples, batch_size):
+            n = min(batch_size, num_samples - start)
+            first = torch.randint(0, vocab, (n, 1), generator=generator)
+            for i in range(n):  # avoid special tokens as seeds
+                while int(first[i, 0]) in special:
+                    first[i, 0] = torch.randint(0, vocab, (1,), generator=generator)
+            rows.append(_sample(model, first.to(device), seq_len, generator, temperature, bar).cpu())
     return CalibrationSet(torch.cat(rows), source=f"self-sampled(t={temperature})")
 
 
-def _sample(model, ids: torch.Tensor, seq_len: int, generator: torch.Generator, temperature: float) -> torch.Tensor:
+def _sample(model, ids: torch.Tensor, seq_len: int, generator: torch.Generator, temperature: float,
+            bar=None) -> torch.Tensor:
     """Ancestral sampling with a KV cache; the CPU generator keeps runs identical across devices."""
     out = model(ids, use_cache=True)
     past, tokens = out.past_key_values, [ids]
@@ -163,6 +166,8 @@ def _sample(model, ids: torch.Tensor, seq_len: int, generator: torch.Generator, 
         probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
         nxt = torch.multinomial(probs, 1, generator=generator).to(ids.device)
         tokens.append(nxt)
+        if bar is not None:
+            bar.update(nxt.shape[0])
         out = model(nxt, past_key_values=past, use_cache=True)
         past, logits = out.past_key_values, out.logits[:, -1]
     return torch.cat(tokens, dim=1)

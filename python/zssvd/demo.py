@@ -71,7 +71,8 @@ def run_demo(args) -> int:
         "achieved_ratio": round(report["achieved_ratio"], 4),
         "perplexity_before": round(before["perplexity"], 3),
         "perplexity_after": round(after["perplexity"], 3),
-        "target_bytes_before_after": [report["target_bytes_16bit"], report["target_bytes_packed"]],
+        "target_weights_mb": {"before": round(report["target_bytes_original"] / 1e6, 1),
+                              "after": round(report["target_bytes_packed"] / 1e6, 1), "dtype": report["dtype"]},
         "report": str(Path(out) / "report.json"),
         "seconds": round(time.perf_counter() - start, 1),
     }

@@ -259,10 +259,10 @@ def build_report(model, analysis: Analysis, selection: Selection, manifest: dict
     removed_dl = sum(float(analysis.scores[name][j]) for name, j in selection.removed
                      if not selection.dense[name])
     target_bytes_16bit = 2 * sum(s.params for s in analysis.specs)
-    target_bytes_now = sum(
-        manifest[name]["nbytes"] if name in manifest else
-        specs[name].params * 2 for name in specs  # an untouched Linear counts at 16 bits, like the budget
-    )
+    dtype = next(model.parameters()).dtype
+    element = torch.finfo(dtype).bits // 8
+    target_bytes_now = sum(manifest[name]["nbytes"] if name in manifest else specs[name].params * element
+                           for name in specs)
     steps = sampled_steps(len(selection.running_sum))
     return {
         "zssvd_version": __version__,
@@ -285,6 +285,8 @@ def build_report(model, analysis: Analysis, selection: Selection, manifest: dict
         "score_summary": score_summary(analysis),
         "target_params": sum(s.params for s in analysis.specs),
         "target_bytes_16bit": target_bytes_16bit,
+        "target_bytes_original": sum(s.params for s in analysis.specs) * element,
+        "dtype": str(dtype).replace("torch.", ""),
         "target_bytes_packed": target_bytes_now,
         "model_bytes": model_nbytes(model),
         "whitening_max_relative_jitter": max(analysis.jitter.values()),
