@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "remap: 8-bit head + 16-bit tail, max(m,n) per kept component; "
                         "hq: keep twice the parameters, all in fp8 (ratio <= 0.5)")
     c.add_argument("--strategy", choices=STRATEGIES, default="zero-sum",
-                   help="zero-sum (the paper's rule), uniform (SVD-LLM ranks), or the ablations most-negative, "
-                        "abs-dl, sigma")
+                   help="zero-sum (the paper's rule), zero-sum-2nd (the same rule with a second-order term in the "
+                        "scores: one more gradient pass, better on every ratio we measured), uniform (SVD-LLM ranks), "
+                        "or the ablations most-negative, abs-dl, sigma")
     c.add_argument("--no-order", action="store_true",
                    help="ablation: let components leave a matrix in any order, not smallest-sigma first")
     c.add_argument("--corrections", type=int, default=0, metavar="N",

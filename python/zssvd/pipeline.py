@@ -22,6 +22,7 @@ from .cache import StageCache, cache_key
 from .calibration import CalibrationSet
 from .correction import correct
 from .covariance import CovarianceCollector
+from .curvature import curvature_terms
 from .decompose import Factors
 from .distributed import decompose_sharded, everywhere, is_main
 from .gradients import calibration_pass
@@ -63,6 +64,8 @@ class Analysis:
     calibration: CalibrationSet
     options: AnalysisOptions
     timings: dict[str, float] = field(default_factory=dict)
+    key: str = ""  # cache key of the factors (empty without a cache)
+    curvature: dict[str, torch.Tensor] | None = None  # second-order terms, computed when first needed
 
 
 @contextmanager
@@ -119,7 +122,26 @@ def analyze(model: nn.Module, calib: CalibrationSet, options: AnalysisOptions | 
                   for t in targets}
     specs = [MatrixSpec(t.name, *t.shape) for t in targets]
     return Analysis(targets=targets, specs=specs, whitening=whitening, jitter=jitter, factors=factors,
-                    scores=scores, loss=stats["loss"], calibration=calib, options=options, timings=timings)
+                    scores=scores, loss=stats["loss"], calibration=calib, options=options, timings=timings,
+                    key=factor_key if cache.enabled else "")
+
+
+def add_curvature(model: nn.Module, analysis: Analysis) -> dict[str, torch.Tensor]:
+    """The second-order terms of ``zero-sum-2nd`` (one more gradient pass; cached with the factors)."""
+    if analysis.curvature is None:
+        cache = StageCache(analysis.options.cache_dir if analysis.key else None)
+        cached = cache.load("curvature", analysis.key)
+        if cached is not None:
+            analysis.curvature = cached[0]["curvature"]
+        else:
+            with _timed(analysis.timings, "curvature"):
+                analysis.curvature = curvature_terms(model, analysis.targets.rebind(model),
+                                                     analysis.calibration.input_ids, analysis.factors,
+                                                     micro_batch=analysis.options.micro_batch,
+                                                     checkpointing=analysis.options.checkpointing)
+            if is_main():
+                cache.store("curvature", analysis.key, {"curvature": analysis.curvature}, {})
+    return analysis.curvature
 
 
 def _check_weights(model: nn.Module) -> None:
@@ -196,11 +218,12 @@ def compress(model: nn.Module, calib: CalibrationSet, ratio: float = 0.8, storag
         check_ratio([MatrixSpec(t.name, *t.shape) for t in targets], ratio, storage, min_rank)  # fail fast
         analysis = analyze(model, calib, options)
     targets = analysis.targets.rebind(model)  # ``model`` may be a copy of the analysed one
+    curvature = add_curvature(model, analysis) if strategy == "zero-sum-2nd" else None
     timings = dict(analysis.timings)
     with _timed(timings, "selection"):
         sigmas = {name: f.sigma for name, f in analysis.factors.items()}
         selection = select(analysis.specs, analysis.scores, sigmas, ratio=ratio, storage=storage,
-                           strategy=strategy, ordered=ordered, min_rank=min_rank)
+                           strategy=strategy, ordered=ordered, min_rank=min_rank, curvature=curvature)
     truncated = truncate(analysis, selection)
     losses = []
     if corrections:
