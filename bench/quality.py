@@ -50,13 +50,13 @@ def suite_configs(suite: str, ratios: list[float], corrections: int) -> list[dic
     configs = []
     for r in ratios:
         if suite in ("issue2", "main"):
-            configs += [dict(ratio=r, strategy="uniform"), dict(ratio=r, strategy="zero-sum")]
+            configs += [dict(ratio=r, strategy=s) for s in ("uniform", "zero-sum", "zero-sum-2nd")]
             if corrections:
                 configs += [dict(ratio=r, strategy="zero-sum", corrections=corrections)]
         if suite == "main":
-            configs += [dict(ratio=r, storage="remap"), dict(ratio=r, storage="remap", strategy="uniform")]
+            configs += [dict(ratio=r, storage="remap", strategy=s) for s in ("uniform", "zero-sum", "zero-sum-2nd")]
             if r <= 0.5:
-                configs += [dict(ratio=r, storage="hq"), dict(ratio=r, storage="hq", strategy="uniform")]
+                configs += [dict(ratio=r, storage="hq", strategy=s) for s in ("uniform", "zero-sum", "zero-sum-2nd")]
         if suite == "ablation":
             configs += [dict(ratio=r, strategy=s, ordered=o) for s in ABLATION for o in (True, False)]
     return configs

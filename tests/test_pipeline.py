@@ -60,3 +60,33 @@ def test_fewer_calibration_tokens_than_features_still_compresses():
     out, report = zssvd.compress(model, calib, ratio=0.6)
     assert report["achieved_ratio"] <= 0.6
     assert torch.isfinite(_logits(out, random_windows(1, 8))).all()
+
+
+def test_checkpointing_gives_the_same_covariances_and_gradients():
+    from zssvd.covariance import CovarianceCollector
+    from zssvd.gradients import calibration_pass
+    from zssvd.models import assign_input_groups, find_targets
+
+    model = tiny_model("mistral")
+    ids = random_windows(4, 16, seed=6)
+    results, calls = [], []
+    for checkpointing in (False, True):
+        targets = assign_input_groups(model, find_targets(model), ids[:1, :8])
+        collector = CovarianceCollector(targets)
+        count = [0]
+        handle = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+            lambda *_: count.__setitem__(0, count[0] + 1))
+        grads = calibration_pass(model, targets, ids, micro_batch=2, covariances=collector,
+                                 checkpointing=checkpointing)
+        handle.remove()
+        calls.append(count[0])
+        results.append((collector.covariances(), collector.tokens, grads))
+    assert calls == [2, 4]  # two micro-batches; checkpointing really recomputed each block once
+    (cov_a, tokens_a, grads_a), (cov_b, tokens_b, grads_b) = results
+    assert tokens_a == tokens_b  # the recomputed forward is not counted twice
+    for group in cov_a:
+        torch.testing.assert_close(cov_a[group], cov_b[group])
+    assert grads_a.loss == grads_b.loss
+    for name in grads_a.grads:
+        torch.testing.assert_close(grads_a.grads[name], grads_b.grads[name])
+    assert type(model.model.layers[0]).forward is model.model.layers[0].forward.__func__  # unwrapped again
