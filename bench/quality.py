@@ -133,10 +133,9 @@ def _sign_flip_rows(model, analysis, tokenizer, other: str, args, seed: int) -> 
 
 
 def _calibration(tokenizer, args, seed: int) -> calibration.CalibrationSet:
-    """Seeded windows of the joined calibration texts (files, @licenses, @pydoc)."""
-    ids = calibration.tokenize_stream(tokenizer, "\n\n".join(builtin_text(s) for s in args.calib_file))
-    windows = calibration.sample_windows(ids, args.calib_samples, args.seq_len, seed, what="calibration text")
-    return calibration.CalibrationSet(windows, source="+".join(Path(s).name for s in args.calib_file))
+    """Seeded windows of the calibration texts (files, @licenses, @pydoc), equally weighted."""
+    texts = {Path(s).name: builtin_text(s) for s in args.calib_file}
+    return calibration.from_texts(tokenizer, texts, args.calib_samples, args.seq_len, seed)
 
 
 def markdown(results_path: Path) -> str:

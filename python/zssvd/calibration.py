@@ -82,22 +82,27 @@ def sample_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int,
 
 
 def from_files(tokenizer, paths: Sequence[str | Path], num_samples: int, seq_len: int, seed: int = 0) -> CalibrationSet:
-    """Windows from local text files; several files are separate corpora with equal weight.
+    """Windows from local text files; several files are separate corpora of equal weight."""
+    if not paths:
+        raise ValueError("no calibration files given")
+    return from_texts(tokenizer, {Path(p).name: read_texts([p]) for p in paths}, num_samples, seq_len, seed)
 
-    With k files, each contributes num_samples / k windows (the first files one more when it does
+
+def from_texts(tokenizer, texts: dict[str, str], num_samples: int, seq_len: int, seed: int = 0) -> CalibrationSet:
+    """Windows from named texts, each an equally weighted corpus.
+
+    With k texts, each contributes num_samples / k windows (the first ones one more when it does
     not divide), so a long corpus cannot drown a short one; the gradient, and hence every score,
     is then the average of the corpora's own.
     """
-    if not paths:
-        raise ValueError("no calibration files given")
-    shares = [num_samples // len(paths) + (i < num_samples % len(paths)) for i in range(len(paths))]
+    names = list(texts)
+    shares = [num_samples // len(names) + (i < num_samples % len(names)) for i in range(len(names))]
     parts = []
-    for i, (path, share) in enumerate(zip(paths, shares)):
+    for i, (name, share) in enumerate(zip(names, shares)):
         if share:
-            ids = tokenize_stream(tokenizer, read_texts([path]))
-            parts.append(sample_windows(ids, share, seq_len, seed + i, what=f"the calibration text {Path(path).name}"))
-    names = ", ".join(Path(p).name for p in paths)
-    return CalibrationSet(torch.cat(parts), source=f"files:{names}")
+            ids = tokenize_stream(tokenizer, texts[name])
+            parts.append(sample_windows(ids, share, seq_len, seed + i, what=f"the calibration text {name}"))
+    return CalibrationSet(torch.cat(parts), source=f"files:{', '.join(names)}")
 
 
 def load_dataset_text(name: str, purpose: str) -> str:
