@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration_args(c, samples=256, seq_len=2048, required=True)
     c.add_argument("--micro-batch", type=int, default=4, help="windows per forward/backward (default 4)")
     c.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the gradient pass")
+    c.add_argument("--offload", default=None, metavar="cpu|DIR",
+                   help="for models larger than the GPU: keep the weights in CPU memory (cpu) or in files in DIR "
+                        "and stream the decoder blocks to --device one at a time (implies --checkpointing)")
     c.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="cache covariances, gradients and factors here (default ~/.cache/zssvd/stages; "
                         "'none' disables)")
@@ -180,13 +183,15 @@ def _calibration(args, model, tokenizer):
 def cmd_compress(args) -> int:
     from . import distributed
     from .checkpoint import save_compressed
-    from .models import cache_root, find_targets, load_model
+    from .models import cache_root, find_targets, load_model, resolve_dtype
     from .pipeline import AnalysisOptions, compress
     from .selection import MatrixSpec, check_ratio, check_ratio_range
 
     check_ratio_range(args.ratio, args.storage)  # fail before any slow work
     start = time.perf_counter()
-    model, tokenizer, source = load_model(args.model, dtype=args.dtype, device=args.device)
+    # Offloading: the model stays in CPU memory and its blocks visit --device one at a time.
+    dtype = resolve_dtype(args.dtype, args.device)
+    model, tokenizer, source = load_model(args.model, dtype=dtype, device="cpu" if args.offload else args.device)
     specs = [MatrixSpec(t.name, *t.shape) for t in find_targets(model, args.blocks)]
     check_ratio(specs, args.ratio, args.storage)
     loaded = time.perf_counter()
@@ -199,7 +204,8 @@ def cmd_compress(args) -> int:
     calibrated = time.perf_counter()
     cache_dir = None if args.cache_dir == "none" else (args.cache_dir or str(cache_root() / "stages"))
     options = AnalysisOptions(micro_batch=args.micro_batch, checkpointing=args.checkpointing, cache_dir=cache_dir,
-                              blocks_path=args.blocks, source=source)
+                              blocks_path=args.blocks, source=source, offload=args.offload,
+                              device=args.device if args.offload else None)
     model, report = compress(model, calib, ratio=args.ratio, storage=args.storage, strategy=args.strategy,
                              corrections=args.corrections, ordered=not args.no_order, options=options)
     if not distributed.is_main():

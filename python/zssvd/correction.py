@@ -51,7 +51,8 @@ def swapped_weights(targets: TargetSet, weights: dict[str, torch.Tensor]):
 
 def correct(model, targets: TargetSet, input_ids: torch.Tensor, truncated: dict[str, Factors],
             whitening: dict[str, torch.Tensor], rounds: int, *, micro_batch: int = 4,
-            checkpointing: bool = False, decompose_method: str = "gram") -> CorrectionResult:
+            checkpointing: bool = False, decompose_method: str = "gram", offload: str | None = None,
+            device: torch.device | str | None = None) -> CorrectionResult:
     """Run ``rounds`` correction rounds on the factorised matrices in ``truncated``.
 
     ``whitening`` maps each target's input group to its factor S (as used for the SVD).
@@ -64,7 +65,8 @@ def correct(model, targets: TargetSet, input_ids: torch.Tensor, truncated: dict[
         current = {name: f.reconstruct() for name, f in factors.items()}
         with swapped_weights(targets, current):
             result = calibration_pass(model, targets, input_ids, micro_batch=micro_batch,
-                                      checkpointing=checkpointing, desc=f"correction {round_index + 1} backward")
+                                      checkpointing=checkpointing, offload=offload, device=device,
+                                      desc=f"correction {round_index + 1} backward")
         losses.append(result.loss)
         for name, w_trunc in current.items():
             step = _projected_step(result.grads[name].double(), original[name] - w_trunc.double())
@@ -74,7 +76,8 @@ def correct(model, targets: TargetSet, input_ids: torch.Tensor, truncated: dict[
             k = factors[name].rank
             factors[name] = Factors(full.U[:, :k], full.sigma[:k], full.Z[:, :k])
     with swapped_weights(targets, {name: f.reconstruct() for name, f in factors.items()}):
-        losses.append(calibration_loss(model, input_ids, micro_batch))
+        losses.append(calibration_loss(model, input_ids, micro_batch, offload=offload, device=device,
+                                       blocks_path=targets.blocks_path))
     return CorrectionResult(factors=factors, losses=losses)
 
 

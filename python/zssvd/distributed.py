@@ -126,12 +126,12 @@ def shard(names: Sequence[str], costs: Mapping[str, float] | Sequence[float], wo
 
 def decompose_sharded(weights: dict[str, torch.Tensor], factor_of: dict[str, torch.Tensor], *,
                       method: str = "gram", out_dtype: torch.dtype = torch.float32,
-                      stats: dict | None = None) -> dict[str, Factors]:
+                      device: torch.device | str | None = None, stats: dict | None = None) -> dict[str, Factors]:
     """``decompose_all`` with the matrices shared out across the ranks of the process group.
 
     A collective: every rank must call it with the same names, shapes and settings (the values
     only matter on the rank that owns a matrix). Every rank returns all the factors, on the
-    device of the corresponding weight. ``stats``, if given, receives ``rank``, ``world_size``,
+    device of the corresponding weight (``device``: where to compute, see ``decompose_all``). ``stats``, if given, receives ``rank``, ``world_size``,
     ``shards`` (the names each rank decomposes) and ``computed`` (those this rank decomposed).
     """
     rank, world_size = world()
@@ -143,7 +143,7 @@ def decompose_sharded(weights: dict[str, torch.Tensor], factor_of: dict[str, tor
     mine = {n: weights[n] for n in shares[rank]}
     if stats is not None:
         stats.update(rank=rank, world_size=world_size, shards=shares, computed=list(mine))
-    own = decompose_all(mine, {n: factor_of[n] for n in mine}, method=method, out_dtype=out_dtype)
+    own = decompose_all(mine, {n: factor_of[n] for n in mine}, method=method, out_dtype=out_dtype, device=device)
     if world_size == 1:
         return own
 

@@ -2,8 +2,9 @@
 
 L is the mean next-token cross-entropy over all calibration tokens, computed in float32.
 The set is processed in micro-batches; each micro-batch's gradient is added to a float32
-accumulator (so bf16/fp16 models do not accumulate in 16 bits), and only target weights
-require gradients. Optional activation checkpointing wraps every decoder block, which keeps
+accumulator (so bf16/fp16 models do not accumulate in 16 bits). No parameter requires gradients:
+a small autograd function on each target's output computes g^T x in the backward, so no ``.grad``
+is allocated and offloaded weights (``zssvd.streaming``) work unchanged. Optional activation checkpointing wraps every decoder block, which keeps
 the model in eval mode (no dropout) unlike Hugging Face's own switch. Covariance hooks may ride
 along the same forward (pass a ``CovarianceCollector``).
 """
@@ -14,10 +15,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from .covariance import CovarianceCollector
 from .models import TargetSet, find_blocks
+from .streaming import streamed_blocks
 from .progress import progress
 
 
@@ -34,55 +36,113 @@ def next_token_loss_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
 
 
+class _WeightGradientSink(torch.autograd.Function):
+    """Identity on a linear layer's output whose backward adds dL/dW = g^T x to an accumulator.
+
+    Weights never require gradients: the weight tensors may be replaced on every forward (accelerate's
+    offload hooks do that) and none is kept alive for the backward, and no parameter ``.grad`` is ever
+    allocated. Under activation checkpointing the saved input is recomputed like any other.
+    """
+
+    @staticmethod
+    def forward(ctx, output, inputs, sink):
+        ctx.save_for_backward(inputs)
+        ctx.sink = sink
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (inputs,) = ctx.saved_tensors
+        g = grad_output.reshape(-1, grad_output.shape[-1])
+        x = inputs.reshape(-1, inputs.shape[-1]).to(g.dtype)
+        ctx.sink += (g.T @ x).to(device=ctx.sink.device, dtype=ctx.sink.dtype)
+        return grad_output, None, None
+
+
 @contextlib.contextmanager
-def only_targets_require_grad(model: torch.nn.Module, targets: TargetSet):
-    saved = {p: p.requires_grad for p in model.parameters()}
+def weight_gradient_sinks(model: torch.nn.Module, targets: TargetSet, sinks: dict[str, torch.Tensor]):
+    """Accumulate dL/dW of every target into ``sinks`` (float32) with no parameter requiring gradients.
+
+    The token embeddings' output is made to require gradients so that autograd builds the graph.
+    """
+    saved = {name: p.requires_grad for name, p in model.named_parameters()}
+
+    def sink_hook(name):
+        return lambda module, args, output: _WeightGradientSink.apply(output, args[0], sinks[name])
+
+    def embeddings_hook(module, args, output):
+        return output if output.requires_grad else output.detach().requires_grad_(True)
+
+    handles = [t.module.register_forward_hook(sink_hook(t.name)) for t in targets]
+    handles.append(model.get_input_embeddings().register_forward_hook(embeddings_hook))
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        for t in targets:
-            t.module.weight.requires_grad_(True)
         yield
     finally:
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
-            p.grad = None
+        for handle in handles:
+            handle.remove()
+        for name, p in model.named_parameters():
+            p.requires_grad_(saved.get(name, False))
 
 
 @contextlib.contextmanager
 def checkpointed_blocks(model: torch.nn.Module, blocks_path: str, enabled: bool):
-    """Run each decoder block under non-reentrant activation checkpointing."""
+    """Run each decoder block under non-reentrant activation checkpointing.
+
+    Wraps whatever ``forward`` the block has now (accelerate's offload hooks included, so a
+    recomputed block loads its weights again) and puts it back afterwards.
+    """
     if not enabled:
         yield
         return
     _, blocks = find_blocks(model, blocks_path)
+    own = [block.__dict__.get("forward") for block in blocks]  # instance-level forwards (hooks), if any
     originals = [block.forward for block in blocks]
 
     def wrap(fn):
-        return lambda *args, **kwargs: checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        def run(*args, **kwargs):
+            # Recompute whole blocks: with early stopping an offloaded block's post-forward hook would
+            # never run in the backward and its weights would stay on the device.
+            with set_checkpoint_early_stop(False):
+                return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        return run
 
     try:
         for block, fn in zip(blocks, originals):
             block.forward = wrap(fn)
         yield
     finally:
-        for block in blocks:
-            del block.forward  # drop the instance attribute: the class's forward is back
+        for block, fn in zip(blocks, own):
+            if fn is None:
+                del block.forward  # the class's forward is back
+            else:
+                block.forward = fn
 
 
 def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torch.Tensor, *,
                      micro_batch: int = 4, covariances: CovarianceCollector | None = None,
-                     checkpointing: bool = False, desc: str = "gradient pass") -> GradientResult:
-    """Forward + backward over ``input_ids`` (N x L); returns float32 gradients of the mean loss."""
-    device = next(model.parameters()).device
+                     checkpointing: bool = False, offload: str | None = None,
+                     device: torch.device | str | None = None, desc: str = "gradient pass") -> GradientResult:
+    """Forward + backward over ``input_ids`` (N x L); returns float32 gradients of the mean loss.
+
+    ``offload`` ("cpu" or a folder) keeps the decoder blocks' weights off ``device`` and streams one
+    block at a time to it (see ``zssvd.streaming``); the gradients then accumulate in CPU memory.
+    Offloading implies activation checkpointing: otherwise autograd would keep every block's
+    loaded weights alive for the backward.
+    """
+    checkpointing = checkpointing or offload is not None
+    device = torch.device(device) if device is not None else model_device(model)
     total_tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
-    grads = {t.name: torch.zeros(t.shape, dtype=torch.float32, device=device) for t in targets}
+    grad_device = "cpu" if offload else device
+    grads = {t.name: torch.zeros(t.shape, dtype=torch.float32, device=grad_device) for t in targets}
     loss_total = 0.0
     collect = covariances if covariances is not None else contextlib.nullcontext()
     was_training = model.training
     model.eval()
     try:
-        with only_targets_require_grad(model, targets), collect, \
+        with weight_gradient_sinks(model, targets, grads), \
+                streamed_blocks(model, targets.blocks_path, device, offload), collect, \
                 checkpointed_blocks(model, targets.blocks_path, checkpointing):
             for start in progress(range(0, input_ids.shape[0], micro_batch), desc=desc, unit="batch"):
                 ids = input_ids[start:start + micro_batch].to(device)
@@ -96,21 +156,25 @@ def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torc
                     )
                 (loss_sum / total_tokens).backward()
                 loss_total += loss_sum.item()
-                for t in targets:
-                    grads[t.name] += t.module.weight.grad.float()
-                    t.module.weight.grad = None
     finally:
         model.train(was_training)
     return GradientResult(grads=grads, loss=loss_total / total_tokens, tokens=total_tokens)
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
-def calibration_loss(model: torch.nn.Module, input_ids: torch.Tensor, micro_batch: int = 4) -> float:
+def calibration_loss(model: torch.nn.Module, input_ids: torch.Tensor, micro_batch: int = 4, *,
+                     offload: str | None = None, device: torch.device | str | None = None,
+                     blocks_path: str | None = None) -> float:
     """Mean next-token loss over the calibration windows (no gradients)."""
-    device = next(model.parameters()).device
+    device = torch.device(device) if device is not None else model_device(model)
     total, count = 0.0, 0
-    for start in range(0, input_ids.shape[0], micro_batch):
-        ids = input_ids[start:start + micro_batch].to(device)
-        total += next_token_loss_sum(model(ids, use_cache=False).logits, ids).item()
-        count += ids.shape[0] * (ids.shape[1] - 1)
+    with streamed_blocks(model, blocks_path, device, offload):
+        for start in range(0, input_ids.shape[0], micro_batch):
+            ids = input_ids[start:start + micro_batch].to(device)
+            total += next_token_loss_sum(model(ids, use_cache=False).logits, ids).item()
+            count += ids.shape[0] * (ids.shape[1] - 1)
     return total / count

@@ -25,7 +25,7 @@ from .covariance import CovarianceCollector
 from .curvature import curvature_terms
 from .decompose import Factors
 from .distributed import decompose_sharded, everywhere, is_main
-from .gradients import calibration_pass
+from .gradients import calibration_pass, model_device
 from .models import TargetSet, assign_input_groups, find_targets, model_fingerprint
 from .packing import pack_model
 from .progress import progress
@@ -46,6 +46,8 @@ class AnalysisOptions:
     base_jitter: float = 1e-6
     score_backend: str = "auto"
     blocks_path: str | None = None
+    offload: str | None = None  # "cpu" or a folder: stream the decoder blocks to ``device`` one at a time
+    device: str | None = None  # execution device (default: where the model's weights are)
     cache_dir: str | None = None
     source: str = ""  # model id, for the cache key
 
@@ -86,9 +88,8 @@ def analyze(model: nn.Module, calib: CalibrationSet, options: AnalysisOptions | 
     options = options or AnalysisOptions()
     timings: dict[str, float] = {}
     _check_weights(model)
-    device = next(model.parameters()).device
     targets = find_targets(model, options.blocks_path)
-    assign_input_groups(model, targets, calib.input_ids[:1, : min(16, calib.seq_len)].to(device))
+    assign_input_groups(model, targets, calib.input_ids[:1, : min(16, calib.seq_len)].to(model_device(model)))
     cache = StageCache(options.cache_dir)
     key = cache_key(model_fingerprint(model, options.source), calib.fingerprint(), __version__) if cache.enabled else ""
 
@@ -109,7 +110,7 @@ def analyze(model: nn.Module, calib: CalibrationSet, options: AnalysisOptions | 
         with _timed(timings, "decomposition"):
             factors = decompose_sharded({t.name: t.module.weight.detach() for t in targets},
                                         {t.name: whitening[t.group] for t in targets},
-                                        method=options.decompose_method)
+                                        method=options.decompose_method, device=options.device)
             whitening = {g: s.float() for g, s in whitening.items()}
         if is_main():
             cache.store("factors", factor_key, _pack_factors(whitening, factors), {"jitter": jitter})
@@ -138,7 +139,9 @@ def add_curvature(model: nn.Module, analysis: Analysis) -> dict[str, torch.Tenso
                 analysis.curvature = curvature_terms(model, analysis.targets.rebind(model),
                                                      analysis.calibration.input_ids, analysis.factors,
                                                      micro_batch=analysis.options.micro_batch,
-                                                     checkpointing=analysis.options.checkpointing)
+                                                     checkpointing=analysis.options.checkpointing,
+                                                     offload=analysis.options.offload,
+                                                     device=analysis.options.device)
             if is_main():
                 cache.store("curvature", analysis.key, {"curvature": analysis.curvature}, {})
     return analysis.curvature
@@ -156,9 +159,11 @@ def _calibration_statistics(model, targets, calib, options, cache, key) -> dict:
     if cached is not None:
         files, meta = cached
         return {"covariances": files["covariances"], "grads": files["grads"], "loss": meta["loss"]}
-    collector = CovarianceCollector(targets)
+    # Offloaded models keep their statistics in CPU memory, like their weights.
+    collector = CovarianceCollector(targets, device="cpu" if options.offload else None)
     result = calibration_pass(model, targets, calib.input_ids, micro_batch=options.micro_batch,
                               covariances=collector, checkpointing=options.checkpointing,
+                              offload=options.offload, device=options.device,
                               desc="calibration pass (covariances + gradients)")
     stats = {"covariances": collector.covariances(), "grads": result.grads, "loss": result.loss}
     if is_main():
@@ -191,7 +196,8 @@ def rescore(model: nn.Module, analysis: Analysis, calib: CalibrationSet) -> dict
     """
     targets = analysis.targets.rebind(model)
     grads = calibration_pass(model, targets, calib.input_ids, micro_batch=analysis.options.micro_batch,
-                             checkpointing=analysis.options.checkpointing, desc="gradient pass (rescoring)").grads
+                             checkpointing=analysis.options.checkpointing, offload=analysis.options.offload,
+                             device=analysis.options.device, desc="gradient pass (rescoring)").grads
     return {t.name: component_scores(analysis.factors[t.name], grads[t.name], backend=analysis.options.score_backend)
             for t in targets}
 
@@ -230,7 +236,8 @@ def compress(model: nn.Module, calib: CalibrationSet, ratio: float = 0.8, storag
         with _timed(timings, "correction"):
             result = correct(model, targets, calib.input_ids, truncated, analysis.whitening, corrections,
                              micro_batch=analysis.options.micro_batch, checkpointing=analysis.options.checkpointing,
-                             decompose_method=analysis.options.decompose_method)
+                             decompose_method=analysis.options.decompose_method,
+                             offload=analysis.options.offload, device=analysis.options.device)
             truncated, losses = result.factors, result.losses
     with _timed(timings, "packing"):
         manifest = pack_model(model, targets, truncated, selection)
