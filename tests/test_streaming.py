@@ -115,3 +115,23 @@ def test_compress_with_offload_equals_compress_without(tmp_path):
     assert ranks_a == ranks_b
     assert losses_b == pytest.approx(losses_a, rel=1e-5)
     torch.testing.assert_close(logits_b, logits_a, rtol=1e-4, atol=1e-4)
+
+
+def test_scale_benchmark_smoke_run(capsys):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import compress_scale
+
+    assert compress_scale.main(["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--samples", "2",
+                                "--seq-len", "32", "--offload", "cpu"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["achieved_ratio"] <= 0.8 and {"calibration_pass", "decomposition"} <= set(row["timings"])
+    cfg = compress_scale.PRESETS["tiny"]
+    h, f, n_layers, vocab = (cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
+    linear = n_layers * (4 * h * h + 3 * h * f) + vocab * h  # multi-head attention: k/v are h x h too
+    floor = compress_scale.flop_floor(cfg, samples=2, seq_len=32)
+    assert floor["forward"] == 2 * 64 * linear + n_layers * 2 * 64 * 32 * h
+    assert floor["backward"] == 2 * floor["forward"]

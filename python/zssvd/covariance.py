@@ -4,7 +4,9 @@ Each micro-batch's X^T X is formed in float32 by default (float64 matrix product
 times slower on CPUs and GPUs; the float32 sum over one micro-batch's tokens is accurate to
 about 1e-6 relative, far below the whitening's diagonal shift) and added into a float64
 accumulator, so the sum over the whole calibration set never loses precision to its length.
-``product_dtype=torch.float64`` forms the products in float64 too.
+``product_dtype=torch.float64`` forms the products in float64 too. Activations of bf16/fp16 models
+have at most 10 mantissa bits, which TF32 holds exactly, so their float32 products run on TF32
+tensor cores (about 7x the plain float32 rate on an H100) with no loss at all.
 
 A forward pre-hook on the first linear of each input group adds the outer products of the
 tokens of each micro-batch; activations are never stored. The hooks can ride along the
@@ -14,9 +16,21 @@ micro-batch; ``new_batch`` lets the hook count each group once per micro-batch.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .models import TargetSet
+
+
+@contextlib.contextmanager
+def _float32_matmul_precision(precision: str):
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
 
 
 class CovarianceCollector:
@@ -54,13 +68,15 @@ class CovarianceCollector:
                 return
             self._seen.add(group)
             x = args[0].detach()
+            exact_in_tf32 = x.dtype in (torch.float16, torch.bfloat16) and self.product_dtype == torch.float32
             x = x.reshape(-1, x.shape[-1]).to(self.product_dtype)
             if not torch.isfinite(x).all():
                 raise FloatingPointError(
                     f"non-finite activations enter {group}: the model overflows in its dtype "
                     "(try --dtype float32) or its weights contain NaN/Inf"
                 )
-            product = (x.T @ x).to(torch.float64)
+            with _float32_matmul_precision("high" if exact_in_tf32 else "highest"):
+                product = (x.T @ x).to(torch.float64)
             if group not in self.sums:
                 device = self._device or product.device
                 self.sums[group] = torch.zeros_like(product, device=device)
