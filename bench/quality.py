@@ -94,15 +94,14 @@ def run(args) -> None:
     for seed in args.seeds:
         configs = [c for c in suite_configs(args.suite, args.ratios, args.corrections)
                    if config_key(seed, c) not in done]
-        if not configs:
+        flips = [other for other in args.sign_flip or [] if _sign_flip_key(other, seed, args) not in done]
+        if not configs and not flips:
             continue
         calib = _calibration(tokenizer, args, seed)
         analysis = analyze(model, calib, AnalysisOptions(cache_dir=args.cache_dir, source=source))
-        for other in args.sign_flip or []:
-            key = json.dumps({"signflip": other, "seed": seed, "calib": args.calib_file})
-            if key not in done:
-                record({"key": key, "seed": seed, "signflip": _sign_flip_rows(model, analysis, tokenizer, other,
-                                                                               args, seed)})
+        for other in flips:
+            record({"key": _sign_flip_key(other, seed, args), "seed": seed,
+                    "signflip": _sign_flip_rows(model, analysis, tokenizer, other, args, seed)})
         for config in configs:
             start = time.perf_counter()
             compressed, report = compress(copy.deepcopy(model), calib, analysis=analysis, **config)
@@ -112,6 +111,10 @@ def run(args) -> None:
                     "calib_source": calib.source, "ppl": evaluate(compressed),
                     "correction_losses": report["correction_losses"],
                     "seconds": round(time.perf_counter() - start, 1)})
+
+
+def _sign_flip_key(other: str, seed: int, args) -> str:
+    return json.dumps({"signflip": other, "seed": seed, "calib": args.calib_file})
 
 
 def _sign_flip_rows(model, analysis, tokenizer, other: str, args, seed: int) -> dict:
