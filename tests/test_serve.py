@@ -2,6 +2,7 @@
 torch.compile sees no graph breaks in packed layers, the throughput benchmark runs."""
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -104,7 +105,30 @@ def test_generate_and_bench_serve_commands(trained, tmp_path, capsys):
     assert capsys.readouterr().out == expected + "\n"
 
     assert main(["bench-serve", str(tmp_path / "ckpt"), "--batch", "1,2", "--prompt-len", "8", "--new-tokens",
-                 "4", "--repeats", "1", "--json", "--quiet"]) == 0
+                 "24", "--repeats", "3", "--json", "--quiet"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [r["model"] for r in rows] == ["compressed"] * 2 + [f"dense ({source})"] * 2
     assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
+
+
+def test_decode_rate_is_nan_with_a_warning_when_timing_noise_hides_it():
+    from zssvd.serve import _decode_rate
+
+    assert _decode_rate(batch=2, new_tokens=5, full=1.0, one=0.2) == pytest.approx(2 * 4 / 0.8)
+    with pytest.warns(RuntimeWarning, match="not resolved"):
+        assert math.isnan(_decode_rate(batch=1, new_tokens=5, full=0.2, one=0.3))
+
+
+def test_scale_serving_benchmark_smoke_run(capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import serve_scale
+
+    assert serve_scale.main(["--preset", "tiny", "--device", "cpu", "--dtype", "float16", "--batch", "1",
+                             "--prompt-len", "16", "--new-tokens", "8", "--repeats", "1"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    weights = {r["model"]: r["weights_plus_kv_gib"] for r in rows}
+    assert list(weights) == ["dense", "remap", "hq"]
+    assert weights["hq"] < weights["remap"] < weights["dense"]  # packed storage really is smaller

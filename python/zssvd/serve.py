@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -93,10 +94,20 @@ def measure(model, batch: int, prompt_len: int, new_tokens: int, *, repeats: int
                                                   **kwargs), repeats, device)
     row = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
            "prefill_tokens_per_s": batch * prompt_len / prefill,
-           "decode_tokens_per_s": batch * (new_tokens - 1) / max(full - one, 1e-9)}
+           "decode_tokens_per_s": _decode_rate(batch, new_tokens, full, one)}
     if device.type == "cuda":
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return row
+
+
+def _decode_rate(batch: int, new_tokens: int, full: float, one: float) -> float:
+    """Tokens/s of the decode steps: (N - 1) steps take the time of an N-token generate minus a 1-token one.
+    NaN, with a warning, when timing noise makes that difference non-positive."""
+    if full <= one:
+        warnings.warn(f"decode time not resolved (generate {new_tokens} tokens: {full:.4f} s, 1 token: {one:.4f} s); "
+                      "raise --new-tokens or --repeats", RuntimeWarning, stacklevel=2)
+        return float("nan")
+    return batch * (new_tokens - 1) / (full - one)
 
 
 def bench_serve(directory: str | Path, *, batches=(1, 8, 32), prompt_len: int = 128, new_tokens: int = 32,
