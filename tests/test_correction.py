@@ -28,6 +28,7 @@ def test_a_correction_round_lowers_the_calibration_loss(setup):
     losses = report1["correction_losses"]
     assert losses[0] == pytest.approx(loss_plain, rel=1e-5)  # loss at truncation, then after the round
     assert losses[-1] == pytest.approx(loss_corrected, rel=1e-5)
+    assert report1["correction_loss"] == losses[-1] and report1["correction_step_scales"] == [1.0]
 
 
 def test_more_rounds_keep_lowering_the_loss(setup):
@@ -50,3 +51,23 @@ def test_original_weights_are_restored_in_untouched_modules(setup):
     out, report = compress(copy.deepcopy(model), calib, ratio=0.7, corrections=1, analysis=analysis)
     for name in report["kept_dense"]:
         torch.testing.assert_close(out.get_submodule(name).weight, dense_before[name + ".weight"], rtol=0, atol=0)
+
+
+def test_a_round_that_raises_the_loss_is_undone_and_retried_with_half_the_step(setup, monkeypatch):
+    """Make every step overshoot (x40): each round is worse than the truncation, so the step keeps
+    halving, and the factors returned are still those with the lowest calibration loss."""
+    import zssvd.correction as correction
+
+    model, calib, analysis = setup
+    plain_step = correction._projected_step
+    monkeypatch.setattr(correction, "_projected_step", lambda g, removed: 40.0 * plain_step(g, removed))
+    out, report = compress(copy.deepcopy(model), calib, ratio=0.5, corrections=3, analysis=analysis)
+    losses, scales = report["correction_losses"], report["correction_step_scales"]
+    assert len(losses) == 4 and len(scales) == 3
+    assert scales[0] == 1.0 and all(b in (a, a / 2) for a, b in zip(scales, scales[1:]))
+    rejected = [i for i in range(1, 4) if losses[i] >= min(losses[:i])]
+    assert rejected  # the 40x step does overshoot at least once
+    assert scales[-1] == 0.5 ** len([i for i in rejected if i < 3])  # halved after every rejected round
+    final = calibration_loss(out, calib.input_ids)
+    assert final == pytest.approx(min(losses), rel=1e-5) == pytest.approx(report["correction_loss"], rel=1e-5)
+    assert final <= losses[0] * (1 + 1e-6)  # (packed factors differ from the dense reconstruction by round-off)

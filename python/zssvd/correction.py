@@ -10,6 +10,11 @@ One round, for every factorised matrix with truncated weight W'_k = U_k diag(sig
 Gradients near a pretrained solution are close to low rank, so W'' is close to rank k and the
 re-truncation loses little. Ranks never change. Matrices kept dense are untouched.
 
+Rounds never make the calibration loss worse: a round whose result has a higher loss than the best
+so far is undone and tried again from the best factors with half the step. On SmolLM2-135M at
+ratio 0.6, five plain rounds went 4.06 -> 3.96 -> 4.05 -> 3.74 -> 3.73 -> 3.93 (nats): the steps can
+overshoot once the factors are far from W. The returned factors are the best ones evaluated.
+
 The step size is chosen per matrix. One step size for the whole model (inner products summed
 over all matrices) was tried and is worse: on SmolLM2-135M at ratio 0.6 (dense storage,
 WikiText-2 calibration), one round took test perplexity from 95.5 to 78.9 per matrix, but to
@@ -30,8 +35,21 @@ from .progress import progress
 
 @dataclass
 class CorrectionResult:
-    factors: dict[str, Factors]  # truncated factors after the last round (only kept components)
-    losses: list[float]  # calibration loss at truncation, then after each round
+    factors: dict[str, Factors]  # the truncated factors with the lowest calibration loss (kept components)
+    losses: list[float]  # calibration loss at truncation, then of each round's result
+    step_scales: list[float]  # the step scale each round used (halved after a rejected round)
+
+    @property
+    def loss(self) -> float:
+        """Calibration loss of ``factors``."""
+        return min(self.losses)
+
+
+@dataclass
+class _Point:
+    loss: float
+    factors: dict[str, Factors]
+    grads: dict[str, torch.Tensor]
 
 
 @contextlib.contextmanager
@@ -60,25 +78,40 @@ def correct(model, targets: TargetSet, input_ids: torch.Tensor, truncated: dict[
     by_name = targets.by_name()
     original = {name: by_name[name].module.weight.detach().double() for name in truncated}
     factors = dict(truncated)
+    best: _Point | None = None
     losses: list[float] = []
+    scales: list[float] = []
+    scale = 1.0
     for round_index in progress(range(rounds), desc="correction rounds", unit="round"):
-        current = {name: f.reconstruct() for name, f in factors.items()}
-        with swapped_weights(targets, current):
+        with swapped_weights(targets, {name: f.reconstruct() for name, f in factors.items()}):
             result = calibration_pass(model, targets, input_ids, micro_batch=micro_batch,
                                       checkpointing=checkpointing, offload=offload, device=device,
                                       desc=f"correction {round_index + 1} backward")
         losses.append(result.loss)
-        for name, w_trunc in current.items():
-            step = _projected_step(result.grads[name].double(), original[name] - w_trunc.double())
-            target = by_name[name]
-            full = whitened_svd(w_trunc.double() + step, whitening[target.group], method=decompose_method,
-                                out_dtype=factors[name].U.dtype)
-            k = factors[name].rank
-            factors[name] = Factors(full.U[:, :k], full.sigma[:k], full.Z[:, :k])
+        if best is None or result.loss < best.loss:
+            best = _Point(result.loss, factors, result.grads)
+        else:
+            scale /= 2  # the last step overshot: retry from the best factors with half of it
+        scales.append(scale)
+        factors = {name: _corrected(best.factors[name], best.grads[name], original[name],
+                                    whitening[by_name[name].group], scale, decompose_method)
+                   for name in best.factors}
     with swapped_weights(targets, {name: f.reconstruct() for name, f in factors.items()}):
         losses.append(calibration_loss(model, input_ids, micro_batch, offload=offload, device=device,
                                        blocks_path=targets.blocks_path))
-    return CorrectionResult(factors=factors, losses=losses)
+    if best is not None and losses[-1] >= best.loss:
+        factors = best.factors  # the last round did not help: keep the best evaluated factors
+    return CorrectionResult(factors=factors, losses=losses, step_scales=scales)
+
+
+def _corrected(factors: Factors, grad: torch.Tensor, original: torch.Tensor, whitening: torch.Tensor,
+               scale: float, decompose_method: str) -> Factors:
+    """One truncate-correct-re-truncate step of one matrix, at rank ``factors.rank``."""
+    w_trunc = factors.reconstruct().double()
+    step = scale * _projected_step(grad.double(), original - w_trunc)
+    full = whitened_svd(w_trunc + step, whitening, method=decompose_method, out_dtype=factors.U.dtype)
+    k = factors.rank
+    return Factors(full.U[:, :k], full.sigma[:k], full.Z[:, :k])
 
 
 def _projected_step(g: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:

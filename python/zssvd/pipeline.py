@@ -231,17 +231,20 @@ def compress(model: nn.Module, calib: CalibrationSet, ratio: float = 0.8, storag
         selection = select(analysis.specs, analysis.scores, sigmas, ratio=ratio, storage=storage,
                            strategy=strategy, ordered=ordered, min_rank=min_rank, curvature=curvature)
     truncated = truncate(analysis, selection)
-    losses = []
+    losses, scales = [], []
     if corrections:
         with _timed(timings, "correction"):
             result = correct(model, targets, calib.input_ids, truncated, analysis.whitening, corrections,
                              micro_batch=analysis.options.micro_batch, checkpointing=analysis.options.checkpointing,
                              decompose_method=analysis.options.decompose_method,
                              offload=analysis.options.offload, device=analysis.options.device)
-            truncated, losses = result.factors, result.losses
+            truncated, losses, scales = result.factors, result.losses, result.step_scales
     with _timed(timings, "packing"):
         manifest = pack_model(model, targets, truncated, selection)
     report = build_report(model, analysis, selection, manifest, timings, corrections, losses)
+    # losses: at truncation, then each round's result; the factors kept are those of the lowest loss
+    report["correction_step_scales"] = scales
+    report["correction_loss"] = min(losses) if losses else None
     model.zssvd_manifest = manifest
     return model, report
 
