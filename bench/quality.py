@@ -136,7 +136,15 @@ def _sign_flip_rows(model, analysis, tokenizer, other: str, args, seed: int) -> 
 
 
 def _calibration(tokenizer, args, seed: int) -> calibration.CalibrationSet:
-    """Seeded windows of the calibration texts (files, @licenses, @pydoc), equally weighted."""
+    """Seeded windows of the calibration texts (files, @licenses, @pydoc), equally weighted; or, with
+    --calib-contiguous, the first N x L tokens of the first text cut into N windows (no seed)."""
+    if args.calib_contiguous:
+        ids = calibration.tokenize_stream(tokenizer, builtin_text(args.calib_file[0]))
+        need = args.calib_samples * args.seq_len
+        if ids.numel() < need:
+            raise ValueError(f"{args.calib_file[0]} has {ids.numel()} tokens, fewer than {need}")
+        return calibration.CalibrationSet(ids[:need].view(args.calib_samples, args.seq_len).clone(),
+                                          f"{Path(args.calib_file[0]).name}[:{need}]")
     texts = {Path(s).name: builtin_text(s) for s in args.calib_file}
     return calibration.from_texts(tokenizer, texts, args.calib_samples, args.seq_len, seed)
 
@@ -187,6 +195,8 @@ def main(argv=None) -> int:
     p.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.6, 0.4])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--corrections", type=int, default=5)
+    p.add_argument("--calib-contiguous", action="store_true",
+                   help="calibrate on the first N x L tokens of the first --calib-file instead of random windows")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--windows", type=int, default=24, help="evaluation windows per text (default 24)")

@@ -32,3 +32,23 @@ def test_quality_suite_records_resumes_and_tabulates(tmp_path, capsys):
 
     assert quality.main(argv) == 0  # everything is done: nothing is recomputed or appended
     assert len(results.read_text().splitlines()) == len(rows)
+
+
+def test_contiguous_calibration_takes_the_first_tokens(tmp_path):
+    import argparse
+
+    import pytest
+
+    from tiny_models import tiny_tokenizer
+    from zssvd import calibration
+
+    path = tmp_path / "calib.txt"
+    path.write_text(english_text(400, seed=4))
+    tokenizer = tiny_tokenizer()
+    args = argparse.Namespace(calib_file=[str(path)], calib_samples=3, seq_len=20, calib_contiguous=True)
+    calib = quality._calibration(tokenizer, args, seed=0)
+    ids = calibration.tokenize_stream(tokenizer, path.read_text())
+    assert calib.input_ids.tolist() == ids[:60].view(3, 20).tolist()
+    args.calib_samples = 10**6
+    with pytest.raises(ValueError, match="fewer than"):
+        quality._calibration(tokenizer, args, seed=0)
