@@ -174,13 +174,15 @@ def markdown(results_path: Path) -> str:
         lines.append(f"| {ratio} | {storage} | {strategy} | {'yes' if ordered else 'no'} | {corr} | "
                      f"{achieved:.4f} | " + " | ".join(cells) + " |")
     if flips:
-        lines += ["", "| calibration | scored on | seed | components | sign flips | |dL|-weighted flips | pearson |",
+        lines += ["", "| calibration | scored on | seed | components | sign flips | \\|dL\\|-weighted flips | pearson |",
                   "|---|---|---|---|---|---|---|"]
         for r in flips:
             f = r["signflip"]
+            calib = "+".join(Path(c).name for c in f["calib"].split("+"))
+            other = Path(f["other"]).name
             for subset, stats in f.items():
                 if isinstance(stats, dict):
-                    lines.append(f"| {f['calib']} | {f['other']} ({subset}) | {r['seed']} | {stats['components']} | "
+                    lines.append(f"| {calib} | {other} ({subset}) | {r['seed']} | {stats['components']} | "
                                  f"{stats['flip_rate']:.3f} | {stats['weighted_flip_rate']:.3f} | "
                                  f"{stats['pearson']:.3f} |")
     return "\n".join(lines)
