@@ -93,7 +93,7 @@ def run(args) -> None:
         record({"key": dense_key, "dense": True, "ppl": evaluate(model)})
     for seed in args.seeds:
         configs = [c for c in suite_configs(args.suite, args.ratios, args.corrections)
-                   if config_key(seed, c) not in done]
+                   if config_key(seed, c) not in done and (not args.strategies or c["strategy"] in args.strategies)]
         flips = [other for other in args.sign_flip or [] if _sign_flip_key(other, seed, args) not in done]
         if not configs and not flips:
             continue
@@ -196,6 +196,7 @@ def main(argv=None) -> int:
     p.add_argument("--suite", choices=("issue2", "main", "ablation"), default="main")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.6, 0.4])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--strategies", nargs="+", default=None, help="run only these strategies of the suite")
     p.add_argument("--corrections", type=int, default=5)
     p.add_argument("--calib-contiguous", action="store_true",
                    help="calibrate on the first N x L tokens of the first --calib-file instead of random windows")

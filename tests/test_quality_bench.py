@@ -33,6 +33,11 @@ def test_quality_suite_records_resumes_and_tabulates(tmp_path, capsys):
     assert quality.main(argv) == 0  # everything is done: nothing is recomputed or appended
     assert len(results.read_text().splitlines()) == len(rows)
 
+    only = tmp_path / "only.jsonl"
+    argv[argv.index(str(results))] = str(only)
+    assert quality.main(argv + ["--strategies", "uniform"]) == 0
+    assert {json.loads(line).get("strategy") for line in only.read_text().splitlines()} == {None, "uniform"}
+
 
 def test_contiguous_calibration_takes_the_first_tokens(tmp_path):
     import argparse
