@@ -64,8 +64,11 @@ def main(argv=None) -> int:
     p.add_argument("--ratio", type=float, default=0.8)
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--offload", default=None, help="cpu or a folder: stream the blocks (model kept off the GPU)")
+    p.add_argument("--statistics-device", default=None, help="cpu: covariances and gradients in CPU memory")
     p.add_argument("--memory-cap-gib", type=float, default=None, help="cap this process's GPU memory")
     p.add_argument("--matmul-tflops", type=float, default=989.0, help="peak 16-bit rate for the floor (H100 SXM)")
+    p.add_argument("--tf32-tflops", type=float, default=494.0,
+                   help="peak TF32 rate for the floor (H100 SXM): covariances of 16-bit activations")
     p.add_argument("--fp64-tflops", type=float, default=67.0, help="peak float64 rate for the floor (H100 SXM)")
     args = p.parse_args(argv)
 
@@ -82,7 +85,8 @@ def main(argv=None) -> int:
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     ids = torch.randint(0, cfg["vocab_size"], (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
     options = AnalysisOptions(micro_batch=args.micro_batch, checkpointing=not args.no_checkpointing,
-                              offload=args.offload, device=args.device if args.offload else None)
+                              offload=args.offload, device=args.device if args.offload else None,
+                              statistics_device=args.statistics_device)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -92,8 +96,9 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     flops = flop_floor(cfg, args.samples, args.seq_len)
-    floor_s = {k: v / ((args.fp64_tflops if k == "decomposition" else args.matmul_tflops) * 1e12)
-               for k, v in flops.items()}
+    rate = {"forward": args.matmul_tflops, "backward": args.matmul_tflops, "covariances": args.tf32_tflops,
+            "decomposition": args.fp64_tflops}
+    floor_s = {k: v / (rate[k] * 1e12) for k, v in flops.items()}
     print(json.dumps({
         "device": torch.cuda.get_device_name() if cuda else "cpu", "preset": args.preset, "dtype": args.dtype,
         "tokens": args.samples * args.seq_len, "offload": args.offload, "memory_cap_gib": args.memory_cap_gib,

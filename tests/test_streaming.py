@@ -135,3 +135,15 @@ def test_scale_benchmark_smoke_run(capsys):
     floor = compress_scale.flop_floor(cfg, samples=2, seq_len=32)
     assert floor["forward"] == 2 * 64 * linear + n_layers * 2 * 64 * 32 * h
     assert floor["backward"] == 2 * floor["forward"]
+
+
+def test_statistics_can_accumulate_off_the_execution_device():
+    from zssvd.calibration import CalibrationSet
+    from zssvd.pipeline import AnalysisOptions, analyze
+
+    model = tiny_model("llama")
+    calib = CalibrationSet(random_windows(4, 16, seed=8), "random")
+    plain = analyze(model, calib, AnalysisOptions())
+    moved = analyze(model, calib, AnalysisOptions(statistics_device="cpu", device="cpu"))
+    for name, scores in plain.scores.items():
+        torch.testing.assert_close(moved.scores[name], scores)

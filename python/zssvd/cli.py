@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--offload", default=None, metavar="cpu|DIR",
                    help="for models larger than the GPU: keep the weights in CPU memory (cpu) or in files in DIR "
                         "and stream the decoder blocks to --device one at a time (implies --checkpointing)")
+    c.add_argument("--statistics-device", default=None, metavar="cpu",
+                   help="accumulate covariances (float64) and gradients (float32) in CPU memory instead of "
+                        "on --device (for a 7B model they take about 70 GB); default: cpu with --offload")
     c.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="cache covariances, gradients and factors here (default ~/.cache/zssvd/stages; "
                         "'none' disables)")
@@ -205,6 +208,7 @@ def cmd_compress(args) -> int:
     cache_dir = None if args.cache_dir == "none" else (args.cache_dir or str(cache_root() / "stages"))
     options = AnalysisOptions(micro_batch=args.micro_batch, checkpointing=args.checkpointing, cache_dir=cache_dir,
                               blocks_path=args.blocks, source=source, offload=args.offload,
+                              statistics_device=args.statistics_device,
                               device=args.device if args.offload else None)
     model, report = compress(model, calib, ratio=args.ratio, storage=args.storage, strategy=args.strategy,
                              corrections=args.corrections, ordered=not args.no_order, options=options)

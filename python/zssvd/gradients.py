@@ -123,18 +123,20 @@ def checkpointed_blocks(model: torch.nn.Module, blocks_path: str, enabled: bool)
 def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torch.Tensor, *,
                      micro_batch: int = 4, covariances: CovarianceCollector | None = None,
                      checkpointing: bool = False, offload: str | None = None,
-                     device: torch.device | str | None = None, desc: str = "gradient pass") -> GradientResult:
+                     device: torch.device | str | None = None, grad_device: torch.device | str | None = None,
+                     desc: str = "gradient pass") -> GradientResult:
     """Forward + backward over ``input_ids`` (N x L); returns float32 gradients of the mean loss.
 
     ``offload`` ("cpu" or a folder) keeps the decoder blocks' weights off ``device`` and streams one
-    block at a time to it (see ``zssvd.streaming``); the gradients then accumulate in CPU memory.
+    block at a time to it (see ``zssvd.streaming``); the gradients then accumulate in CPU memory, as
+    they do with ``grad_device="cpu"`` (for models whose float32 gradients would not fit beside them).
     Offloading implies activation checkpointing: otherwise autograd would keep every block's
     loaded weights alive for the backward.
     """
     checkpointing = checkpointing or offload is not None
     device = torch.device(device) if device is not None else model_device(model)
     total_tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
-    grad_device = "cpu" if offload else device
+    grad_device = grad_device or ("cpu" if offload else device)
     grads = {t.name: torch.zeros(t.shape, dtype=torch.float32, device=grad_device) for t in targets}
     loss_total = 0.0
     collect = covariances if covariances is not None else contextlib.nullcontext()
