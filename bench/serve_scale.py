@@ -36,11 +36,7 @@ def pack_targets(model, storage: str, rank_of) -> None:
         k = rank_of(m, n)
         U = torch.randn(m, k, generator=g) / k**0.5
         V = torch.randn(n, k, generator=g) / n**0.5
-        weight = t.module.weight
-        packed = PackedLowRankLinear.from_factors(U, V, storage=storage).to(weight.device)
-        parent = model.get_submodule(t.name.rpartition(".")[0])
-        setattr(parent, t.name.rpartition(".")[2], packed)
-        del weight
+        model.set_submodule(t.name, PackedLowRankLinear.from_factors(U, V, storage=storage).to(t.module.weight.device))
 
 
 def kv_cache_bytes(cfg: dict, batch: int, tokens: int, element_size: int) -> int:

@@ -20,7 +20,7 @@ from torch import nn
 from . import __version__
 from .cache import StageCache, cache_key
 from .calibration import CalibrationSet
-from .correction import correct
+from .correction import CorrectionResult, correct
 from .covariance import CovarianceCollector
 from .curvature import curvature_terms
 from .decompose import Factors
@@ -52,6 +52,11 @@ class AnalysisOptions:
     # offloading, else the execution device); "cpu" keeps ~(4 + 8 n/m) bytes per weight off the GPU
     cache_dir: str | None = None
     source: str = ""  # model id, for the cache key
+
+    def pass_settings(self) -> dict:
+        """How every gradient pass over the calibration set runs (``gradients.calibration_pass`` keywords)."""
+        return dict(micro_batch=self.micro_batch, checkpointing=self.checkpointing, offload=self.offload,
+                    device=self.device)
 
 
 @dataclass
@@ -140,10 +145,7 @@ def add_curvature(model: nn.Module, analysis: Analysis) -> dict[str, torch.Tenso
             with _timed(analysis.timings, "curvature"):
                 analysis.curvature = curvature_terms(model, analysis.targets.rebind(model),
                                                      analysis.calibration.input_ids, analysis.factors,
-                                                     micro_batch=analysis.options.micro_batch,
-                                                     checkpointing=analysis.options.checkpointing,
-                                                     offload=analysis.options.offload,
-                                                     device=analysis.options.device)
+                                                     **analysis.options.pass_settings())
             if is_main():
                 cache.store("curvature", analysis.key, {"curvature": analysis.curvature}, {})
     return analysis.curvature
@@ -164,10 +166,8 @@ def _calibration_statistics(model, targets, calib, options, cache, key) -> dict:
     # Offloaded models keep their statistics in CPU memory, like their weights.
     stats_device = options.statistics_device or ("cpu" if options.offload else None)
     collector = CovarianceCollector(targets, device=stats_device)
-    result = calibration_pass(model, targets, calib.input_ids, micro_batch=options.micro_batch,
-                              covariances=collector, checkpointing=options.checkpointing,
-                              offload=options.offload, device=options.device, grad_device=stats_device,
-                              desc="calibration pass (covariances + gradients)")
+    result = calibration_pass(model, targets, calib.input_ids, covariances=collector, grad_device=stats_device,
+                              desc="calibration pass (covariances + gradients)", **options.pass_settings())
     stats = {"covariances": collector.covariances(), "grads": result.grads, "loss": result.loss}
     if is_main():
         cache.store("stats", key, {"covariances": stats["covariances"], "grads": stats["grads"]},
@@ -198,9 +198,8 @@ def rescore(model: nn.Module, analysis: Analysis, calib: CalibrationSet) -> dict
     direction in both score sets and their signs can be compared (see ``scores.sign_flips``).
     """
     targets = analysis.targets.rebind(model)
-    grads = calibration_pass(model, targets, calib.input_ids, micro_batch=analysis.options.micro_batch,
-                             checkpointing=analysis.options.checkpointing, offload=analysis.options.offload,
-                             device=analysis.options.device, desc="gradient pass (rescoring)").grads
+    grads = calibration_pass(model, targets, calib.input_ids, desc="gradient pass (rescoring)",
+                             **analysis.options.pass_settings()).grads
     return {t.name: component_scores(analysis.factors[t.name], grads[t.name], backend=analysis.options.score_backend)
             for t in targets}
 
@@ -234,20 +233,16 @@ def compress(model: nn.Module, calib: CalibrationSet, ratio: float = 0.8, storag
         selection = select(analysis.specs, analysis.scores, sigmas, ratio=ratio, storage=storage,
                            strategy=strategy, ordered=ordered, min_rank=min_rank, curvature=curvature)
     truncated = truncate(analysis, selection)
-    losses, scales = [], []
+    correction = None
     if corrections:
         with _timed(timings, "correction"):
-            result = correct(model, targets, calib.input_ids, truncated, analysis.whitening, corrections,
-                             micro_batch=analysis.options.micro_batch, checkpointing=analysis.options.checkpointing,
-                             decompose_method=analysis.options.decompose_method,
-                             offload=analysis.options.offload, device=analysis.options.device)
-            truncated, losses, scales = result.factors, result.losses, result.step_scales
+            correction = correct(model, targets, calib.input_ids, truncated, analysis.whitening, corrections,
+                                 decompose_method=analysis.options.decompose_method,
+                                 **analysis.options.pass_settings())
+            truncated = correction.factors
     with _timed(timings, "packing"):
         manifest = pack_model(model, targets, truncated, selection)
-    report = build_report(model, analysis, selection, manifest, timings, corrections, losses)
-    # losses: at truncation, then each round's result; the factors kept are those of the lowest loss
-    report["correction_step_scales"] = scales
-    report["correction_loss"] = min(losses) if losses else None
+    report = build_report(model, analysis, selection, manifest, timings, corrections, correction)
     model.zssvd_manifest = manifest
     return model, report
 
@@ -290,7 +285,7 @@ def model_nbytes(model: nn.Module) -> int:
 
 
 def build_report(model, analysis: Analysis, selection: Selection, manifest: dict, timings: dict,
-                 corrections: int, correction_losses: list[float]) -> dict:
+                 corrections: int, correction: CorrectionResult | None) -> dict:
     specs = {s.name: s for s in analysis.specs}
     removed_dl = sum(float(analysis.scores[name][j]) for name, j in selection.removed
                      if not selection.dense[name])
@@ -314,7 +309,10 @@ def build_report(model, analysis: Analysis, selection: Selection, manifest: dict
         "kept_dense": sorted(name for name, d in selection.dense.items() if d),
         "calibration": {"source": analysis.calibration.source, "samples": analysis.calibration.num_samples,
                         "seq_len": analysis.calibration.seq_len, "loss": analysis.loss},
-        "correction_losses": correction_losses,
+        # at truncation, then each round's result; the factors kept are those of the lowest loss
+        "correction_losses": correction.losses if correction else [],
+        "correction_step_scales": correction.step_scales if correction else [],
+        "correction_loss": correction.loss if correction else None,
         "predicted_dl_removed": removed_dl,
         "selection_steps": [i + 1 for i in steps],  # 1-based removal step of each running-sum point
         "selection_running_sum": [selection.running_sum[i] for i in steps],
