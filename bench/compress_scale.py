@@ -4,6 +4,7 @@ Random weights in the real shapes and random calibration tokens (256 x 2048 by d
 speed of every stage is the same as with a real checkpoint.
 
     python bench/compress_scale.py --device cuda                                # model resident on the GPU
+    python bench/compress_scale.py --device cuda --pass-order block --samples 128  # one block's statistics on the GPU
     python bench/compress_scale.py --device cuda --offload cpu --memory-cap-gib 8  # GPU capped below the model
     python bench/compress_scale.py --preset tiny --device cpu --samples 4 --seq-len 64   # smoke run anywhere
 
@@ -65,6 +66,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--offload", default=None, help="cpu or a folder: stream the blocks (model kept off the GPU)")
     p.add_argument("--statistics-device", default=None, help="cpu: covariances and gradients in CPU memory")
+    p.add_argument("--pass-order", default="batch", choices=("batch", "block"),
+                   help="block: one decoder block's statistics on the GPU at a time")
     p.add_argument("--memory-cap-gib", type=float, default=None, help="cap this process's GPU memory")
     p.add_argument("--matmul-tflops", type=float, default=989.0, help="peak 16-bit rate for the floor (H100 SXM)")
     p.add_argument("--tf32-tflops", type=float, default=494.0,
@@ -86,7 +89,7 @@ def main(argv=None) -> int:
     ids = torch.randint(0, cfg["vocab_size"], (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
     options = AnalysisOptions(micro_batch=args.micro_batch, checkpointing=not args.no_checkpointing,
                               offload=args.offload, device=args.device if args.offload else None,
-                              statistics_device=args.statistics_device)
+                              statistics_device=args.statistics_device, pass_order=args.pass_order)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -101,7 +104,8 @@ def main(argv=None) -> int:
     floor_s = {k: v / (rate[k] * 1e12) for k, v in flops.items()}
     print(json.dumps({
         "device": torch.cuda.get_device_name() if cuda else "cpu", "preset": args.preset, "dtype": args.dtype,
-        "tokens": args.samples * args.seq_len, "offload": args.offload, "memory_cap_gib": args.memory_cap_gib,
+        "tokens": args.samples * args.seq_len, "offload": args.offload, "pass_order": args.pass_order,
+        "statistics_device": args.statistics_device, "memory_cap_gib": args.memory_cap_gib,
         "total_s": round(seconds, 2), "timings": {k: round(v, 2) for k, v in report["timings"].items()},
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "model_gib": round(model_bytes / 2**30, 2), "achieved_ratio": report["achieved_ratio"],

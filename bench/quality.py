@@ -93,7 +93,8 @@ def run(args) -> None:
         record({"key": dense_key, "dense": True, "ppl": evaluate(model)})
     for seed in args.seeds:
         configs = [c for c in suite_configs(args.suite, args.ratios, args.corrections)
-                   if config_key(seed, c) not in done and (not args.strategies or c["strategy"] in args.strategies)]
+                   if config_key(seed, c) not in done and (not args.strategies or c["strategy"] in args.strategies)
+                   and not (args.ordered_only and c.get("ordered") is False)]
         flips = [other for other in args.sign_flip or [] if _sign_flip_key(other, seed, args) not in done]
         if not configs and not flips:
             continue
@@ -140,11 +141,9 @@ def _calibration(tokenizer, args, seed: int) -> calibration.CalibrationSet:
     --calib-contiguous, the first N x L tokens of the first text cut into N windows (no seed)."""
     if args.calib_contiguous:
         ids = calibration.tokenize_stream(tokenizer, builtin_text(args.calib_file[0]))
-        need = args.calib_samples * args.seq_len
-        if ids.numel() < need:
-            raise ValueError(f"{args.calib_file[0]} has {ids.numel()} tokens, fewer than {need}")
-        return calibration.CalibrationSet(ids[:need].view(args.calib_samples, args.seq_len).clone(),
-                                          f"{Path(args.calib_file[0]).name}[:{need}]")
+        windows = calibration.sample_windows(ids, args.calib_samples, args.seq_len, 0, args.calib_file[0],
+                                             contiguous=True)
+        return calibration.CalibrationSet(windows, f"{Path(args.calib_file[0]).name}[:{windows.numel()}]")
     texts = {Path(s).name: builtin_text(s) for s in args.calib_file}
     return calibration.from_texts(tokenizer, texts, args.calib_samples, args.seq_len, seed)
 
@@ -197,6 +196,7 @@ def main(argv=None) -> int:
     p.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.6, 0.4])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--strategies", nargs="+", default=None, help="run only these strategies of the suite")
+    p.add_argument("--ordered-only", action="store_true", help="skip the ablation's rows without the in-matrix order")
     p.add_argument("--corrections", type=int, default=5)
     p.add_argument("--calib-contiguous", action="store_true",
                    help="calibrate on the first N x L tokens of the first --calib-file instead of random windows")

@@ -77,3 +77,11 @@ def test_self_sampling_is_seeded_and_avoids_special_seeds():
     assert torch.equal(a.input_ids, b.input_ids)
     assert (a.input_ids[:, 0] != 0).all()
     assert a.source.startswith("self-sampled")
+
+
+def test_contiguous_windows_are_the_first_tokens_in_order():
+    ids = torch.arange(100)
+    windows = calibration.sample_windows(ids, 3, 10, seed=7, what="stream", contiguous=True)
+    assert torch.equal(windows, torch.arange(30).view(3, 10))
+    with pytest.raises(ValueError, match="enough for 10 windows of 10, but 11 were asked"):
+        calibration.sample_windows(ids, 11, 10, seed=0, what="stream", contiguous=True)

@@ -80,14 +80,14 @@ def test_python_api_round_trip(workspace):
     assert report["achieved_ratio"] <= 0.5
 
 
-def test_offloaded_compression_matches_the_resident_one(workspace, capsys):
+def test_offloaded_and_block_order_compression_match_the_resident_one(workspace, capsys):
     ranks = []
-    for extra in ([], ["--offload", workspace / "offload"]):
-        out_dir = workspace / f"out-offload-{len(extra)}"
+    for i, extra in enumerate(([], ["--offload", workspace / "offload"], ["--pass-order", "block"])):
+        out_dir = workspace / f"out-offload-{i}"
         code, out, err = _run(capsys, "compress", workspace / "model", "--ratio", "0.6", "--out", out_dir,
                               "--calib-file", workspace / "calib.txt", "--calib-samples", "6", "--seq-len", "32",
                               "--cache-dir", "none", "--no-plots", *extra)
         assert code == 0, err
         ranks.append(json.loads((out_dir / "report.json").read_text())["ranks"])
-    assert ranks[0] == ranks[1]
+    assert ranks[0] == ranks[1] == ranks[2]
     assert list((workspace / "offload").iterdir()) == []  # the offloaded weights are cleaned up

@@ -98,17 +98,19 @@ def test_offload_refuses_a_model_that_is_not_in_cpu_memory():
             pass
 
 
-def test_compress_with_offload_equals_compress_without(tmp_path):
+@pytest.mark.parametrize("variant", ["offload", "block order"])
+def test_compress_with_offload_or_in_block_order_equals_the_plain_run(variant, tmp_path):
     import zssvd
     from zssvd.calibration import CalibrationSet
     from zssvd.pipeline import AnalysisOptions
 
     ids = random_windows(6, 16, seed=2)
+    changed = dict(offload=str(tmp_path), device="cpu") if variant == "offload" else dict(pass_order="block")
     outputs = []
-    for offload in (None, str(tmp_path)):
+    for settings in ({}, changed):  # zero-sum-2nd and a correction round: every gradient pass is exercised
         calib = CalibrationSet(ids, "random")
         model, report = zssvd.compress(tiny_model("qwen2"), calib, ratio=0.6, strategy="zero-sum-2nd",
-                                       corrections=1, options=AnalysisOptions(offload=offload, device="cpu"))
+                                       corrections=1, options=AnalysisOptions(**settings))
         with torch.no_grad():
             outputs.append((report["ranks"], report["correction_losses"], model(ids[:2]).logits))
     (ranks_a, losses_a, logits_a), (ranks_b, losses_b, logits_b) = outputs
@@ -117,7 +119,8 @@ def test_compress_with_offload_equals_compress_without(tmp_path):
     torch.testing.assert_close(logits_b, logits_a, rtol=1e-4, atol=1e-4)
 
 
-def test_scale_benchmark_smoke_run(capsys):
+@pytest.mark.parametrize("mode", [["--offload", "cpu"], ["--pass-order", "block"]])
+def test_scale_benchmark_smoke_run(mode, capsys):
     import json
     import sys
     from pathlib import Path
@@ -126,8 +129,10 @@ def test_scale_benchmark_smoke_run(capsys):
     import compress_scale
 
     assert compress_scale.main(["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--samples", "2",
-                                "--seq-len", "32", "--offload", "cpu"]) == 0
+                                "--seq-len", "32", *mode]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["offload"] == ("cpu" if "--offload" in mode else None)
+    assert row["pass_order"] == ("block" if "--pass-order" in mode else "batch")
     assert row["achieved_ratio"] <= 0.8 and {"calibration_pass", "decomposition"} <= set(row["timings"])
     cfg = compress_scale.PRESETS["tiny"]
     h, f, n_layers, vocab = (cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))

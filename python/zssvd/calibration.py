@@ -66,8 +66,12 @@ def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
-def sample_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int, what: str) -> torch.Tensor:
-    """``num_samples`` non-overlapping windows of ``seq_len`` tokens at seeded random positions."""
+def sample_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int, what: str, *,
+                   contiguous: bool = False) -> torch.Tensor:
+    """``num_samples`` non-overlapping windows of ``seq_len`` tokens at seeded random positions.
+
+    ``contiguous=True`` takes the first ``num_samples * seq_len`` tokens instead (no seed).
+    """
     if num_samples < 1 or seq_len < 2:
         raise ValueError(f"need at least 1 sample of at least 2 tokens, got {num_samples} x {seq_len}")
     slots = ids.numel() // seq_len
@@ -76,6 +80,8 @@ def sample_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int,
             f"{what} has {ids.numel()} tokens, enough for {slots} windows of {seq_len}, but {num_samples} "
             "were asked for: give more text, or lower --calib-samples or --seq-len"
         )
+    if contiguous:
+        return ids[:num_samples * seq_len].reshape(num_samples, seq_len).clone()
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(slots, generator=generator)[:num_samples].sort().values
     return torch.stack([ids[s * seq_len:(s + 1) * seq_len] for s in chosen.tolist()])

@@ -70,7 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "and stream the decoder blocks to --device one at a time (implies --checkpointing)")
     c.add_argument("--statistics-device", default=None, metavar="cpu",
                    help="accumulate covariances (float64) and gradients (float32) in CPU memory instead of "
-                        "on --device (for a 7B model they take about 70 GB); default: cpu with --offload")
+                        "on --device (for a 7B model they take about 70 GB); default: cpu with --offload "
+                        "or --pass-order block")
+    c.add_argument("--pass-order", default="batch", choices=("batch", "block"),
+                   help="batch: each micro-batch through the whole model (default); block: one decoder block at "
+                        "a time over all windows, so the device holds one block's statistics (least GPU memory; "
+                        "keeps the calibration hidden states in CPU memory)")
     c.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="cache covariances, gradients and factors here (default ~/.cache/zssvd/stages; "
                         "'none' disables)")
@@ -208,7 +213,7 @@ def cmd_compress(args) -> int:
     cache_dir = None if args.cache_dir == "none" else (args.cache_dir or str(cache_root() / "stages"))
     options = AnalysisOptions(micro_batch=args.micro_batch, checkpointing=args.checkpointing, cache_dir=cache_dir,
                               blocks_path=args.blocks, source=source, offload=args.offload,
-                              statistics_device=args.statistics_device,
+                              statistics_device=args.statistics_device, pass_order=args.pass_order,
                               device=args.device if args.offload else None)
     model, report = compress(model, calib, ratio=args.ratio, storage=args.storage, strategy=args.strategy,
                              corrections=args.corrections, ordered=not args.no_order, options=options)

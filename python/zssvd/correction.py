@@ -54,13 +54,14 @@ class _Point:
 
 @contextlib.contextmanager
 def swapped_weights(targets: TargetSet, weights: dict[str, torch.Tensor]):
-    """Temporarily replace target weights (same shapes) and restore the originals afterwards."""
+    """Temporarily replace target weights (same shapes; tensors or callables making them) and restore the originals."""
     by_name = targets.by_name()
     originals = {name: by_name[name].module.weight.data for name in weights}
     try:
         for name, w in weights.items():
             module = by_name[name].module
-            module.weight.data = w.to(dtype=module.weight.dtype, device=module.weight.device)
+            new = w() if callable(w) else w  # a callable is made one matrix at a time
+            module.weight.data = new.to(dtype=originals[name].dtype, device=originals[name].device)
         yield
     finally:
         for name, w in originals.items():
@@ -70,23 +71,23 @@ def swapped_weights(targets: TargetSet, weights: dict[str, torch.Tensor]):
 def correct(model, targets: TargetSet, input_ids: torch.Tensor, truncated: dict[str, Factors],
             whitening: dict[str, torch.Tensor], rounds: int, *, micro_batch: int = 4,
             checkpointing: bool = False, decompose_method: str = "gram", offload: str | None = None,
-            device: torch.device | str | None = None) -> CorrectionResult:
+            device: torch.device | str | None = None, order: str = "batch") -> CorrectionResult:
     """Run ``rounds`` correction rounds on the factorised matrices in ``truncated``.
 
     ``whitening`` maps each target's input group to its factor S (as used for the SVD).
     """
     by_name = targets.by_name()
-    original = {name: by_name[name].module.weight.detach().double() for name in truncated}
+    original = {name: by_name[name].module.weight.detach() for name in truncated}  # the tensors, not copies
     factors = dict(truncated)
     best: _Point | None = None
     losses: list[float] = []
     scales: list[float] = []
     scale = 1.0
     for round_index in progress(range(rounds), desc="correction rounds", unit="round"):
-        with swapped_weights(targets, {name: f.reconstruct() for name, f in factors.items()}):
+        with swapped_weights(targets, _reconstructions(factors, original)):
             result = calibration_pass(model, targets, input_ids, micro_batch=micro_batch,
                                       checkpointing=checkpointing, offload=offload, device=device,
-                                      desc=f"correction {round_index + 1} backward")
+                                      order=order, desc=f"correction {round_index + 1} backward")
         losses.append(result.loss)
         if best is None or result.loss < best.loss:
             best = _Point(result.loss, factors, result.grads)
@@ -96,7 +97,7 @@ def correct(model, targets: TargetSet, input_ids: torch.Tensor, truncated: dict[
         factors = {name: _corrected(best.factors[name], best.grads[name], original[name],
                                     whitening[by_name[name].group], scale, decompose_method)
                    for name in best.factors}
-    with swapped_weights(targets, {name: f.reconstruct() for name, f in factors.items()}):
+    with swapped_weights(targets, _reconstructions(factors, original)):
         losses.append(calibration_loss(model, input_ids, micro_batch, offload=offload, device=device,
                                        blocks_path=targets.blocks_path))
     if best is not None and losses[-1] >= best.loss:
@@ -104,14 +105,23 @@ def correct(model, targets: TargetSet, input_ids: torch.Tensor, truncated: dict[
     return CorrectionResult(factors=factors, losses=losses, step_scales=scales)
 
 
+def _reconstructions(factors: dict[str, Factors], original: dict[str, torch.Tensor]) -> dict:
+    """For ``swapped_weights``: each matrix rebuilt from its factors on its weight's device when swapped in."""
+    return {name: (lambda f=f, on=original[name].device: f.to(device=on).reconstruct()) for name, f in factors.items()}
+
+
 def _corrected(factors: Factors, grad: torch.Tensor, original: torch.Tensor, whitening: torch.Tensor,
                scale: float, decompose_method: str) -> Factors:
-    """One truncate-correct-re-truncate step of one matrix, at rank ``factors.rank``."""
-    w_trunc = factors.reconstruct().double()
-    step = scale * _projected_step(grad.double(), original - w_trunc)
-    full = whitened_svd(w_trunc + step, whitening, method=decompose_method, out_dtype=factors.U.dtype)
+    """One truncate-correct-re-truncate step of one matrix, at rank ``factors.rank``.
+
+    Computed in float64 where the original weight is; the factors stay where they were kept.
+    """
+    on = original.device
+    w_trunc = factors.to(device=on).reconstruct().double()
+    step = scale * _projected_step(grad.to(on).double(), original.double() - w_trunc)
+    full = whitened_svd(w_trunc + step, whitening.to(on), method=decompose_method, out_dtype=factors.U.dtype)
     k = factors.rank
-    return Factors(full.U[:, :k], full.sigma[:k], full.Z[:, :k])
+    return Factors(full.U[:, :k], full.sigma[:k], full.Z[:, :k]).to(device=factors.U.device)
 
 
 def _projected_step(g: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:

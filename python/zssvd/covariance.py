@@ -46,6 +46,7 @@ class CovarianceCollector:
         self.tokens: dict[str, int] = {group: 0 for group in targets.groups}
         self._device = device
         self._seen: set[str] = set()
+        self._finite: dict[str, torch.Tensor] = {}  # group -> device flag, all products so far finite
         self._handles = []
 
     def __enter__(self):
@@ -70,13 +71,12 @@ class CovarianceCollector:
             x = args[0].detach()
             exact_in_tf32 = x.dtype in (torch.float16, torch.bfloat16) and self.product_dtype == torch.float32
             x = x.reshape(-1, x.shape[-1]).to(self.product_dtype)
-            if not torch.isfinite(x).all():
-                raise FloatingPointError(
-                    f"non-finite activations enter {group}: the model overflows in its dtype "
-                    "(try --dtype float32) or its weights contain NaN/Inf"
-                )
             with _float32_matmul_precision("high" if exact_in_tf32 else "highest"):
                 product = (x.T @ x).to(torch.float64)
+            # Non-finite inputs give a non-finite product. The flag stays on the device until check():
+            # a host sync per layer would stall the GPU's queue.
+            finite = torch.isfinite(product).all()
+            self._finite[group] = finite if group not in self._finite else self._finite[group] & finite
             if group not in self.sums:
                 device = self._device or product.device
                 self.sums[group] = torch.zeros_like(product, device=device)
@@ -85,8 +85,29 @@ class CovarianceCollector:
 
         return hook
 
+    def check(self) -> None:
+        """Raise if any activations recorded so far were NaN/Inf (one host sync for all groups)."""
+        if not self._finite:
+            return
+        groups = list(self._finite)
+        device = self._finite[groups[0]].device
+        flags = torch.stack([self._finite[g].to(device) for g in groups]).cpu()
+        bad = [g for g, ok in zip(groups, flags.tolist()) if not ok]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite activations enter {', '.join(bad[:3])}: the model overflows in its dtype "
+                "(try --dtype float32) or its weights contain NaN/Inf"
+            )
+
+    def move(self, groups, device) -> None:
+        """Move the sums of finished ``groups`` (e.g. one block's) to ``device``, freeing their memory here."""
+        for group in groups:
+            if group in self.sums:
+                self.sums[group] = self.sums[group].to(device)
+
     def covariances(self) -> dict[str, torch.Tensor]:
         """Mean covariance per group, C = X^T X / tokens (float64)."""
+        self.check()
         missing = [g for g, n in self.tokens.items() if n == 0]
         if missing:
             raise RuntimeError(f"no activations were recorded for {', '.join(missing[:5])}")

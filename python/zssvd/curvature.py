@@ -33,7 +33,7 @@ from .models import TargetSet
 
 def curvature_terms(model, targets: TargetSet, input_ids: torch.Tensor, factors: dict[str, Factors], *,
                     micro_batch: int = 4, checkpointing: bool = False, offload: str | None = None,
-                    device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+                    device: torch.device | str | None = None, order: str = "batch") -> dict[str, torch.Tensor]:
     """0.5 sigma_i^2 u_i^T A u_i for every component of every target (float64)."""
     sums = {t.name: torch.zeros(factors[t.name].rank, dtype=torch.float64) for t in targets}
     bases = {t.name: factors[t.name].U.float() for t in targets}
@@ -53,7 +53,7 @@ def curvature_terms(model, targets: TargetSet, input_ids: torch.Tensor, factors:
             warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
             result = calibration_pass(model, targets, input_ids, micro_batch=micro_batch,
                                       checkpointing=checkpointing, offload=offload, device=device,
-                                      desc="gradient pass (curvature)")
+                                      order=order, desc="gradient pass (curvature)")
     finally:
         for handle in handles:
             handle.remove()

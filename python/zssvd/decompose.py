@@ -81,15 +81,16 @@ def _svd_by_gram(A: torch.Tensor):
 
 
 def decompose_all(weights: dict[str, torch.Tensor], factor_of: dict[str, torch.Tensor], *, method: str = "gram",
-                  out_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> dict[str, Factors]:
+                  out_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                  out_device: torch.device | str | None = None) -> dict[str, Factors]:
     """Whitened SVD of every named weight, with its whitening factor ``factor_of[name]``.
 
     ``device``, if given, is where each matrix is decomposed (one at a time, e.g. a GPU for a model
-    kept in CPU memory); the factors are returned on the device of their weight.
+    kept in CPU memory); the factors are returned on ``out_device``, by default that of their weight.
     """
     factors = {}
     for name, w in progress(weights.items(), desc="whitened SVD", unit="matrix", total=len(weights)):
         on = w.device if device is None else torch.device(device)
         f = whitened_svd(w.to(on), factor_of[name].to(on), method=method, out_dtype=out_dtype)
-        factors[name] = f.to(device=w.device)
+        factors[name] = f.to(device=out_device or w.device)
     return factors

@@ -126,7 +126,8 @@ def shard(names: Sequence[str], costs: Mapping[str, float] | Sequence[float], wo
 
 def decompose_sharded(weights: dict[str, torch.Tensor], factor_of: dict[str, torch.Tensor], *,
                       method: str = "gram", out_dtype: torch.dtype = torch.float32,
-                      device: torch.device | str | None = None, stats: dict | None = None) -> dict[str, Factors]:
+                      device: torch.device | str | None = None, out_device: torch.device | str | None = None,
+                      stats: dict | None = None) -> dict[str, Factors]:
     """``decompose_all`` with the matrices shared out across the ranks of the process group.
 
     A collective: every rank must call it with the same names, shapes and settings (the values
@@ -143,7 +144,8 @@ def decompose_sharded(weights: dict[str, torch.Tensor], factor_of: dict[str, tor
     mine = {n: weights[n] for n in shares[rank]}
     if stats is not None:
         stats.update(rank=rank, world_size=world_size, shards=shares, computed=list(mine))
-    own = decompose_all(mine, {n: factor_of[n] for n in mine}, method=method, out_dtype=out_dtype, device=device)
+    own = decompose_all(mine, {n: factor_of[n] for n in mine}, method=method, out_dtype=out_dtype, device=device,
+                        out_device=out_device)
     if world_size == 1:
         return own
 
@@ -167,6 +169,6 @@ def decompose_sharded(weights: dict[str, torch.Tensor], factor_of: dict[str, tor
             dist.broadcast(flat, src=owner[name])
         # The owner, too, takes its factors from the buffer: the same values and the same (contiguous)
         # layout on every rank, so that the later stages compute bit for bit the same on all of them.
-        parts = [p.reshape(s).to(weights[name].device) for p, s in zip(flat.split(sizes), shapes)]
+        parts = [p.reshape(s).to(out_device or weights[name].device) for p, s in zip(flat.split(sizes), shapes)]
         factors[name] = Factors(*parts)
     return factors

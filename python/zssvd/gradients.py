@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
+from .blockwise import block_order_pass, replaced_forwards
 from .covariance import CovarianceCollector
 from .models import TargetSet, find_blocks
 from .streaming import streamed_blocks
@@ -68,7 +69,11 @@ def weight_gradient_sinks(model: torch.nn.Module, targets: TargetSet, sinks: dic
     saved = {name: p.requires_grad for name, p in model.named_parameters()}
 
     def sink_hook(name):
-        return lambda module, args, output: _WeightGradientSink.apply(output, args[0], sinks[name])
+        def hook(module, args, output):
+            if not torch.is_grad_enabled():
+                return output  # a forward that nothing will differentiate (block order's first pass)
+            return _WeightGradientSink.apply(output, args[0], sinks[name])
+        return hook
 
     def embeddings_hook(module, args, output):
         return output if output.requires_grad else output.detach().requires_grad_(True)
@@ -97,10 +102,8 @@ def checkpointed_blocks(model: torch.nn.Module, blocks_path: str, enabled: bool)
         yield
         return
     _, blocks = find_blocks(model, blocks_path)
-    own = [block.__dict__.get("forward") for block in blocks]  # instance-level forwards (hooks), if any
-    originals = [block.forward for block in blocks]
 
-    def wrap(fn):
+    def wrap(index, fn):
         def run(*args, **kwargs):
             # Recompute whole blocks: with early stopping an offloaded block's post-forward hook would
             # never run in the backward and its weights would stay on the device.
@@ -108,59 +111,81 @@ def checkpointed_blocks(model: torch.nn.Module, blocks_path: str, enabled: bool)
                 return checkpoint(fn, *args, use_reentrant=False, **kwargs)
         return run
 
-    try:
-        for block, fn in zip(blocks, originals):
-            block.forward = wrap(fn)
+    with replaced_forwards(blocks, wrap):
         yield
-    finally:
-        for block, fn in zip(blocks, own):
-            if fn is None:
-                del block.forward  # the class's forward is back
-            else:
-                block.forward = fn
 
 
 def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torch.Tensor, *,
                      micro_batch: int = 4, covariances: CovarianceCollector | None = None,
                      checkpointing: bool = False, offload: str | None = None,
                      device: torch.device | str | None = None, grad_device: torch.device | str | None = None,
+                     order: str = "batch", segment: int | None = None,
                      desc: str = "gradient pass") -> GradientResult:
     """Forward + backward over ``input_ids`` (N x L); returns float32 gradients of the mean loss.
 
+    ``order="batch"`` runs each micro-batch through the whole model; ``order="block"`` walks the
+    decoder blocks instead and holds one block's statistics on the device at a time (see
+    ``zssvd.blockwise``; ``segment`` is its stored-boundary spacing, chosen from host memory if None;
+    its gradients are returned in CPU memory unless ``grad_device`` says otherwise).
     ``offload`` ("cpu" or a folder) keeps the decoder blocks' weights off ``device`` and streams one
     block at a time to it (see ``zssvd.streaming``); the gradients then accumulate in CPU memory, as
     they do with ``grad_device="cpu"`` (for models whose float32 gradients would not fit beside them).
-    Offloading implies activation checkpointing: otherwise autograd would keep every block's
-    loaded weights alive for the backward.
+    In batch order, offloading implies activation checkpointing: otherwise autograd would keep every
+    block's loaded weights alive for the backward.
     """
+    if order not in ("batch", "block"):
+        raise ValueError(f"order must be 'batch' or 'block', not {order!r}")
     checkpointing = checkpointing or offload is not None
     device = torch.device(device) if device is not None else model_device(model)
     total_tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
-    grad_device = grad_device or ("cpu" if offload else device)
+    grad_device = grad_device or ("cpu" if offload or order == "block" else device)
     grads = {t.name: torch.zeros(t.shape, dtype=torch.float32, device=grad_device) for t in targets}
-    loss_total = 0.0
-    collect = covariances if covariances is not None else contextlib.nullcontext()
+    # Batch order accumulates straight into ``grads``; block order swaps one block's device sinks in.
+    sinks = grads if order == "batch" else {}
     was_training = model.training
     model.eval()
     try:
-        with weight_gradient_sinks(model, targets, grads), \
-                streamed_blocks(model, targets.blocks_path, device, offload), collect, \
-                checkpointed_blocks(model, targets.blocks_path, checkpointing):
-            for start in progress(range(0, input_ids.shape[0], micro_batch), desc=desc, unit="batch"):
-                ids = input_ids[start:start + micro_batch].to(device)
-                if covariances is not None:
-                    covariances.new_batch()
-                loss_sum = next_token_loss_sum(model(ids, use_cache=False).logits, ids)
-                if not torch.isfinite(loss_sum):
-                    raise FloatingPointError(
-                        f"non-finite calibration loss in samples {start}..{start + len(ids) - 1}: the model "
-                        "overflows in its dtype (try --dtype float32) or its weights contain NaN/Inf"
-                    )
-                (loss_sum / total_tokens).backward()
-                loss_total += loss_sum.item()
+        with weight_gradient_sinks(model, targets, sinks), \
+                streamed_blocks(model, targets.blocks_path, device, offload):
+            if order == "block":
+                loss_total = block_order_pass(model, targets, input_ids, micro_batch=micro_batch, device=device,
+                                              grad_device=grad_device, sinks=sinks, grads=grads,
+                                              covariances=covariances, loss_of=_checked_loss_sum,
+                                              segment=segment, desc=desc)
+            else:
+                loss_total = _batch_order_pass(model, targets, input_ids, micro_batch, device, covariances,
+                                               checkpointing, total_tokens, desc)
     finally:
         model.train(was_training)
     return GradientResult(grads=grads, loss=loss_total / total_tokens, tokens=total_tokens)
+
+
+def _batch_order_pass(model, targets, input_ids, micro_batch, device, covariances, checkpointing,
+                      total_tokens, desc) -> float:
+    loss_total = 0.0
+    collect = covariances if covariances is not None else contextlib.nullcontext()
+    with collect, checkpointed_blocks(model, targets.blocks_path, checkpointing):
+        for start in progress(range(0, input_ids.shape[0], micro_batch), desc=desc, unit="batch"):
+            ids = input_ids[start:start + micro_batch].to(device)
+            if covariances is not None:
+                covariances.new_batch()
+            logits = model(ids, use_cache=False).logits
+            if covariances is not None:
+                covariances.check()  # names the first layer whose input went non-finite
+            loss_sum = _checked_loss_sum(logits, ids, first=start)
+            (loss_sum / total_tokens).backward()
+            loss_total += loss_sum.item()
+    return loss_total
+
+
+def _checked_loss_sum(logits: torch.Tensor, ids: torch.Tensor, first: int) -> torch.Tensor:
+    loss_sum = next_token_loss_sum(logits, ids)
+    if not torch.isfinite(loss_sum):
+        raise FloatingPointError(
+            f"non-finite calibration loss in samples {first}..{first + len(ids) - 1}: the model "
+            "overflows in its dtype (try --dtype float32) or its weights contain NaN/Inf"
+        )
+    return loss_sum
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

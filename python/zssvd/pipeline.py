@@ -49,14 +49,23 @@ class AnalysisOptions:
     offload: str | None = None  # "cpu" or a folder: stream the decoder blocks to ``device`` one at a time
     device: str | None = None  # execution device (default: where the model's weights are)
     statistics_device: str | None = None  # where covariances and gradients accumulate (default: cpu when
-    # offloading, else the execution device); "cpu" keeps ~(4 + 8 n/m) bytes per weight off the GPU
+    # offloading or in block order, else the execution device); "cpu" keeps ~(4 + 8 n/m) bytes per weight off the GPU
+    pass_order: str = "batch"  # "block": one decoder block's statistics on the device at a time (zssvd.blockwise)
     cache_dir: str | None = None
     source: str = ""  # model id, for the cache key
+
+    def statistics_home(self) -> str | None:
+        """Where covariances, gradients and factors are kept (None: beside the weights).
+
+        Host memory for offloaded models, the block order and ``statistics_device="cpu"``; the
+        whitening, decompositions and scores still run on the execution device, one matrix at a time.
+        """
+        return self.statistics_device or ("cpu" if self.offload or self.pass_order == "block" else None)
 
     def pass_settings(self) -> dict:
         """How every gradient pass over the calibration set runs (``gradients.calibration_pass`` keywords)."""
         return dict(micro_batch=self.micro_batch, checkpointing=self.checkpointing, offload=self.offload,
-                    device=self.device)
+                    device=self.device, order=self.pass_order)
 
 
 @dataclass
@@ -97,6 +106,7 @@ def analyze(model: nn.Module, calib: CalibrationSet, options: AnalysisOptions | 
     _check_weights(model)
     targets = find_targets(model, options.blocks_path)
     assign_input_groups(model, targets, calib.input_ids[:1, : min(16, calib.seq_len)].to(model_device(model)))
+    compute_device = torch.device(options.device) if options.device else model_device(model)
     cache = StageCache(options.cache_dir)
     key = cache_key(model_fingerprint(model, options.source), calib.fingerprint(), __version__) if cache.enabled else ""
 
@@ -112,12 +122,14 @@ def analyze(model: nn.Module, calib: CalibrationSet, options: AnalysisOptions | 
         whitening, jitter = {}, {}
         with _timed(timings, "whitening"):
             for group in progress(targets.groups, desc="whitening", unit="group"):
-                w = whitening_factor(stats["covariances"][group], group, base_jitter=options.base_jitter)
-                whitening[group], jitter[group] = w.factor, w.relative_jitter
+                cov = stats["covariances"].pop(group)  # freed as soon as it is factored
+                w = whitening_factor(cov.to(compute_device), group, base_jitter=options.base_jitter)
+                whitening[group], jitter[group] = w.factor.to(cov.device), w.relative_jitter
         with _timed(timings, "decomposition"):
             factors = decompose_sharded({t.name: t.module.weight.detach() for t in targets},
                                         {t.name: whitening[t.group] for t in targets},
-                                        method=options.decompose_method, device=options.device)
+                                        method=options.decompose_method, device=compute_device,
+                                        out_device=options.statistics_home())
             whitening = {g: s.float() for g, s in whitening.items()}
         if is_main():
             cache.store("factors", factor_key, _pack_factors(whitening, factors), {"jitter": jitter})
@@ -126,7 +138,8 @@ def analyze(model: nn.Module, calib: CalibrationSet, options: AnalysisOptions | 
         log.info("whitening needed a larger diagonal shift for %d groups (max %.1e x trace/n)",
                  len(escalated), max(escalated.values()))
     with _timed(timings, "scores"):
-        scores = {t.name: component_scores(factors[t.name], stats["grads"][t.name], backend=options.score_backend)
+        scores = {t.name: component_scores(factors[t.name], stats["grads"].pop(t.name), backend=options.score_backend,
+                                           device=compute_device)
                   for t in targets}
     specs = [MatrixSpec(t.name, *t.shape) for t in targets]
     return Analysis(targets=targets, specs=specs, whitening=whitening, jitter=jitter, factors=factors,
@@ -163,9 +176,11 @@ def _calibration_statistics(model, targets, calib, options, cache, key) -> dict:
     if cached is not None:
         files, meta = cached
         return {"covariances": files["covariances"], "grads": files["grads"], "loss": meta["loss"]}
-    # Offloaded models keep their statistics in CPU memory, like their weights.
-    stats_device = options.statistics_device or ("cpu" if options.offload else None)
-    collector = CovarianceCollector(targets, device=stats_device)
+    # Offloaded models keep their statistics in CPU memory, like their weights; so does the block
+    # order, which gathers each block's on the device and moves them when the block is done.
+    block_order = options.pass_order == "block"
+    stats_device = options.statistics_home()
+    collector = CovarianceCollector(targets, device=None if block_order else stats_device)
     result = calibration_pass(model, targets, calib.input_ids, covariances=collector, grad_device=stats_device,
                               desc="calibration pass (covariances + gradients)", **options.pass_settings())
     stats = {"covariances": collector.covariances(), "grads": result.grads, "loss": result.loss}

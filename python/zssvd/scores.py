@@ -18,11 +18,17 @@ import zskernels
 from .decompose import Factors
 
 
-def component_scores(factors: Factors, grad: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """dL_i for every component of one matrix (float64, ordered like ``factors.sigma``)."""
-    grad = grad.to(device=factors.U.device, dtype=factors.U.dtype)
-    bilinear = zskernels.sigma_scores(factors.U, grad, factors.Z, backend=backend)
-    return -(factors.sigma.double() * bilinear.double())
+def component_scores(factors: Factors, grad: torch.Tensor, *, backend: str = "auto",
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """dL_i for every component of one matrix (float64, ordered like ``factors.sigma``).
+
+    Computed on ``device`` (default: where the factors are); returned beside the factors.
+    """
+    home = factors.sigma.device
+    on = torch.device(device) if device is not None else factors.U.device
+    U, Z = factors.U.to(on), factors.Z.to(on)
+    bilinear = zskernels.sigma_scores(U, grad.to(device=on, dtype=U.dtype), Z, backend=backend)
+    return -(factors.sigma.double().to(on) * bilinear.double()).to(home)
 
 
 def sign_flips(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], among=None) -> dict:

@@ -1,0 +1,296 @@
+"""Stages 3a + 5 in block order: the calibration pass with one decoder block's statistics at a time.
+
+``gradients.calibration_pass`` runs each micro-batch through the whole model, so every target's
+float32 gradient and float64 covariance stays allocated for the whole pass: at LLaMA-7B that is
+26 + 44 GB beside a 13.5 GB bf16 model. This pass turns the two loops around and walks the blocks:
+
+1. forward, one block at a time over all micro-batches, collecting that block's covariances; the
+   hidden states entering every ``segment``-th block are kept in host memory;
+2. the loss and its gradient with respect to the last block's output, from the model's own head
+   (the model runs with pass-through blocks, so final norms and projections are whatever it has);
+3. backward, one block at a time from the last: each block is recomputed from its stored input with
+   the weight-gradient sinks attached, and the gradient with respect to its input is handed down.
+   A segment's inputs are first recomputed from the hidden states stored at its start.
+
+When a block is done its statistics move to ``grad_device`` (host memory by default), so the device
+holds the weights, one block's statistics and one micro-batch's activations. With ``segment=1`` the
+compute equals activation checkpointing's (two forwards and one backward); longer segments add one
+forward of their blocks and need less host memory (chosen automatically from what is available).
+
+The blocks are called directly with the keyword arguments the model itself gives them (captured
+once per micro-batch shape with pass-through blocks), which assumes, as layer-by-layer quantisers
+do, that the model's block loop is ``h = block(h, ...)`` with nothing else between blocks.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .covariance import CovarianceCollector
+from .models import TargetSet, find_blocks
+from .progress import progress
+
+
+@dataclass
+class BlockCall:
+    """How the model calls a block, apart from the hidden states: the other arguments."""
+
+    args: tuple
+    kwargs: dict
+
+    def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        out = block(hidden, *self.args, **self.kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _Stop(Exception):
+    pass
+
+
+def _hidden_and_rest(args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
+    kwargs = dict(kwargs)
+    if args:
+        return args[0], BlockCall(tuple(args[1:]), kwargs)
+    return kwargs.pop("hidden_states"), BlockCall((), kwargs)
+
+
+@contextlib.contextmanager
+def replaced_forwards(blocks: nn.ModuleList, make_forward):
+    """Give every block ``make_forward(index, current_forward)`` as its forward while inside.
+
+    Instance-level forwards (accelerate's hooks) are put back on exit; blocks without one get their
+    class's forward back.
+    """
+    own = [block.__dict__.get("forward") for block in blocks]
+    try:
+        for index, block in enumerate(blocks):
+            block.forward = make_forward(index, block.forward)
+        yield
+    finally:
+        for block, fn in zip(blocks, own):
+            if fn is None:
+                del block.forward
+            else:
+                block.forward = fn
+
+
+def _first_block_call(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor):
+    """Run the model up to its first block; return what enters it."""
+    captured = {}
+
+    def stop(module, args, kwargs):
+        captured["args"], captured["kwargs"] = args, kwargs
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        model(ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return _hidden_and_rest(captured["args"], captured["kwargs"])
+
+
+class _ModelRunner:
+    """Calls into the model's own code around the blocks: embeddings, block arguments, and head."""
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList):
+        self.model = model
+        self.blocks = blocks
+        self._calls: dict[tuple, list[BlockCall]] = {}
+        self._tuple_output: bool | None = None
+
+    def embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        hidden, call = _first_block_call(self.model, self.blocks, ids)
+        if self._tuple_output is None:  # what a real block returns decides what a pass-through one must
+            self._tuple_output = isinstance(self.blocks[0](hidden, *call.args, **call.kwargs), (tuple, list))
+        return hidden.detach()
+
+    def _pass_through(self, replacement: torch.Tensor | None = None, record: list | None = None):
+        def make(index, _forward):
+            def forward(*args, **kwargs):
+                hidden, call = _hidden_and_rest(args, kwargs)
+                if record is not None:
+                    record.append(call)
+                if index == 0 and replacement is not None:
+                    hidden = replacement
+                return (hidden,) if self._tuple_output else hidden
+            return forward
+        return replaced_forwards(self.blocks, make)
+
+    def calls(self, ids: torch.Tensor) -> list[BlockCall]:
+        """The arguments the model passes each block (besides the hidden states), by input shape."""
+        key = tuple(ids.shape)
+        if key not in self._calls:
+            record: list[BlockCall] = []
+            with torch.no_grad(), self._pass_through(record=record):
+                self.model(ids, use_cache=False)
+            if len(record) != len(self.blocks):
+                raise RuntimeError(f"the model called {len(record)} of its {len(self.blocks)} blocks once each; "
+                                   "the block-order pass needs a plain block loop (use --pass-order batch)")
+            self._calls[key] = record
+        return self._calls[key]
+
+    def logits(self, ids: torch.Tensor, last_hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits when its last block outputs ``last_hidden``."""
+        with self._pass_through(replacement=last_hidden):
+            return self.model(ids, use_cache=False).logits
+
+
+class HostStore:
+    """Hidden states of every micro-batch at one block boundary, kept in host memory.
+
+    Built from an iterable (a generator, so that each micro-batch leaves the device before the next
+    is made). Copies from an accelerator go to pinned memory without blocking; they are only ever
+    read back by copies on the same stream, so no synchronisation is needed.
+    """
+
+    def __init__(self, tensors):
+        self.tensors = [t.detach().to("cpu", non_blocking=True) for t in tensors]
+
+    def get(self, index: int, device: torch.device) -> torch.Tensor:
+        """A fresh tensor (own autograd state) holding micro-batch ``index``'s hidden states."""
+        return self.tensors[index].to(device, non_blocking=True).detach()
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes held; pinned blocks count as torch's caching host allocator sizes them (powers of 2)."""
+        sizes = [t.numel() * t.element_size() for t in self.tensors]
+        pinned = bool(self.tensors) and self.tensors[0].is_pinned()
+        return sum(1 << (s - 1).bit_length() if pinned else s for s in sizes)
+
+
+def available_host_bytes() -> int:
+    """Memory the kernel says is available now (Linux); a large number elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 50
+
+
+def _host_statistics_bytes(targets: TargetSet, grad_device, covariances) -> int:
+    """Host memory the finished blocks' statistics will take by the end of the pass."""
+    if torch.device(grad_device).type != "cpu":
+        return 0
+    grads = sum(4 * t.shape[0] * t.shape[1] for t in targets)
+    by_name = targets.by_name()
+    covs = sum(8 * by_name[members[0]].shape[1] ** 2 for members in targets.groups.values()) if covariances else 0
+    return grads + covs
+
+
+def choose_segment(num_blocks: int, boundary_bytes: int, budget_bytes: int) -> int:
+    """The shortest segment whose stored hidden states fit in ``budget_bytes``.
+
+    A segment length s keeps ceil(B / s) boundaries for the whole pass, up to s more while a segment
+    is backpropagated, and two more (the gradient being handed down and the states being made).
+    """
+    for s in range(1, num_blocks + 1):
+        if (math.ceil(num_blocks / s) + s + 2) * boundary_bytes <= budget_bytes:
+            return s
+    need = (2 * math.isqrt(num_blocks) + 3) * boundary_bytes
+    raise MemoryError(f"the block-order pass needs about {need / 2**30:.1f} GiB of host memory for the calibration "
+                      f"hidden states but {max(budget_bytes, 0) / 2**30:.1f} GiB are free beside the statistics: use "
+                      "fewer or shorter calibration windows, or --pass-order batch")
+
+
+def block_order_pass(model: nn.Module, targets: TargetSet, input_ids: torch.Tensor, *, micro_batch: int,
+                     device: torch.device, grad_device, sinks: dict[str, torch.Tensor],
+                     grads: dict[str, torch.Tensor], covariances: CovarianceCollector | None,
+                     loss_of, segment: int | None = None, desc: str = "calibration pass") -> float:
+    """Fill ``grads`` (on ``grad_device``) and ``covariances`` in block order; return the summed loss.
+
+    ``sinks`` is the dict the weight-gradient hooks add into (see ``gradients.weight_gradient_sinks``):
+    this function puts one block's device accumulators in it at a time. ``loss_of(logits, ids, first=)``
+    returns a micro-batch's summed loss (``first``: the index of its first window, for error messages).
+    """
+    _, blocks = find_blocks(model, targets.blocks_path)
+    runner = _ModelRunner(model, blocks)
+    batches = [input_ids[start:start + micro_batch] for start in range(0, input_ids.shape[0], micro_batch)]
+    total_tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
+    by_block: dict[int, list] = {}
+    for t in targets:
+        by_block.setdefault(t.block, []).append(t)
+
+    with torch.no_grad():
+        hidden = HostStore(runner.embeddings(ids.to(device)) for ids in batches)
+    if segment is None:
+        budget = int(0.8 * available_host_bytes()) - _host_statistics_bytes(targets, grad_device, covariances)
+        segment = choose_segment(len(blocks), hidden.nbytes, budget)
+    bar = progress(total=2 * len(blocks), desc=desc, unit="block")
+
+    def outputs(index: int, store: HostStore, collect: bool):
+        for j, ids in enumerate(batches):
+            if collect and covariances is not None:
+                covariances.new_batch()
+            yield runner.calls(ids.to(device))[index](blocks[index], store.get(j, device))
+
+    def forward_block(index: int, store: HostStore, collect: bool) -> HostStore:
+        with torch.no_grad():
+            return HostStore(outputs(index, store, collect))
+
+    # 1. forward, keeping the inputs of every segment-th block
+    boundaries: dict[int, HostStore] = {}
+    collect = covariances if covariances is not None else contextlib.nullcontext()
+    for index in range(len(blocks)):
+        if index % segment == 0:
+            boundaries[index] = hidden
+        with collect:
+            hidden = forward_block(index, hidden, collect=True)
+        if covariances is not None:
+            covariances.check()
+            covariances.move({t.group for t in by_block.get(index, [])}, grad_device)
+        bar.update(1)
+
+    # 2. the loss and its gradient at the last block's output
+    losses = []
+
+    def head_gradients():
+        for j, ids in enumerate(batches):
+            ids = ids.to(device)
+            last = hidden.get(j, device).requires_grad_(True)
+            loss_sum = loss_of(runner.logits(ids, last), ids, first=j * micro_batch)
+            (loss_sum / total_tokens).backward()
+            losses.append(loss_sum.item())
+            yield last.grad
+
+    upstream = HostStore(head_gradients())
+    del hidden
+
+    # 3. backward, segment by segment from the top
+    for start in reversed(range(0, len(blocks), segment)):
+        inputs = [boundaries.pop(start)]
+        for index in range(start, min(start + segment, len(blocks)) - 1):
+            inputs.append(forward_block(index, inputs[-1], collect=False))
+        for index in reversed(range(start, start + len(inputs))):
+            upstream = _backward_block(blocks[index], index, runner, batches, inputs.pop(), upstream,
+                                       by_block.get(index, []), sinks, grads, device)
+            bar.update(1)
+    bar.close()
+    return sum(losses)
+
+
+def _backward_block(block, index, runner, batches, inputs: HostStore, upstream: HostStore, block_targets,
+                    sinks, grads, device) -> HostStore:
+    """Backpropagate ``upstream`` through one block for every micro-batch; gradients of its inputs."""
+    for t in block_targets:
+        sinks[t.name] = torch.zeros(t.shape, dtype=torch.float32, device=device)
+
+    def input_gradients():
+        for j, ids in enumerate(batches):
+            x = inputs.get(j, device).requires_grad_(True)
+            runner.calls(ids.to(device))[index](block, x).backward(upstream.get(j, device))
+            yield x.grad
+
+    handed_down = HostStore(input_gradients())
+    for t in block_targets:
+        grads[t.name].copy_(sinks.pop(t.name))
+    return handed_down

@@ -1,0 +1,160 @@
+"""The block-order calibration pass: same statistics as the batch order, one block's on the device at a time."""
+import pytest
+import torch
+from tiny_models import ARCHS, random_windows, tiny_model
+
+from zssvd.blockwise import block_order_pass, choose_segment
+from zssvd.covariance import CovarianceCollector
+from zssvd.gradients import _checked_loss_sum, calibration_pass, weight_gradient_sinks
+from zssvd.models import assign_input_groups, find_blocks, find_targets
+
+
+def _targets(model, ids):
+    return assign_input_groups(model, find_targets(model), ids[:1, :8])
+
+
+def _statistics(model, ids, targets=None, **kwargs):
+    targets = targets or _targets(model, ids)
+    collector = CovarianceCollector(targets, product_dtype=torch.float64)
+    result = calibration_pass(model, targets, ids, micro_batch=2, covariances=collector, **kwargs)
+    return result, collector.covariances()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_block_order_equals_batch_order(arch):
+    model = tiny_model(arch, dtype=torch.float64)
+    ids = random_windows(5, 12, seed=4)  # 3 micro-batches, the last one short
+    expected, expected_cov = _statistics(model, ids)
+    for segment in (None, 1, 2):
+        result, cov = _statistics(model, ids, order="block", segment=segment)
+        assert result.loss == pytest.approx(expected.loss, rel=1e-12)
+        assert result.tokens == expected.tokens
+        for name, g in expected.grads.items():
+            assert g.abs().max() > 0
+            torch.testing.assert_close(result.grads[name], g, rtol=1e-6, atol=1e-9)
+        assert set(cov) == set(expected_cov)
+        for group, c in expected_cov.items():
+            torch.testing.assert_close(cov[group], c, rtol=1e-12, atol=1e-14)
+    assert all(p.grad is None for p in model.parameters())
+    assert all("forward" not in block.__dict__ for block in find_blocks(model)[1])  # forwards restored
+
+
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_block_order_with_offloaded_blocks(offload, tmp_path):
+    model = tiny_model("llama")
+    ids = random_windows(4, 16, seed=5)
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    expected, expected_cov = _statistics(model, ids)
+    folder = str(tmp_path / "offload") if offload == "disk" else "cpu"
+    _, blocks = find_blocks(model)
+    resident = []
+
+    def inside_block(module, args, output):  # runs while the block's own weights are loaded
+        resident.append(sum(any(p.device.type != "meta" for p in b.parameters()) for b in blocks))
+
+    targets = _targets(model, ids)
+    handles = [b.mlp.down_proj.register_forward_hook(inside_block) for b in blocks]
+    result, cov = _statistics(model, ids, targets, order="block", offload=folder, device="cpu")
+    for h in handles:
+        h.remove()
+    # the first block once to learn its output type, then per block 2 micro-batches forward + 2 backward
+    assert resident == [1] * (1 + 4 * len(blocks))
+    assert result.loss == pytest.approx(expected.loss, rel=1e-6)
+    for name, g in expected.grads.items():
+        torch.testing.assert_close(result.grads[name], g, rtol=1e-4, atol=1e-7)
+    for group, c in expected_cov.items():
+        torch.testing.assert_close(cov[group], c)
+    for name, value in model.state_dict().items():
+        assert value.device.type == "cpu" and torch.equal(value, before[name]), name
+    assert not any(hasattr(m, "_hf_hook") for m in model.modules())
+
+
+def test_one_block_of_statistics_at_a_time():
+    """Finished blocks' covariances and gradients leave the execution device ("meta" stands in for the host)."""
+    model = tiny_model("qwen2")
+    ids = random_windows(4, 10, seed=6)
+    targets = _targets(model, ids)
+    collector = CovarianceCollector(targets)
+    sinks: dict[str, torch.Tensor] = {}
+    grads = {t.name: torch.zeros(t.shape, device="meta") for t in targets}
+    seen = []
+
+    def record(target):
+        def hook(module, args, output):
+            live_blocks = {t.block for t in targets if t.name in sinks}
+            on_device = {t.block for t in targets if t.group in collector.sums
+                         and collector.sums[t.group].device.type == "cpu"}
+            seen.append((target.block, torch.is_grad_enabled(), live_blocks, on_device))
+        return hook
+
+    handles = [t.module.register_forward_hook(record(t)) for t in targets]
+    with weight_gradient_sinks(model, targets, sinks):
+        block_order_pass(model, targets, ids, micro_batch=2, device=torch.device("cpu"), grad_device="meta",
+                         sinks=sinks, grads=grads, covariances=collector, loss_of=_checked_loss_sum, segment=1)
+    for h in handles:
+        h.remove()
+    backward_calls = [s for s in seen if s[1]]
+    assert backward_calls and all(live == {block} for block, _, live, _ in backward_calls)
+    assert all(on_device <= {block} for block, _, _, on_device in seen)
+    assert all(s.device.type == "meta" for s in collector.sums.values())
+    assert not sinks
+
+
+def test_segment_length_follows_the_host_memory_budget():
+    assert choose_segment(32, 10, 10 * 40) == 1  # 32 + 1 + 2 boundaries fit
+    assert choose_segment(32, 10, 10 * 20) == 2  # 16 + 2 + 2
+    assert choose_segment(4, 1, 7) == 1
+    with pytest.raises(MemoryError, match="fewer or shorter calibration windows"):
+        choose_segment(32, 10, 10 * 10)
+
+
+def test_unknown_pass_order_is_refused():
+    model = tiny_model("llama")
+    ids = random_windows(2, 8)
+    with pytest.raises(ValueError, match="order must be"):
+        calibration_pass(model, _targets(model, ids), ids, order="layer")
+
+
+def test_host_statistics_are_budgeted_before_the_hidden_states():
+    from zssvd.blockwise import _host_statistics_bytes
+
+    model = tiny_model("llama")  # hidden 32, MLP 64; per block groups qkv (32), o (32), gate/up (32), down (64)
+    targets = _targets(model, random_windows(1, 8))
+    weights = sum(t.shape[0] * t.shape[1] for t in targets)
+    covariances = 2 * 8 * (3 * 32 * 32 + 64 * 64)
+    assert _host_statistics_bytes(targets, "cpu", covariances=True) == 4 * weights + covariances
+    assert _host_statistics_bytes(targets, "cpu", covariances=None) == 4 * weights
+    assert _host_statistics_bytes(targets, "meta", covariances=True) == 0  # kept on the device: not host memory
+
+
+def test_statistics_live_on_the_host_when_the_device_must_stay_free():
+    from zssvd.pipeline import AnalysisOptions
+
+    assert AnalysisOptions().statistics_home() is None  # beside the weights
+    assert AnalysisOptions(pass_order="block").statistics_home() == "cpu"
+    assert AnalysisOptions(offload="cpu").statistics_home() == "cpu"
+    assert AnalysisOptions(statistics_device="cpu").statistics_home() == "cpu"
+    assert AnalysisOptions(pass_order="block", statistics_device="cuda:1").statistics_home() == "cuda:1"
+
+
+def _infinite_norm_weight(model):
+    find_blocks(model)[1][1].post_attention_layernorm.weight[3] = float("inf")
+
+
+def _nan_in_the_head(model):
+    model.lm_head.weight[5, 0] = float("nan")
+
+
+@pytest.mark.parametrize("order", ["batch", "block"])
+@pytest.mark.parametrize("poison, message", [
+    (_infinite_norm_weight, r"non-finite activations enter model\.layers\.1\.mlp\.gate_proj"),
+    (_nan_in_the_head, "non-finite calibration loss in samples 0..1"),
+])
+def test_non_finite_values_are_named(order, poison, message):
+    model = tiny_model("llama")
+    ids = random_windows(4, 8)
+    targets = _targets(model, ids)
+    with torch.no_grad():
+        poison(model)
+    with pytest.raises(FloatingPointError, match=message):
+        _statistics(model, ids, targets, order=order)
