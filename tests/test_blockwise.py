@@ -57,8 +57,9 @@ def test_block_order_with_offloaded_blocks(offload, tmp_path):
     result, cov = _statistics(model, ids, targets, order="block", offload=folder, device="cpu")
     for h in handles:
         h.remove()
-    # the first block once to learn its output type, then per block 2 micro-batches forward + 2 backward
-    assert resident == [1] * (1 + 4 * len(blocks))
+    # the first block once to learn its output type, per block 2 micro-batches forward + 2 backward,
+    # and every block once more for the model's own forward that checks the block loop
+    assert resident == [1] * (1 + 5 * len(blocks))
     assert result.loss == pytest.approx(expected.loss, rel=1e-6)
     for name, g in expected.grads.items():
         torch.testing.assert_close(result.grads[name], g, rtol=1e-4, atol=1e-7)
@@ -158,3 +159,27 @@ def test_non_finite_values_are_named(order, poison, message):
         poison(model)
     with pytest.raises(FloatingPointError, match=message):
         _statistics(model, ids, targets, order=order)
+
+
+def test_a_model_that_works_between_its_blocks_is_refused():
+    import types
+
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    model = tiny_model("llama")
+    ids = random_windows(4, 8)
+    targets = _targets(model, ids)
+    inner = model.model
+
+    def meddling_forward(self, input_ids=None, **kwargs):  # a LLaMA whose loop rescales between blocks
+        hidden = self.embed_tokens(input_ids)
+        positions = torch.arange(hidden.shape[1])[None]
+        rotary = self.rotary_emb(hidden, positions)
+        for layer in self.layers:
+            hidden = 1.5 * layer(hidden, position_embeddings=rotary, position_ids=positions, attention_mask=None)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden))
+
+    inner.forward = types.MethodType(meddling_forward, inner)
+    calibration_pass(model, targets, ids, micro_batch=2)  # the batch order runs the model as it is
+    with pytest.raises(RuntimeError, match="does more between its blocks"):
+        calibration_pass(model, targets, ids, micro_batch=2, order="block")

@@ -141,6 +141,23 @@ class _ModelRunner:
         with self._pass_through(replacement=last_hidden):
             return self.model(ids, use_cache=False).logits
 
+    @torch.no_grad()
+    def check_plain_loop(self, ids: torch.Tensor, last_hidden: torch.Tensor) -> None:
+        """Refuse a model whose own forward differs from calling its blocks one after another.
+
+        Compares the logits of one micro-batch (a small fraction of a forward pass) with the model's
+        own; anything the model does between blocks would show here rather than in wrong statistics.
+        """
+        expected = self.model(ids, use_cache=False).logits.float()
+        got = self.logits(ids, last_hidden).float()
+        scale = expected.nan_to_num(0.0, 0.0, 0.0).abs().max().clamp_min(1.0)
+        tolerance = (1e-2 if last_hidden.dtype in (torch.float16, torch.bfloat16) else 1e-4) * scale
+        if not torch.allclose(got, expected, rtol=0.0, atol=float(tolerance), equal_nan=True):
+            error = (got - expected).abs().max().item()
+            raise RuntimeError(f"calling this model's blocks one after another does not reproduce its own forward "
+                               f"(logits differ by up to {error:.3g}): it does more between its blocks than "
+                               "h = block(h, ...); use --pass-order batch")
+
 
 class HostStore:
     """Hidden states of every micro-batch at one block boundary, kept in host memory.
@@ -251,6 +268,7 @@ def block_order_pass(model: nn.Module, targets: TargetSet, input_ids: torch.Tens
         bar.update(1)
 
     # 2. the loss and its gradient at the last block's output
+    runner.check_plain_loop(batches[0].to(device), hidden.get(0, device))
     losses = []
 
     def head_gradients():
