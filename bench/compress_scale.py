@@ -4,7 +4,7 @@ Random weights in the real shapes and random calibration tokens (256 x 2048 by d
 speed of every stage is the same as with a real checkpoint.
 
     python bench/compress_scale.py --device cuda                                # model resident on the GPU
-    python bench/compress_scale.py --device cuda --pass-order block --samples 128  # one block's statistics on the GPU
+    python bench/compress_scale.py --device cuda --pass-order block               # one block's statistics on the GPU
     python bench/compress_scale.py --device cuda --offload cpu --memory-cap-gib 8  # GPU capped below the model
     python bench/compress_scale.py --preset tiny --device cpu --samples 4 --seq-len 64   # smoke run anywhere
 

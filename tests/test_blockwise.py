@@ -101,12 +101,51 @@ def test_one_block_of_statistics_at_a_time():
     assert not sinks
 
 
+@pytest.mark.parametrize("segment", [1, 2, 3, 5])
+def test_the_host_memory_schedule_matches_the_pass(segment, monkeypatch):
+    """host_peak_bytes walks the same schedule as the pass: count the hidden-state sets alive at once."""
+    import zssvd.blockwise as blockwise
+
+    alive, peak = [0], [0]
+
+    class CountedStore(blockwise.HostStore):
+        def __init__(self, tensors):
+            super().__init__(tensors)
+            alive[0] += 1
+            peak[0] = max(peak[0], alive[0])
+
+        def __del__(self):
+            alive[0] -= 1
+
+    monkeypatch.setattr(blockwise, "HostStore", CountedStore)
+    model = tiny_model("llama")
+    model.model.layers.extend(tiny_model("llama", seed=1).model.layers)  # 4 blocks
+    model.model.layers.extend(tiny_model("llama", seed=2).model.layers[:1])  # 5 blocks
+    model.config.num_hidden_layers = 5
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = i
+    ids = random_windows(4, 8)
+    calibration_pass(model, _targets(model, ids), ids, micro_batch=2, order="block", segment=segment)
+    zeros = [0] * 5
+    assert peak[0] == blockwise.host_peak_bytes(segment, 1, zeros, zeros)
+    assert alive[0] == 0
+
+
 def test_segment_length_follows_the_host_memory_budget():
-    assert choose_segment(32, 10, 10 * 40) == 1  # 32 + 1 + 2 boundaries fit
-    assert choose_segment(32, 10, 10 * 20) == 2  # 16 + 2 + 2
-    assert choose_segment(4, 1, 7) == 1
+    from zssvd.blockwise import host_peak_bytes
+
+    blocks, boundary = 32, 4  # LLaMA-7B, 256 x 2048 tokens: GiB
+    covs, grads = [1.37] * blocks, [0.81] * blocks  # per block, GB (float64 covariances, float32 gradients)
+    assert host_peak_bytes(1, boundary, [0] * blocks, [0] * blocks) == (blocks + 2) * boundary
+    peaks = {s: host_peak_bytes(s, boundary, covs, grads) for s in range(1, blocks + 1)}
+    # s = 1: the top block's backward, with every boundary, all covariances and its own gradients
+    assert peaks[1] == pytest.approx(blocks * 1.37 + 0.81 + (blocks + 2) * boundary)
+    assert min(peaks.values()) == pytest.approx(peaks[5]) and peaks[5] < 95  # fits a 128 GiB host
+    assert choose_segment(boundary, 100, covs, grads) == 4  # the shortest that fits
+    assert choose_segment(boundary, 95, covs, grads) == 5
+    assert choose_segment(boundary, 1000, covs, grads) == 1  # no recomputation when memory allows
     with pytest.raises(MemoryError, match="fewer or shorter calibration windows"):
-        choose_segment(32, 10, 10 * 10)
+        choose_segment(boundary, 60, covs, grads)
 
 
 def test_unknown_pass_order_is_refused():
@@ -116,16 +155,16 @@ def test_unknown_pass_order_is_refused():
         calibration_pass(model, _targets(model, ids), ids, order="layer")
 
 
-def test_host_statistics_are_budgeted_before_the_hidden_states():
-    from zssvd.blockwise import _host_statistics_bytes
+def test_host_statistics_are_counted_per_block():
+    from zssvd.blockwise import host_statistics_bytes
 
     model = tiny_model("llama")  # hidden 32, MLP 64; per block groups qkv (32), o (32), gate/up (32), down (64)
     targets = _targets(model, random_windows(1, 8))
-    weights = sum(t.shape[0] * t.shape[1] for t in targets)
-    covariances = 2 * 8 * (3 * 32 * 32 + 64 * 64)
-    assert _host_statistics_bytes(targets, "cpu", covariances=True) == 4 * weights + covariances
-    assert _host_statistics_bytes(targets, "cpu", covariances=None) == 4 * weights
-    assert _host_statistics_bytes(targets, "meta", covariances=True) == 0  # kept on the device: not host memory
+    weights = sum(t.shape[0] * t.shape[1] for t in targets if t.block == 0)
+    covariances = 8 * (3 * 32 * 32 + 64 * 64)
+    assert host_statistics_bytes(targets, 2, "cpu", covariances=True) == ([covariances] * 2, [4 * weights] * 2)
+    assert host_statistics_bytes(targets, 2, "cpu", covariances=False) == ([0, 0], [4 * weights] * 2)
+    assert host_statistics_bytes(targets, 2, "meta", covariances=True) == ([0, 0], [0, 0])  # kept on the device
 
 
 def test_statistics_live_on_the_host_when_the_device_must_stay_free():

@@ -194,29 +194,60 @@ def available_host_bytes() -> int:
     return 1 << 50
 
 
-def _host_statistics_bytes(targets: TargetSet, grad_device, covariances) -> int:
-    """Host memory the finished blocks' statistics will take by the end of the pass."""
+def host_statistics_bytes(targets: TargetSet, num_blocks: int, grad_device,
+                          covariances: bool) -> tuple[list[int], list[int]]:
+    """Host bytes of each block's finished covariances and gradients (zeros if they stay on the device)."""
+    covs, grads = [0] * num_blocks, [0] * num_blocks
     if torch.device(grad_device).type != "cpu":
-        return 0
-    grads = sum(4 * t.shape[0] * t.shape[1] for t in targets)
+        return covs, grads
     by_name = targets.by_name()
-    covs = sum(8 * by_name[members[0]].shape[1] ** 2 for members in targets.groups.values()) if covariances else 0
-    return grads + covs
+    for t in targets:
+        grads[t.block] += 4 * t.shape[0] * t.shape[1]  # float32
+        if covariances and targets.groups.get(t.name):  # the group's leader: one float64 n x n sum per group
+            covs[t.block] += 8 * by_name[t.name].shape[1] ** 2
+    return covs, grads
 
 
-def choose_segment(num_blocks: int, boundary_bytes: int, budget_bytes: int) -> int:
-    """The shortest segment whose stored hidden states fit in ``budget_bytes``.
+def host_peak_bytes(segment: int, boundary: int, covs: list[int], grads: list[int]) -> int:
+    """Peak host memory of the block-order pass with this segment length, by walking its schedule.
 
-    A segment length s keeps ceil(B / s) boundaries for the whole pass, up to s more while a segment
-    is backpropagated, and two more (the gradient being handed down and the states being made).
+    ``boundary`` is one set of hidden states (all micro-batches at one block boundary); ``covs`` and
+    ``grads`` are the host bytes of each block's statistics, which arrive as its forward (covariances)
+    and backward (gradients) finish.
     """
-    for s in range(1, num_blocks + 1):
-        if (math.ceil(num_blocks / s) + s + 2) * boundary_bytes <= budget_bytes:
+    num_blocks, stats, peak = len(covs), 0, 0
+
+    def live(boundaries: int) -> None:
+        nonlocal peak
+        peak = max(peak, boundaries * boundary + stats)
+
+    stored = 0  # boundaries kept for the backward (a segment's first input)
+    for index in range(num_blocks):  # forward: a block's input and output are alive together
+        starts_segment = index % segment == 0
+        stored += starts_segment
+        stats += covs[index]
+        live(stored + (not starts_segment) + 1)
+    live(stored + 2)  # the head: last output and the gradient at it
+    for start in reversed(range(0, num_blocks, segment)):
+        stored -= 1  # this segment's boundary becomes its first input
+        size = min(segment, num_blocks - start)
+        live(stored + size + 1)  # the segment's inputs recomputed, beside the upstream gradient
+        for index in reversed(range(start, start + size)):
+            stats += grads[index]
+            live(stored + (index - start + 1) + 2)  # inputs left, upstream and handed-down gradients
+    return peak
+
+
+def choose_segment(boundary: int, budget: int, covs: list[int], grads: list[int]) -> int:
+    """The shortest segment (least recomputation) whose schedule fits in ``budget`` bytes of host memory."""
+    peaks = {s: host_peak_bytes(s, boundary, covs, grads) for s in range(1, len(covs) + 1)}
+    for s, peak in peaks.items():
+        if peak <= budget:
             return s
-    need = (2 * math.isqrt(num_blocks) + 3) * boundary_bytes
-    raise MemoryError(f"the block-order pass needs about {need / 2**30:.1f} GiB of host memory for the calibration "
-                      f"hidden states but {max(budget_bytes, 0) / 2**30:.1f} GiB are free beside the statistics: use "
-                      "fewer or shorter calibration windows, or --pass-order batch")
+    need = min(peaks.values())
+    raise MemoryError(f"the block-order pass needs at least {need / 2**30:.1f} GiB of host memory for the calibration "
+                      f"hidden states and statistics but {max(budget, 0) / 2**30:.1f} GiB are available: use fewer or "
+                      "shorter calibration windows, or --pass-order batch")
 
 
 def block_order_pass(model: nn.Module, targets: TargetSet, input_ids: torch.Tensor, *, micro_batch: int,
@@ -240,8 +271,8 @@ def block_order_pass(model: nn.Module, targets: TargetSet, input_ids: torch.Tens
     with torch.no_grad():
         hidden = HostStore(runner.embeddings(ids.to(device)) for ids in batches)
     if segment is None:
-        budget = int(0.8 * available_host_bytes()) - _host_statistics_bytes(targets, grad_device, covariances)
-        segment = choose_segment(len(blocks), hidden.nbytes, budget)
+        covs, grads_bytes = host_statistics_bytes(targets, len(blocks), grad_device, covariances is not None)
+        segment = choose_segment(hidden.nbytes, int(0.8 * available_host_bytes()), covs, grads_bytes)
     bar = progress(total=2 * len(blocks), desc=desc, unit="block")
 
     def outputs(index: int, store: HostStore, collect: bool):
