@@ -222,3 +222,21 @@ def test_a_model_that_works_between_its_blocks_is_refused():
     calibration_pass(model, targets, ids, micro_batch=2)  # the batch order runs the model as it is
     with pytest.raises(RuntimeError, match="does more between its blocks"):
         calibration_pass(model, targets, ids, micro_batch=2, order="block")
+
+
+def test_block_order_check_script(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    from tiny_models import english_text, save_tiny_model_dir
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import block_order_check
+
+    save_tiny_model_dir(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text(english_text(2000, seed=1))
+    assert block_order_check.main(["--model", str(tmp_path / "model"), "--calib-file", str(tmp_path / "calib.txt"),
+                                   "--samples", "4", "--seq-len", "24", "--micro-batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "largest relative score difference 0, loss difference 0\n" in out
+    assert out.count("same ranks True") == 2
