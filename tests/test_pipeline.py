@@ -54,6 +54,34 @@ def test_partial_cache_entry_is_not_used(tmp_path):
     assert cache.load("stats", "abc") is None
 
 
+def test_a_cache_that_cannot_be_written_or_read_costs_only_the_cache(tmp_path, monkeypatch, caplog):
+    import shutil
+    from collections import namedtuple
+
+    import zssvd.cache
+
+    tensors = {"x": {"a": torch.ones(1000)}}
+    cache = StageCache(tmp_path)
+    usage = namedtuple("usage", "total used free")
+    with monkeypatch.context() as m:  # a nearly full disk: skipped, with a warning that says how much is needed
+        m.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12, 10**6))
+        cache.store("stats", "full", tensors, {})
+    assert "not caching the stats stage" in caplog.text and not list(tmp_path.iterdir())
+
+    def failing_save(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:  # the disk fills up while writing: no entry and no leftovers
+        m.setattr(zssvd.cache, "save_file", failing_save)
+        cache.store("stats", "midway", tensors, {})
+    assert "No space left on device" in caplog.text and not list(tmp_path.iterdir())
+
+    cache.store("stats", "ok", tensors, {})
+    assert torch.equal(cache.load("stats", "ok")[0]["x"]["a"], torch.ones(1000))
+    (tmp_path / "stats-ok" / "x.safetensors").write_bytes(b"damaged")
+    assert cache.load("stats", "ok") is None and "unreadable cache entry" in caplog.text
+
+
 def test_fewer_calibration_tokens_than_features_still_compresses():
     model = tiny_model("llama")  # 32 and 64 input features
     calib = CalibrationSet(random_windows(1, 12, seed=5), "random")  # 12 tokens: rank-deficient covariances
