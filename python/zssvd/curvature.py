@@ -35,14 +35,24 @@ def curvature_terms(model, targets: TargetSet, input_ids: torch.Tensor, factors:
                     micro_batch: int = 4, checkpointing: bool = False, offload: str | None = None,
                     device: torch.device | str | None = None, order: str = "batch") -> dict[str, torch.Tensor]:
     """0.5 sigma_i^2 u_i^T A u_i for every component of every target (float64)."""
-    sums = {t.name: torch.zeros(factors[t.name].rank, dtype=torch.float64) for t in targets}
+    sums: dict[str, torch.Tensor | None] = {t.name: None for t in targets}
     bases = {t.name: factors[t.name].U.float() for t in targets}
+    block_of = {t.name: t.block for t in targets}
+    on_device: dict[str, torch.Tensor] = {}  # copies of one block's bases (the block order visits a block at a time)
+
+    def basis(name: str, device: torch.device) -> torch.Tensor:
+        if name not in on_device:
+            if any(block_of[other] != block_of[name] for other in on_device):
+                on_device.clear()
+            on_device[name] = bases[name].to(device)
+        return on_device[name]
 
     def hook(name):
         def on_backward(module, grad_input, grad_output):
             g = grad_output[0].detach().reshape(-1, grad_output[0].shape[-1]).float()
-            projected = g @ bases[name].to(g.device)  # (positions x rank): u_i . dL/dy_s
-            sums[name] += projected.double().pow(2).sum(dim=0).cpu()
+            projected = g @ basis(name, g.device)  # (positions x rank): u_i . dL/dy_s
+            squares = projected.double().pow(2).sum(dim=0)
+            sums[name] = squares if sums[name] is None else sums[name] + squares  # on the device: no sync
         return on_backward
 
     handles = [t.module.register_full_backward_hook(hook(t.name)) for t in targets]
@@ -58,4 +68,7 @@ def curvature_terms(model, targets: TargetSet, input_ids: torch.Tensor, factors:
         for handle in handles:
             handle.remove()
     n = result.tokens  # gamma_s = n dL/dy_s, averaged over the n positions: n * sum_s (u . dL/dy_s)^2
-    return {name: 0.5 * factors[name].sigma.double().cpu() ** 2 * n * sums[name] for name in sums}
+    missing = [name for name, total in sums.items() if total is None]
+    if missing:
+        raise RuntimeError(f"no output gradient reached {', '.join(missing[:3])} in the curvature pass")
+    return {name: 0.5 * factors[name].sigma.double().cpu() ** 2 * n * total.cpu() for name, total in sums.items()}

@@ -215,7 +215,9 @@ def rescore(model: nn.Module, analysis: Analysis, calib: CalibrationSet) -> dict
     targets = analysis.targets.rebind(model)
     grads = calibration_pass(model, targets, calib.input_ids, desc="gradient pass (rescoring)",
                              **analysis.options.pass_settings()).grads
-    return {t.name: component_scores(analysis.factors[t.name], grads[t.name], backend=analysis.options.score_backend)
+    device = analysis.options.device or model_device(model)
+    return {t.name: component_scores(analysis.factors[t.name], grads[t.name], backend=analysis.options.score_backend,
+                                     device=device)
             for t in targets}
 
 
