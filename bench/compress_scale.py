@@ -66,8 +66,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--offload", default=None, help="cpu or a folder: stream the blocks (model kept off the GPU)")
     p.add_argument("--statistics-device", default=None, help="cpu: covariances and gradients in CPU memory")
-    p.add_argument("--pass-order", default="batch", choices=("batch", "block"),
-                   help="block: one decoder block's statistics on the GPU at a time")
+    p.add_argument("--pass-order", default="auto", choices=("auto", "batch", "block"),
+                   help="block: one decoder block's statistics on the GPU at a time; auto: block if batch won't fit")
     p.add_argument("--memory-cap-gib", type=float, default=None, help="cap this process's GPU memory")
     p.add_argument("--matmul-tflops", type=float, default=989.0, help="peak 16-bit rate for the floor (H100 SXM)")
     p.add_argument("--tf32-tflops", type=float, default=494.0,
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     floor_s = {k: v / (rate[k] * 1e12) for k, v in flops.items()}
     print(json.dumps({
         "device": torch.cuda.get_device_name() if cuda else "cpu", "preset": args.preset, "dtype": args.dtype,
-        "tokens": args.samples * args.seq_len, "offload": args.offload, "pass_order": args.pass_order,
+        "tokens": args.samples * args.seq_len, "offload": args.offload, "pass_order": report["pass_order"],
         "statistics_device": args.statistics_device, "memory_cap_gib": args.memory_cap_gib,
         "total_s": round(seconds, 2), "timings": {k: round(v, 2) for k, v in report["timings"].items()},
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,

@@ -155,22 +155,36 @@ def test_unknown_pass_order_is_refused():
         calibration_pass(model, _targets(model, ids), ids, order="layer")
 
 
-def test_host_statistics_are_counted_per_block():
-    from zssvd.blockwise import host_statistics_bytes
+def test_statistics_are_counted_per_block():
+    from zssvd.blockwise import statistics_bytes_by_block
 
     model = tiny_model("llama")  # hidden 32, MLP 64; per block groups qkv (32), o (32), gate/up (32), down (64)
     targets = _targets(model, random_windows(1, 8))
     weights = sum(t.shape[0] * t.shape[1] for t in targets if t.block == 0)
     covariances = 8 * (3 * 32 * 32 + 64 * 64)
-    assert host_statistics_bytes(targets, 2, "cpu", covariances=True) == ([covariances] * 2, [4 * weights] * 2)
-    assert host_statistics_bytes(targets, 2, "cpu", covariances=False) == ([0, 0], [4 * weights] * 2)
-    assert host_statistics_bytes(targets, 2, "meta", covariances=True) == ([0, 0], [0, 0])  # kept on the device
+    assert statistics_bytes_by_block(targets) == ([covariances] * 2, [4 * weights] * 2)
+
+
+def test_auto_pass_order_switches_to_blocks_when_the_statistics_would_not_fit(monkeypatch):
+    import zssvd.pipeline as pipeline
+    from zssvd.pipeline import AnalysisOptions
+
+    model = tiny_model("llama")
+    targets = _targets(model, random_windows(1, 8))
+    need = sum(map(sum, pipeline.statistics_bytes_by_block(targets)))
+    assert AnalysisOptions().resolved(model, targets).pass_order == "batch"  # a CPU: no device memory to save
+    monkeypatch.setattr(pipeline, "free_device_memory", lambda device: need)  # as if it were a full GPU
+    assert AnalysisOptions().resolved(model, targets).pass_order == "block"
+    assert AnalysisOptions(pass_order="batch").resolved(model, targets).pass_order == "batch"  # as asked
+    assert AnalysisOptions(offload="cpu").resolved(model, targets).pass_order == "batch"
+    monkeypatch.setattr(pipeline, "free_device_memory", lambda device: 2 * need)
+    assert AnalysisOptions().resolved(model, targets).pass_order == "batch"
 
 
 def test_statistics_live_on_the_host_when_the_device_must_stay_free():
     from zssvd.pipeline import AnalysisOptions
 
-    assert AnalysisOptions().statistics_home() is None  # beside the weights
+    assert AnalysisOptions(pass_order="batch").statistics_home() is None  # beside the weights
     assert AnalysisOptions(pass_order="block").statistics_home() == "cpu"
     assert AnalysisOptions(offload="cpu").statistics_home() == "cpu"
     assert AnalysisOptions(statistics_device="cpu").statistics_home() == "cpu"

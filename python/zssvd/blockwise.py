@@ -194,17 +194,14 @@ def available_host_bytes() -> int:
     return 1 << 50
 
 
-def host_statistics_bytes(targets: TargetSet, num_blocks: int, grad_device,
-                          covariances: bool) -> tuple[list[int], list[int]]:
-    """Host bytes of each block's finished covariances and gradients (zeros if they stay on the device)."""
+def statistics_bytes_by_block(targets: TargetSet) -> tuple[list[int], list[int]]:
+    """Bytes of each block's float64 covariances and float32 gradients."""
+    num_blocks = max(t.block for t in targets) + 1
     covs, grads = [0] * num_blocks, [0] * num_blocks
-    if torch.device(grad_device).type != "cpu":
-        return covs, grads
-    by_name = targets.by_name()
     for t in targets:
-        grads[t.block] += 4 * t.shape[0] * t.shape[1]  # float32
-        if covariances and targets.groups.get(t.name):  # the group's leader: one float64 n x n sum per group
-            covs[t.block] += 8 * by_name[t.name].shape[1] ** 2
+        grads[t.block] += 4 * t.shape[0] * t.shape[1]
+        if targets.groups.get(t.name):  # the group's leader: one n x n sum per group
+            covs[t.block] += 8 * t.shape[1] ** 2
     return covs, grads
 
 
@@ -270,8 +267,11 @@ def block_order_pass(model: nn.Module, targets: TargetSet, input_ids: torch.Tens
 
     with torch.no_grad():
         hidden = HostStore(runner.embeddings(ids.to(device)) for ids in batches)
-    if segment is None:
-        covs, grads_bytes = host_statistics_bytes(targets, len(blocks), grad_device, covariances is not None)
+    if segment is None:  # the statistics count against host memory only if they are kept there
+        on_host = torch.device(grad_device).type == "cpu"
+        covs, grads_bytes = statistics_bytes_by_block(targets)
+        covs = [c if on_host and covariances is not None else 0 for c in covs]
+        grads_bytes = [g if on_host else 0 for g in grads_bytes]
         segment = choose_segment(hidden.nbytes, int(0.8 * available_host_bytes()), covs, grads_bytes)
     bar = progress(total=2 * len(blocks), desc=desc, unit="block")
 

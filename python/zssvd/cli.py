@@ -72,10 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accumulate covariances (float64) and gradients (float32) in CPU memory instead of "
                         "on --device (for a 7B model they take about 70 GB); default: cpu with --offload "
                         "or --pass-order block")
-    c.add_argument("--pass-order", default="batch", choices=("batch", "block"),
-                   help="batch: each micro-batch through the whole model (default); block: one decoder block at "
-                        "a time over all windows, so the device holds one block's statistics (least GPU memory; "
-                        "keeps the calibration hidden states in CPU memory)")
+    c.add_argument("--pass-order", default="auto", choices=("auto", "batch", "block"),
+                   help="batch: each micro-batch through the whole model; block: one decoder block at a time over "
+                        "all windows, so the device holds one block's statistics (least GPU memory; the calibration "
+                        "hidden states wait in CPU memory); auto (default): batch unless its statistics would not "
+                        "fit in the GPU's free memory")
     c.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="cache covariances, gradients and factors here (default ~/.cache/zssvd/stages; "
                         "'none' disables)")

@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from . import __version__
+from .blockwise import statistics_bytes_by_block
 from .cache import StageCache, cache_key
 from .calibration import CalibrationSet
 from .correction import CorrectionResult, correct
@@ -50,22 +51,49 @@ class AnalysisOptions:
     device: str | None = None  # execution device (default: where the model's weights are)
     statistics_device: str | None = None  # where covariances and gradients accumulate (default: cpu when
     # offloading or in block order, else the execution device); "cpu" keeps ~(4 + 8 n/m) bytes per weight off the GPU
-    pass_order: str = "batch"  # "block": one decoder block's statistics on the device at a time (zssvd.blockwise)
+    pass_order: str = "auto"  # "batch", "block" (one block's statistics on the device at a time, zssvd.blockwise)
+    # or "auto": batch unless its statistics would not fit in the device's free memory
     cache_dir: str | None = None
     source: str = ""  # model id, for the cache key
 
     def statistics_home(self) -> str | None:
-        """Where covariances, gradients and factors are kept (None: beside the weights).
+        """Where covariances, gradients and factors are kept (None: beside the weights; after ``resolved``).
 
         Host memory for offloaded models, the block order and ``statistics_device="cpu"``; the
         whitening, decompositions and scores still run on the execution device, one matrix at a time.
         """
         return self.statistics_device or ("cpu" if self.offload or self.pass_order == "block" else None)
 
+    def resolved(self, model: nn.Module, targets: TargetSet) -> "AnalysisOptions":
+        """These options with ``pass_order="auto"`` made concrete for ``model`` on its device.
+
+        The batch order keeps every target's float32 gradient and float64 covariance on the device;
+        when that would take more than 80% of the device's free memory, the block order is used.
+        Offloaded models and explicit statistics devices keep the batch order.
+        """
+        if self.pass_order != "auto":
+            return self
+        order = "batch"
+        free = free_device_memory(torch.device(self.device) if self.device else model_device(model))
+        if free is not None and not (self.offload or self.statistics_device):
+            need = sum(map(sum, statistics_bytes_by_block(targets)))
+            if need > 0.8 * free:
+                log.info("the batch order's statistics need %.1f GB but the device has %.1f GB free: "
+                         "using the block order", need / 1e9, free / 1e9)
+                order = "block"
+        return replace(self, pass_order=order)
+
     def pass_settings(self) -> dict:
         """How every gradient pass over the calibration set runs (``gradients.calibration_pass`` keywords)."""
         return dict(micro_batch=self.micro_batch, checkpointing=self.checkpointing, offload=self.offload,
                     device=self.device, order=self.pass_order)
+
+
+def free_device_memory(device: torch.device) -> int | None:
+    """Free bytes on an accelerator; None for the CPU (whose statistics share host memory anyway)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return None
 
 
 @dataclass
@@ -106,6 +134,7 @@ def analyze(model: nn.Module, calib: CalibrationSet, options: AnalysisOptions | 
     _check_weights(model)
     targets = find_targets(model, options.blocks_path)
     assign_input_groups(model, targets, calib.input_ids[:1, : min(16, calib.seq_len)].to(model_device(model)))
+    options = options.resolved(model, targets)
     compute_device = torch.device(options.device) if options.device else model_device(model)
     cache = StageCache(options.cache_dir)
     key = cache_key(model_fingerprint(model, options.source), calib.fingerprint(), __version__) if cache.enabled else ""
@@ -321,6 +350,7 @@ def build_report(model, analysis: Analysis, selection: Selection, manifest: dict
         "strategy": selection.strategy,
         "ordered": selection.ordered,
         "corrections": corrections,
+        "pass_order": analysis.options.pass_order,
         "ranks": selection.ranks,
         "full_ranks": {name: s.rank for name, s in specs.items()},
         "kept_dense": sorted(name for name, d in selection.dense.items() if d),
