@@ -82,6 +82,18 @@ def test_a_cache_that_cannot_be_written_or_read_costs_only_the_cache(tmp_path, m
     assert cache.load("stats", "ok") is None and "unreadable cache entry" in caplog.text
 
 
+def test_replaced_linears_give_up_their_weights():
+    model = tiny_model("llama")
+    calib = CalibrationSet(random_windows(4, 16, seed=1), "random")
+    analysis = analyze(model, calib)
+    compressed, report = compress(model, calib, ratio=0.6, analysis=analysis)
+    replaced = [t for t in analysis.targets if compressed.get_submodule(t.name) is not t.module]
+    kept = [t for t in analysis.targets if compressed.get_submodule(t.name) is t.module]
+    assert replaced and all(t.module.weight.numel() == 0 for t in replaced)  # no dense copy beside the packed one
+    assert all(t.module.weight.shape == t.shape for t in kept)
+    assert torch.isfinite(_logits(compressed, random_windows(1, 8))).all()
+
+
 def test_fewer_calibration_tokens_than_features_still_compresses():
     model = tiny_model("llama")  # 32 and 64 input features
     calib = CalibrationSet(random_windows(1, 12, seed=5), "random")  # 12 tokens: rank-deficient covariances

@@ -25,7 +25,11 @@ def module_storage(storage: str, model_dtype: torch.dtype) -> str:
 
 @torch.no_grad()
 def pack_model(model: nn.Module, targets: TargetSet, truncated: dict[str, Factors], selection: Selection) -> dict:
-    """Swap compressed modules into ``model`` in place; returns {name: description} of packed modules."""
+    """Swap compressed modules into ``model`` in place; returns {name: description} of packed modules.
+
+    The replaced ``nn.Linear`` objects are left with empty weights: compress a copy if the original
+    model is still needed.
+    """
     manifest = {}
     for target in targets:
         linear = target.module
@@ -40,6 +44,9 @@ def pack_model(model: nn.Module, targets: TargetSet, truncated: dict[str, Factor
                                                    storage=module_storage(selection.storage, weight.dtype))
         new.to(weight.device)
         model.set_submodule(target.name, new)
+        # The replaced Linear gives up its weight at once (references to the module, e.g. in a TargetSet,
+        # would keep it alive), so the model never holds a dense and a packed copy of many matrices.
+        linear.weight = nn.Parameter(weight.new_empty(0), requires_grad=False)
         manifest[target.name] = new.describe()
     return manifest
 
