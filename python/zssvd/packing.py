@@ -39,7 +39,7 @@ def pack_model(model: nn.Module, targets: TargetSet, truncated: dict[str, Factor
                 continue  # the original Linear stays
             new = PackedDenseLinear.from_weight(weight.float(), bias)
         else:
-            U, V = truncated[target.name].balanced_factors()
+            U, V = truncated[target.name].to(device=weight.device).balanced_factors()  # pack where it will run
             new = PackedLowRankLinear.from_factors(U.float(), V.float(), bias,
                                                    storage=module_storage(selection.storage, weight.dtype))
         new.to(weight.device)
