@@ -13,7 +13,8 @@ float32 gradient and float64 covariance stays allocated for the whole pass: at L
    A segment's inputs are first recomputed from the hidden states stored at its start.
 
 When a block is done its statistics move to ``grad_device`` (host memory by default), so the device
-holds the weights, one block's statistics and one micro-batch's activations. With ``segment=1`` the
+holds the weights, one block's statistics and one micro-batch's activations. On CUDA the hidden
+states travel on two side streams (``Transfers``), the next micro-batch's while this one computes. With ``segment=1`` the
 compute equals activation checkpointing's (two forwards and one backward); longer segments add one
 forward of their blocks and need less host memory (chosen automatically from what is available).
 
@@ -159,26 +160,90 @@ class _ModelRunner:
                                "h = block(h, ...); use --pass-order batch")
 
 
+class Transfers:
+    """Copies of hidden states between host memory and the execution device.
+
+    On CUDA they run on two side streams, one per direction, so that they overlap the blocks'
+    compute on the current stream. Events order each copy after the work that produced its source
+    and before the work that reads its result, and ``record_stream`` keeps every device buffer alive
+    until the stream using it is done. Elsewhere they are plain copies.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.down, self.up = torch.cuda.Stream(device), torch.cuda.Stream(device)
+
+    def to_host(self, t: torch.Tensor):
+        """Start copying ``t`` to (pinned) host memory; returns the host tensor and its arrival event."""
+        t = t.detach()
+        if not self.cuda:
+            return t.to("cpu"), None
+        produced = torch.cuda.current_stream(self.device).record_event()
+        with torch.cuda.stream(self.down):
+            self.down.wait_event(produced)
+            host = t.to("cpu", non_blocking=True)
+            arrived = self.down.record_event()
+        t.record_stream(self.down)
+        return host, arrived
+
+    def start_to_device(self, host: torch.Tensor, ready):
+        """Start copying a host tensor (once ``ready`` has fired) to the device."""
+        if not self.cuda:
+            return host.to(self.device), None
+        with torch.cuda.stream(self.up):
+            if ready is not None:
+                self.up.wait_event(ready)
+            t = host.to(self.device, non_blocking=True)
+            arrived = self.up.record_event()
+        return t, arrived
+
+    def finish_to_device(self, t: torch.Tensor, arrived) -> torch.Tensor:
+        """Make the current stream wait for the copy; a fresh tensor (own autograd state)."""
+        if arrived is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(arrived)
+            t.record_stream(stream)
+        return t.detach()
+
+    def drain(self) -> None:
+        """Order everything after the copies still in flight."""
+        if self.cuda:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_stream(self.down)
+            stream.wait_stream(self.up)
+
+
 class HostStore:
     """Hidden states of every micro-batch at one block boundary, kept in host memory.
 
     Built from an iterable (a generator, so that each micro-batch leaves the device before the next
-    is made). Copies from an accelerator go to pinned memory without blocking; they are only ever
-    read back by copies on the same stream, so no synchronisation is needed.
+    is made); ``each()`` brings them back in order, the next one already on its way.
     """
 
-    def __init__(self, tensors):
-        self.tensors = [t.detach().to("cpu", non_blocking=True) for t in tensors]
+    def __init__(self, tensors, transfers: Transfers):
+        self.transfers = transfers
+        self.items = [transfers.to_host(t) for t in tensors]  # (host tensor, arrival event)
 
-    def get(self, index: int, device: torch.device) -> torch.Tensor:
-        """A fresh tensor (own autograd state) holding micro-batch ``index``'s hidden states."""
-        return self.tensors[index].to(device, non_blocking=True).detach()
+    def get(self, index: int) -> torch.Tensor:
+        """Micro-batch ``index``'s hidden states on the device."""
+        return self.transfers.finish_to_device(*self.transfers.start_to_device(*self.items[index]))
+
+    def each(self):
+        """Every micro-batch's hidden states on the device, in order, copying one ahead."""
+        pending = self.transfers.start_to_device(*self.items[0]) if self.items else None
+        for j in range(len(self.items)):
+            current = pending
+            if j + 1 < len(self.items):
+                pending = self.transfers.start_to_device(*self.items[j + 1])
+            yield self.transfers.finish_to_device(*current)
 
     @property
     def nbytes(self) -> int:
         """Host bytes held; pinned blocks count as torch's caching host allocator sizes them (powers of 2)."""
-        sizes = [t.numel() * t.element_size() for t in self.tensors]
-        pinned = bool(self.tensors) and self.tensors[0].is_pinned()
+        sizes = [host.numel() * host.element_size() for host, _ in self.items]
+        pinned = bool(self.items) and self.items[0][0].is_pinned()
         return sum(1 << (s - 1).bit_length() if pinned else s for s in sizes)
 
 
@@ -265,8 +330,9 @@ def block_order_pass(model: nn.Module, targets: TargetSet, input_ids: torch.Tens
     for t in targets:
         by_block.setdefault(t.block, []).append(t)
 
+    transfers = Transfers(device)
     with torch.no_grad():
-        hidden = HostStore(runner.embeddings(ids.to(device)) for ids in batches)
+        hidden = HostStore((runner.embeddings(ids.to(device)) for ids in batches), transfers)
     if segment is None:  # the statistics count against host memory only if they are kept there
         on_host = torch.device(grad_device).type == "cpu"
         covs, grads_bytes = statistics_bytes_by_block(targets)
@@ -276,14 +342,14 @@ def block_order_pass(model: nn.Module, targets: TargetSet, input_ids: torch.Tens
     bar = progress(total=2 * len(blocks), desc=desc, unit="block")
 
     def outputs(index: int, store: HostStore, collect: bool):
-        for j, ids in enumerate(batches):
+        for ids, x in zip(batches, store.each()):
             if collect and covariances is not None:
                 covariances.new_batch()
-            yield runner.calls(ids.to(device))[index](blocks[index], store.get(j, device))
+            yield runner.calls(ids.to(device))[index](blocks[index], x)
 
     def forward_block(index: int, store: HostStore, collect: bool) -> HostStore:
         with torch.no_grad():
-            return HostStore(outputs(index, store, collect))
+            return HostStore(outputs(index, store, collect), transfers)
 
     # 1. forward, keeping the inputs of every segment-th block
     boundaries: dict[int, HostStore] = {}
@@ -299,19 +365,19 @@ def block_order_pass(model: nn.Module, targets: TargetSet, input_ids: torch.Tens
         bar.update(1)
 
     # 2. the loss and its gradient at the last block's output
-    runner.check_plain_loop(batches[0].to(device), hidden.get(0, device))
+    runner.check_plain_loop(batches[0].to(device), hidden.get(0))
     losses = []
 
     def head_gradients():
-        for j, ids in enumerate(batches):
+        for j, (ids, last) in enumerate(zip(batches, hidden.each())):
             ids = ids.to(device)
-            last = hidden.get(j, device).requires_grad_(True)
+            last.requires_grad_(True)
             loss_sum = loss_of(runner.logits(ids, last), ids, first=j * micro_batch)
             (loss_sum / total_tokens).backward()
             losses.append(loss_sum.item())
             yield last.grad
 
-    upstream = HostStore(head_gradients())
+    upstream = HostStore(head_gradients(), transfers)
     del hidden
 
     # 3. backward, segment by segment from the top
@@ -323,6 +389,7 @@ def block_order_pass(model: nn.Module, targets: TargetSet, input_ids: torch.Tens
             upstream = _backward_block(blocks[index], index, runner, batches, inputs.pop(), upstream,
                                        by_block.get(index, []), sinks, grads, device)
             bar.update(1)
+    transfers.drain()
     bar.close()
     return sum(losses)
 
@@ -334,12 +401,12 @@ def _backward_block(block, index, runner, batches, inputs: HostStore, upstream: 
         sinks[t.name] = torch.zeros(t.shape, dtype=torch.float32, device=device)
 
     def input_gradients():
-        for j, ids in enumerate(batches):
-            x = inputs.get(j, device).requires_grad_(True)
-            runner.calls(ids.to(device))[index](block, x).backward(upstream.get(j, device))
+        for ids, x, gradient in zip(batches, inputs.each(), upstream.each()):
+            x.requires_grad_(True)
+            runner.calls(ids.to(device))[index](block, x).backward(gradient)
             yield x.grad
 
-    handed_down = HostStore(input_gradients())
+    handed_down = HostStore(input_gradients(), inputs.transfers)
     for t in block_targets:
         grads[t.name].copy_(sinks.pop(t.name))
     return handed_down
