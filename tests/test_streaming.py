@@ -152,3 +152,14 @@ def test_statistics_can_accumulate_off_the_execution_device():
     moved = analyze(model, calib, AnalysisOptions(statistics_device="cpu", device="cpu"))
     for name, scores in plain.scores.items():
         torch.testing.assert_close(moved.scores[name], scores)
+
+
+def test_batch_order_statistics_never_stay_on_the_execution_device():
+    """With a statistics device, nothing accumulates where the model runs ("meta" stands in for the host)."""
+    model = tiny_model("llama")
+    ids = random_windows(4, 16, seed=8)
+    targets = _targets(model, ids)
+    collector = CovarianceCollector(targets, device="meta")
+    result = calibration_pass(model, targets, ids, micro_batch=2, covariances=collector, grad_device="meta")
+    assert collector.sums and all(s.device.type == "meta" for s in collector.sums.values())
+    assert all(g.device.type == "meta" for g in result.grads.values())
