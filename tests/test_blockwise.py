@@ -70,6 +70,30 @@ def test_block_order_with_offloaded_blocks(offload, tmp_path):
     assert not any(hasattr(m, "_hf_hook") for m in model.modules())
 
 
+@pytest.mark.parametrize("windows", [4, 8])
+def test_offloaded_blocks_load_once_per_phase_not_per_micro_batch(windows, monkeypatch):
+    from accelerate.hooks import AlignDevicesHook
+
+    model = tiny_model("llama")
+    ids = random_windows(windows, 16, seed=5)
+    targets = _targets(model, ids)
+    _, blocks = find_blocks(model)
+    loads = []
+    original = AlignDevicesHook.pre_forward
+
+    def counting_pre_forward(self, module, *args, **kwargs):
+        loads.extend(i for i, b in enumerate(blocks) if b is module)  # other modules have hooks too
+        return original(self, module, *args, **kwargs)
+
+    monkeypatch.setattr(AlignDevicesHook, "pre_forward", counting_pre_forward)
+    expected, _ = _statistics(model, ids, targets)
+    result, _ = _statistics(model, ids, targets, order="block", offload="cpu", device="cpu", segment=1)
+    # block 0: the output-type probe, its forward, the loop check and its backward; the others: three loads
+    assert loads.count(0) == 4 and all(loads.count(i) == 3 for i in range(1, len(blocks)))
+    for name, g in expected.grads.items():
+        torch.testing.assert_close(result.grads[name], g, rtol=1e-4, atol=1e-7)
+
+
 def test_one_block_of_statistics_at_a_time():
     """Finished blocks' covariances and gradients leave the execution device ("meta" stands in for the host)."""
     model = tiny_model("qwen2")
@@ -171,14 +195,26 @@ def test_auto_pass_order_switches_to_blocks_when_the_statistics_would_not_fit(mo
 
     model = tiny_model("llama")
     targets = _targets(model, random_windows(1, 8))
+    windows = (8, 16)
     need = sum(map(sum, pipeline.statistics_bytes_by_block(targets)))
-    assert AnalysisOptions().resolved(model, targets).pass_order == "batch"  # a CPU: no device memory to save
+
+    def order(**settings):
+        return AnalysisOptions(**settings).resolved(model, targets, windows).pass_order
+
+    assert order() == "batch" and order(offload="cpu") == "batch"  # a CPU: no device memory to save
     monkeypatch.setattr(pipeline, "free_device_memory", lambda device: need)  # as if it were a full GPU
-    assert AnalysisOptions().resolved(model, targets).pass_order == "block"
-    assert AnalysisOptions(pass_order="batch").resolved(model, targets).pass_order == "batch"  # as asked
-    assert AnalysisOptions(offload="cpu").resolved(model, targets).pass_order == "batch"
+    assert order() == "block"
+    assert order(pass_order="batch") == "batch"  # as asked
+    assert order(statistics_device="cpu") == "batch"
     monkeypatch.setattr(pipeline, "free_device_memory", lambda device: 2 * need)
-    assert AnalysisOptions().resolved(model, targets).pass_order == "batch"
+    assert order() == "batch"
+    # offloaded: the block order whenever its hidden states fit in host memory
+    boundary = 8 * 16 * 32 * 4
+    least = pipeline.least_host_peak_bytes(targets, boundary)
+    monkeypatch.setattr(pipeline, "available_host_bytes", lambda: 2 * least)
+    assert order(offload="cpu") == "block"
+    monkeypatch.setattr(pipeline, "available_host_bytes", lambda: least)
+    assert order(offload="cpu") == "batch"
 
 
 def test_statistics_live_on_the_host_when_the_device_must_stay_free():

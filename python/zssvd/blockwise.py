@@ -79,6 +79,27 @@ def replaced_forwards(blocks: nn.ModuleList, make_forward):
                 block.forward = fn
 
 
+@contextlib.contextmanager
+def resident(block: nn.Module):
+    """Keep an offloaded block's weights on the device for a whole phase instead of for each call.
+
+    accelerate's hook on the block (``_hf_hook``) loads its weights in ``pre_forward`` and drops them in
+    ``post_forward``. In between, the block's own forward (``_old_forward``) runs once per micro-batch
+    without reloading, so a block is loaded three times per pass rather than three times per micro-batch.
+    A block without an offload hook is left alone.
+    """
+    hook = getattr(block, "_hf_hook", None)
+    if not getattr(hook, "offload", False) or not hasattr(block, "_old_forward"):
+        yield
+        return
+    hook.pre_forward(block)
+    try:
+        with replaced_forwards([block], lambda index, forward: block._old_forward):
+            yield
+    finally:
+        hook.post_forward(block, None)
+
+
 def _first_block_call(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor):
     """Run the model up to its first block; return what enters it."""
     captured = {}
@@ -300,6 +321,12 @@ def host_peak_bytes(segment: int, boundary: int, covs: list[int], grads: list[in
     return peak
 
 
+def least_host_peak_bytes(targets: TargetSet, boundary: int) -> int:
+    """The host memory the block order needs at least (best segment), statistics kept on the host."""
+    covs, grads = statistics_bytes_by_block(targets)
+    return min(host_peak_bytes(s, boundary, covs, grads) for s in range(1, len(covs) + 1))
+
+
 def choose_segment(boundary: int, budget: int, covs: list[int], grads: list[int]) -> int:
     """The shortest segment (least recomputation) whose schedule fits in ``budget`` bytes of host memory."""
     peaks = {s: host_peak_bytes(s, boundary, covs, grads) for s in range(1, len(covs) + 1)}
@@ -348,7 +375,7 @@ def block_order_pass(model: nn.Module, targets: TargetSet, input_ids: torch.Tens
             yield runner.calls(ids.to(device))[index](blocks[index], x)
 
     def forward_block(index: int, store: HostStore, collect: bool) -> HostStore:
-        with torch.no_grad():
+        with torch.no_grad(), resident(blocks[index]):
             return HostStore(outputs(index, store, collect), transfers)
 
     # 1. forward, keeping the inputs of every segment-th block
@@ -406,7 +433,8 @@ def _backward_block(block, index, runner, batches, inputs: HostStore, upstream: 
             runner.calls(ids.to(device))[index](block, x).backward(gradient)
             yield x.grad
 
-    handed_down = HostStore(input_gradients(), inputs.transfers)
+    with resident(block):
+        handed_down = HostStore(input_gradients(), inputs.transfers)
     for t in block_targets:
         grads[t.name].copy_(sinks.pop(t.name))
     return handed_down

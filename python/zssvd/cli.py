@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pass-order", default="auto", choices=("auto", "batch", "block"),
                    help="batch: each micro-batch through the whole model; block: one decoder block at a time over "
                         "all windows, so the device holds one block's statistics (least GPU memory; the calibration "
-                        "hidden states wait in CPU memory); auto (default): batch unless its statistics would not "
-                        "fit in the GPU's free memory")
+                        "hidden states wait in CPU memory); auto (default): block on a GPU when the batch order's "
+                        "statistics would not fit, or with --offload when host memory allows; batch otherwise")
     c.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="cache covariances, gradients and factors here (default ~/.cache/zssvd/stages; "
                         "'none' disables)")

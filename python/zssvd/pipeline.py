@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .blockwise import statistics_bytes_by_block
+from .blockwise import available_host_bytes, least_host_peak_bytes, statistics_bytes_by_block
 from .cache import StageCache, cache_key
 from .calibration import CalibrationSet
 from .correction import CorrectionResult, correct
@@ -64,23 +64,30 @@ class AnalysisOptions:
         """
         return self.statistics_device or ("cpu" if self.offload or self.pass_order == "block" else None)
 
-    def resolved(self, model: nn.Module, targets: TargetSet) -> "AnalysisOptions":
-        """These options with ``pass_order="auto"`` made concrete for ``model`` on its device.
+    def resolved(self, model: nn.Module, targets: TargetSet, windows: tuple[int, int]) -> "AnalysisOptions":
+        """These options with ``pass_order="auto"`` made concrete for ``model`` and ``windows`` (N, L).
 
-        The batch order keeps every target's float32 gradient and float64 covariance on the device;
-        when that would take more than 80% of the device's free memory, the block order is used.
-        Offloaded models and explicit statistics devices keep the batch order.
+        On a GPU, the batch order keeps every target's float32 gradient and float64 covariance on
+        the device; when that would take more than 80% of its free memory, the block order is used.
+        Offloaded models take the block order when its hidden states fit in host memory: it loads
+        each block three times per pass instead of twice per micro-batch. On the CPU, and with an
+        explicit statistics device, the batch order stays.
         """
         if self.pass_order != "auto":
             return self
         order = "batch"
         free = free_device_memory(torch.device(self.device) if self.device else model_device(model))
-        if free is not None and not (self.offload or self.statistics_device):
-            need = sum(map(sum, statistics_bytes_by_block(targets)))
-            if need > 0.8 * free:
-                log.info("the batch order's statistics need %.1f GB but the device has %.1f GB free: "
-                         "using the block order", need / 1e9, free / 1e9)
+        if free is not None and not self.statistics_device:
+            if self.offload:
+                width = targets.targets[0].shape[1]  # the blocks' hidden size
+                element = next(p for p in model.parameters() if p.is_floating_point()).element_size()
+                boundary = windows[0] * windows[1] * width * element
+                if least_host_peak_bytes(targets, boundary) <= 0.8 * available_host_bytes():
+                    order = "block"
+            elif sum(map(sum, statistics_bytes_by_block(targets))) > 0.8 * free:
                 order = "block"
+            if order == "block":
+                log.info("calibrating in block order (one block's statistics on the GPU at a time)")
         return replace(self, pass_order=order)
 
     def pass_settings(self) -> dict:
@@ -134,7 +141,7 @@ def analyze(model: nn.Module, calib: CalibrationSet, options: AnalysisOptions | 
     _check_weights(model)
     targets = find_targets(model, options.blocks_path)
     assign_input_groups(model, targets, calib.input_ids[:1, : min(16, calib.seq_len)].to(model_device(model)))
-    options = options.resolved(model, targets)
+    options = options.resolved(model, targets, tuple(calib.input_ids.shape))
     compute_device = torch.device(options.device) if options.device else model_device(model)
     cache = StageCache(options.cache_dir)
     key = cache_key(model_fingerprint(model, options.source), calib.fingerprint(), __version__) if cache.enabled else ""
