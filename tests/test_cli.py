@@ -91,3 +91,16 @@ def test_offloaded_and_block_order_compression_match_the_resident_one(workspace,
         ranks.append(json.loads((out_dir / "report.json").read_text())["ranks"])
     assert ranks[0] == ranks[1] == ranks[2]
     assert list((workspace / "offload").iterdir()) == []  # the offloaded weights are cleaned up
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_zssvd_quiet_environment_silences_progress_bars(workspace, capsys, monkeypatch, quiet):
+    import zssvd.progress
+
+    monkeypatch.setenv("ZSSVD_QUIET", "1" if quiet else "0")
+    monkeypatch.setattr(zssvd.progress, "_quiet", False)
+    code = main(["eval", str(workspace / "model"), "--text-file", str(workspace / "eval.txt"), "--seq-len", "64",
+                 "--max-windows", "2"])
+    _, err = capsys.readouterr()
+    assert code == 0
+    assert ("perplexity:" in err) != quiet  # the bar's description

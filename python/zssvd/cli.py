@@ -159,9 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     from .distributed import init_from_env, is_main
-    from .progress import set_quiet
+    from .progress import quiet_by_environment, set_quiet
 
     joined = init_from_env(getattr(args, "device", "cpu"))  # under torchrun: join its process group
+    args.quiet = args.quiet or quiet_by_environment()
     set_quiet(args.quiet or not is_main())
     if args.quiet:
         from transformers.utils import logging as hf_logging

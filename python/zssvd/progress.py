@@ -5,7 +5,13 @@ import os
 
 from tqdm.auto import tqdm
 
-_quiet = os.environ.get("ZSSVD_QUIET", "0") == "1"
+
+
+def quiet_by_environment() -> bool:
+    return os.environ.get("ZSSVD_QUIET", "0") == "1"
+
+
+_quiet = quiet_by_environment()
 
 
 def set_quiet(quiet: bool) -> None:
