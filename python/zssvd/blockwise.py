@@ -13,10 +13,11 @@ float32 gradient and float64 covariance stays allocated for the whole pass: at L
    A segment's inputs are first recomputed from the hidden states stored at its start.
 
 When a block is done its statistics move to ``grad_device`` (host memory by default), so the device
-holds the weights, one block's statistics and one micro-batch's activations. On CUDA the hidden
-states travel on two side streams (``Transfers``), the next micro-batch's while this one computes. With ``segment=1`` the
+holds the weights, one block's statistics and one micro-batch's activations. With ``segment=1`` the
 compute equals activation checkpointing's (two forwards and one backward); longer segments add one
 forward of their blocks and need less host memory (chosen automatically from what is available).
+On CUDA the hidden states travel on two side streams (``Transfers``): the next micro-batch's while
+this one computes. An offloaded block (accelerate) stays loaded for a whole phase (``resident``).
 
 The blocks are called directly with the keyword arguments the model itself gives them (captured
 once per micro-batch shape with pass-through blocks), which assumes, as layer-by-layer quantisers
