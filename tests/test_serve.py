@@ -132,3 +132,34 @@ def test_scale_serving_benchmark_smoke_run(capsys):
     weights = {r["model"]: r["weights_plus_kv_gib"] for r in rows}
     assert list(weights) == ["dense", "remap", "hq"]
     assert weights["hq"] < weights["remap"] < weights["dense"]  # packed storage really is smaller
+
+
+def test_loaded_memory_is_compared_with_the_report(compressed, tmp_path):
+    from zssvd.serve import load_and_measure_memory
+
+    model, report = compressed["remap"]
+    zssvd.save_compressed(model, tmp_path, tokenizer=tiny_tokenizer(), report=report)
+    loaded, memory = load_and_measure_memory(tmp_path, "cpu")
+    assert memory["memory_vs_report"] == 0.0  # on the CPU: the loaded tensors' bytes
+    assert memory["report_gib"] == pytest.approx(report["model_bytes"] / 2**30)
+    assert isinstance(loaded.get_submodule(next(iter(model.zssvd_manifest))), PackedLowRankLinear)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the allocator's count")
+@pytest.mark.parametrize("storage", ["remap", "hq"])
+def test_gpu_loaded_checkpoint_takes_the_memory_its_report_promises(storage, tmp_path):
+    import transformers as tf
+
+    from zssvd.serve import load_and_measure_memory
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
+                            num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=256)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float16).cuda().eval()
+    calib = CalibrationSet(torch.randint(0, 4096, (4, 64)), "random")
+    model, report = zssvd.compress(model, calib, ratio=0.45 if storage == "hq" else 0.6, storage=storage)
+    zssvd.save_compressed(model, tmp_path, tokenizer=tiny_tokenizer(), report=report)
+    del model
+    torch.cuda.empty_cache()
+    _, memory = load_and_measure_memory(tmp_path, "cuda")
+    assert abs(memory["memory_vs_report"]) < 0.02, memory  # issue 4: within 2%

@@ -110,14 +110,43 @@ def _decode_rate(batch: int, new_tokens: int, full: float, one: float) -> float:
     return batch * (new_tokens - 1) / (full - one)
 
 
+def load_and_measure_memory(directory: str | Path, device: str | torch.device = "cpu"):
+    """Load a checkpoint; with it, the device memory it took against the byte count its report promises.
+
+    On CUDA the memory is the allocator's count of live bytes before and after loading; elsewhere,
+    where there is no allocator to ask, the bytes of the loaded parameters and buffers.
+    """
+    from .pipeline import model_nbytes
+
+    device = torch.device(device)
+    report_path = Path(directory) / "report.json"
+    promised = json.loads(report_path.read_text()).get("model_bytes") if report_path.is_file() else None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+    model = load(directory, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        taken = torch.cuda.memory_allocated(device) - before
+    else:
+        taken = model_nbytes(model)
+    memory = {"loaded_gib": taken / 2**30, "report_gib": promised / 2**30 if promised else None,
+              "memory_vs_report": taken / promised - 1 if promised else None}
+    return model, memory
+
+
 def bench_serve(directory: str | Path, *, batches=(1, 8, 32), prompt_len: int = 128, new_tokens: int = 32,
                 device: str = "cpu", dense: str = "auto", repeats: int = 3, static: bool = False) -> list[dict]:
-    """Rows for the compressed checkpoint and its dense original, side by side."""
+    """Rows for the compressed checkpoint and its dense original, side by side.
+
+    The compressed rows also say how much device memory the loaded checkpoint took against the
+    report's ``model_bytes`` (``memory_vs_report``: relative difference).
+    """
     rows = []
-    compressed = load(directory, device=device)
+    compressed, memory = load_and_measure_memory(directory, device)
     for batch in batches:
         rows.append({"model": "compressed", **measure(compressed, batch, prompt_len, new_tokens,
-                                                      repeats=repeats, static=static)})
+                                                      repeats=repeats, static=static), **memory})
     del compressed
     original, label = dense_original(directory, dense, device)
     for batch in batches:
