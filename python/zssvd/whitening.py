@@ -41,11 +41,13 @@ def whitening_factor(cov: torch.Tensor, name: str = "covariance", *, base_jitter
     if scale <= 0:
         raise CovarianceError(f"{name}: covariance is zero (the layer only ever saw zero input); "
                               "use more or different calibration text")
-    cov = 0.5 * (cov + cov.T)  # exact symmetry; accumulation order can break it by an ulp
-    identity = torch.eye(n, dtype=cov.dtype, device=cov.device)
+    symmetric = (cov + cov.T).mul_(0.5)  # exact symmetry; accumulation order can break it by an ulp
     relative = base_jitter
     while relative <= max_jitter * (1 + 1e-9):
-        factor, info = torch.linalg.cholesky_ex(cov + (relative * scale) * identity)
+        shifted = symmetric.clone()  # the shift goes on the diagonal in place: no n x n identity
+        shifted.diagonal().add_(relative * scale)
+        factor, info = torch.linalg.cholesky_ex(shifted)
+        del shifted
         if int(info) == 0 and torch.isfinite(factor).all():
             return Whitening(factor=factor, jitter=relative * scale, relative_jitter=relative)
         relative *= 10.0
