@@ -72,14 +72,15 @@ class CovarianceCollector:
             exact_in_tf32 = x.dtype in (torch.float16, torch.bfloat16) and self.product_dtype == torch.float32
             x = x.reshape(-1, x.shape[-1]).to(self.product_dtype)
             with _float32_matmul_precision("high" if exact_in_tf32 else "highest"):
-                product = (x.T @ x).to(torch.float64)
+                product = x.T @ x  # kept in its own dtype: the float64 sum upcasts it exactly, and a copy
+                # to a statistics device moves half the bytes
             # Non-finite inputs give a non-finite product. The flag stays on the device until check():
             # a host sync per layer would stall the GPU's queue.
             finite = torch.isfinite(product).all()
             self._finite[group] = finite if group not in self._finite else self._finite[group] & finite
             if group not in self.sums:
                 device = self._device or product.device
-                self.sums[group] = torch.zeros_like(product, device=device)
+                self.sums[group] = torch.zeros_like(product, dtype=torch.float64, device=device)
             self.sums[group] += product.to(self.sums[group].device)
             self.tokens[group] += x.shape[0]
 
