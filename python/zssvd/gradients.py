@@ -56,7 +56,10 @@ class _WeightGradientSink(torch.autograd.Function):
         (inputs,) = ctx.saved_tensors
         g = grad_output.reshape(-1, grad_output.shape[-1])
         x = inputs.reshape(-1, inputs.shape[-1]).to(g.dtype)
-        ctx.sink += (g.T @ x).to(device=ctx.sink.device, dtype=ctx.sink.dtype)
+        product = g.T @ x
+        if product.element_size() > ctx.sink.element_size():
+            product = product.to(ctx.sink.dtype)
+        ctx.sink += product.to(ctx.sink.device)  # a 16-bit product is upcast by the add: half the bytes to move
         return grad_output, None, None
 
 
