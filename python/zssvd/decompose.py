@@ -89,8 +89,11 @@ def decompose_all(weights: dict[str, torch.Tensor], factor_of: dict[str, torch.T
     kept in CPU memory); the factors are returned on ``out_device``, by default that of their weight.
     """
     factors = {}
+    moved: tuple = (None, None)  # (source, copy on the compute device): q/k/v, gate/up share one factor
     for name, w in progress(weights.items(), desc="whitened SVD", unit="matrix", total=len(weights)):
         on = w.device if device is None else torch.device(device)
-        f = whitened_svd(w.to(on), factor_of[name].to(on), method=method, out_dtype=out_dtype)
+        if moved[0] is not factor_of[name] or moved[1].device != on:
+            moved = (factor_of[name], factor_of[name].to(on))
+        f = whitened_svd(w.to(on), moved[1], method=method, out_dtype=out_dtype)
         factors[name] = f.to(device=out_device or w.device)
     return factors
