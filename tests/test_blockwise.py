@@ -39,6 +39,32 @@ def test_block_order_equals_batch_order(arch):
     assert all("forward" not in block.__dict__ for block in find_blocks(model)[1])  # forwards restored
 
 
+def test_16_bit_models_accumulate_in_float32_and_float64_in_both_orders():
+    """bf16 products reach the float32 gradient and float64 covariance sums by upcasting adds."""
+    reference = tiny_model("llama")
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    ids = random_windows(4, 12, seed=7)
+    targets = _targets(model, ids)
+    exact, exact_cov = _statistics(reference, ids, _targets(reference, ids))
+    results = {}
+    for order in ("batch", "block"):
+        collector = CovarianceCollector(targets)  # float32 products of the bf16 activations
+        result = calibration_pass(model, targets, ids, micro_batch=2, covariances=collector, order=order,
+                                  grad_device="cpu")
+        results[order] = (result.grads, collector.covariances())
+    for order, (grads, cov) in results.items():
+        assert all(g.dtype == torch.float32 for g in grads.values())
+        assert all(c.dtype == torch.float64 for c in cov.values())
+        for name, g in grads.items():  # bf16 arithmetic, float32 sums: close to the float32 model
+            assert (g - exact.grads[name]).norm() <= 0.05 * exact.grads[name].norm(), (order, name)
+        for group, c in cov.items():
+            assert (c - exact_cov[group]).norm() <= 0.02 * exact_cov[group].norm(), (order, group)
+    for name, g in results["batch"][0].items():
+        assert torch.equal(results["block"][0][name], g)
+    for group, c in results["batch"][1].items():
+        assert torch.equal(results["block"][1][group], c)
+
+
 @pytest.mark.parametrize("offload", ["cpu", "disk"])
 def test_block_order_with_offloaded_blocks(offload, tmp_path):
     model = tiny_model("llama")
@@ -99,7 +125,7 @@ def test_one_block_of_statistics_at_a_time():
     model = tiny_model("qwen2")
     ids = random_windows(4, 10, seed=6)
     targets = _targets(model, ids)
-    collector = CovarianceCollector(targets)
+    collector = CovarianceCollector(targets, device="meta")
     sinks: dict[str, torch.Tensor] = {}
     grads = {t.name: torch.zeros(t.shape, device="meta") for t in targets}
     seen = []

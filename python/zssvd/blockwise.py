@@ -346,6 +346,8 @@ def block_order_pass(model: nn.Module, targets: TargetSet, input_ids: torch.Tens
                      loss_of, segment: int | None = None, desc: str = "calibration pass") -> float:
     """Fill ``grads`` (on ``grad_device``) and ``covariances`` in block order; return the summed loss.
 
+    Each block's covariance sums grow on ``device`` and go to the collector's home when the block is done.
+
     ``sinks`` is the dict the weight-gradient hooks add into (see ``gradients.weight_gradient_sinks``):
     this function puts one block's device accumulators in it at a time. ``loss_of(logits, ids, first=)``
     returns a micro-batch's summed loss (``first``: the index of its first window, for error messages).
@@ -362,10 +364,12 @@ def block_order_pass(model: nn.Module, targets: TargetSet, input_ids: torch.Tens
     with torch.no_grad():
         hidden = HostStore((runner.embeddings(ids.to(device)) for ids in batches), transfers)
     if segment is None:  # the statistics count against host memory only if they are kept there
-        on_host = torch.device(grad_device).type == "cpu"
+        def on_host(home) -> bool:
+            return home is not None and torch.device(home).type == "cpu"
+
         covs, grads_bytes = statistics_bytes_by_block(targets)
-        covs = [c if on_host and covariances is not None else 0 for c in covs]
-        grads_bytes = [g if on_host else 0 for g in grads_bytes]
+        covs = [c if covariances is not None and on_host(covariances.home) else 0 for c in covs]
+        grads_bytes = [g if on_host(grad_device) else 0 for g in grads_bytes]
         segment = choose_segment(hidden.nbytes, int(0.8 * available_host_bytes()), covs, grads_bytes)
     bar = progress(total=2 * len(blocks), desc=desc, unit="block")
 
@@ -382,15 +386,16 @@ def block_order_pass(model: nn.Module, targets: TargetSet, input_ids: torch.Tens
     # 1. forward, keeping the inputs of every segment-th block
     boundaries: dict[int, HostStore] = {}
     collect = covariances if covariances is not None else contextlib.nullcontext()
-    for index in range(len(blocks)):
-        if index % segment == 0:
-            boundaries[index] = hidden
-        with collect:
+    staged = covariances.staged(device) if covariances is not None else contextlib.nullcontext()
+    with collect, staged:
+        for index in range(len(blocks)):
+            if index % segment == 0:
+                boundaries[index] = hidden
             hidden = forward_block(index, hidden, collect=True)
-        if covariances is not None:
-            covariances.check()
-            covariances.move({t.group for t in by_block.get(index, [])}, grad_device)
-        bar.update(1)
+            if covariances is not None:
+                covariances.check()
+                covariances.send_home({t.group for t in by_block.get(index, [])})
+            bar.update(1)
 
     # 2. the loss and its gradient at the last block's output
     runner.check_plain_loop(batches[0].to(device), hidden.get(0))

@@ -44,7 +44,8 @@ class CovarianceCollector:
         self._leaders = {group: by_name[group] for group in targets.groups}
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {group: 0 for group in targets.groups}
-        self._device = device
+        self.home = device  # where the sums are kept (None: where the activations are)
+        self._device = device  # where they accumulate now (see ``staged``)
         self._seen: set[str] = set()
         self._finite: dict[str, torch.Tensor] = {}  # group -> device flag, all products so far finite
         self._handles = []
@@ -100,11 +101,23 @@ class CovarianceCollector:
                 "(try --dtype float32) or its weights contain NaN/Inf"
             )
 
-    def move(self, groups, device) -> None:
-        """Move the sums of finished ``groups`` (e.g. one block's) to ``device``, freeing their memory here."""
+    @contextlib.contextmanager
+    def staged(self, device):
+        """Accumulate on ``device`` while inside, whatever the home; ``send_home`` moves finished groups.
+
+        The block order does this: a block's sums grow on the GPU, then leave for host memory at once.
+        """
+        self._device = device
+        try:
+            yield
+        finally:
+            self._device = self.home
+
+    def send_home(self, groups) -> None:
+        """Move the sums of finished ``groups`` (e.g. one block's) home, freeing their memory here."""
         for group in groups:
-            if group in self.sums:
-                self.sums[group] = self.sums[group].to(device)
+            if group in self.sums and self.home is not None:
+                self.sums[group] = self.sums[group].to(self.home)
 
     def covariances(self) -> dict[str, torch.Tensor]:
         """Mean covariance per group, C = X^T X / tokens (float64)."""

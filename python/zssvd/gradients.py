@@ -141,7 +141,7 @@ def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torc
     checkpointing = checkpointing or offload is not None
     device = torch.device(device) if device is not None else model_device(model)
     total_tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
-    grad_device = grad_device or ("cpu" if offload or order == "block" else device)
+    grad_device = grad_device or ("cpu" if statistics_on_host(offload, order) else device)
     grads = {t.name: torch.zeros(t.shape, dtype=torch.float32, device=grad_device) for t in targets}
     # Batch order accumulates straight into ``grads``; block order swaps one block's device sinks in.
     sinks = grads if order == "batch" else {}
@@ -161,6 +161,11 @@ def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torc
     finally:
         model.train(was_training)
     return GradientResult(grads=grads, loss=loss_total / total_tokens, tokens=total_tokens)
+
+
+def statistics_on_host(offload: str | None, order: str) -> bool:
+    """Whether statistics belong in host memory by default: with offloaded weights or in block order."""
+    return offload is not None or order == "block"
 
 
 def _batch_order_pass(model, targets, input_ids, micro_batch, device, covariances, checkpointing,

@@ -26,7 +26,7 @@ from .covariance import CovarianceCollector
 from .curvature import curvature_terms
 from .decompose import Factors
 from .distributed import decompose_sharded, everywhere, is_main
-from .gradients import calibration_pass, model_device
+from .gradients import calibration_pass, model_device, statistics_on_host
 from .models import TargetSet, assign_input_groups, find_targets, model_fingerprint
 from .packing import pack_model
 from .progress import progress
@@ -56,13 +56,18 @@ class AnalysisOptions:
     cache_dir: str | None = None
     source: str = ""  # model id, for the cache key
 
+    def compute_device(self, model: nn.Module) -> torch.device:
+        """Where the passes, whitening, decompositions and scores run: ``device``, else the weights' device."""
+        return torch.device(self.device) if self.device else model_device(model)
+
     def statistics_home(self) -> str | None:
-        """Where covariances, gradients and factors are kept (None: beside the weights; after ``resolved``).
+        """Where covariances, gradients and factors are kept (None: beside the weights).
 
         Host memory for offloaded models, the block order and ``statistics_device="cpu"``; the
         whitening, decompositions and scores still run on the execution device, one matrix at a time.
+        Meaningful once ``pass_order`` is resolved (see ``resolved``).
         """
-        return self.statistics_device or ("cpu" if self.offload or self.pass_order == "block" else None)
+        return self.statistics_device or ("cpu" if statistics_on_host(self.offload, self.pass_order) else None)
 
     def resolved(self, model: nn.Module, targets: TargetSet, windows: tuple[int, int]) -> "AnalysisOptions":
         """These options with ``pass_order="auto"`` made concrete for ``model`` and ``windows`` (N, L).
@@ -76,7 +81,7 @@ class AnalysisOptions:
         if self.pass_order != "auto":
             return self
         order = "batch"
-        free = free_device_memory(torch.device(self.device) if self.device else model_device(model))
+        free = free_device_memory(self.compute_device(model))
         if free is not None and not self.statistics_device:
             if self.offload:
                 width = targets.targets[0].shape[1]  # the blocks' hidden size
@@ -142,7 +147,7 @@ def analyze(model: nn.Module, calib: CalibrationSet, options: AnalysisOptions | 
     targets = find_targets(model, options.blocks_path)
     assign_input_groups(model, targets, calib.input_ids[:1, : min(16, calib.seq_len)].to(model_device(model)))
     options = options.resolved(model, targets, tuple(calib.input_ids.shape))
-    compute_device = torch.device(options.device) if options.device else model_device(model)
+    compute_device = options.compute_device(model)
     cache = StageCache(options.cache_dir)
     key = cache_key(model_fingerprint(model, options.source), calib.fingerprint(), __version__) if cache.enabled else ""
 
@@ -212,11 +217,9 @@ def _calibration_statistics(model, targets, calib, options, cache, key) -> dict:
     if cached is not None:
         files, meta = cached
         return {"covariances": files["covariances"], "grads": files["grads"], "loss": meta["loss"]}
-    # Offloaded models keep their statistics in CPU memory, like their weights; so does the block
-    # order, which gathers each block's on the device and moves them when the block is done.
-    block_order = options.pass_order == "block"
+    # Offloaded models keep their statistics in CPU memory, like their weights; so does the block order.
     stats_device = options.statistics_home()
-    collector = CovarianceCollector(targets, device=None if block_order else stats_device)
+    collector = CovarianceCollector(targets, device=stats_device)
     result = calibration_pass(model, targets, calib.input_ids, covariances=collector, grad_device=stats_device,
                               desc="calibration pass (covariances + gradients)", **options.pass_settings())
     stats = {"covariances": collector.covariances(), "grads": result.grads, "loss": result.loss}
@@ -251,7 +254,7 @@ def rescore(model: nn.Module, analysis: Analysis, calib: CalibrationSet) -> dict
     targets = analysis.targets.rebind(model)
     grads = calibration_pass(model, targets, calib.input_ids, desc="gradient pass (rescoring)",
                              **analysis.options.pass_settings()).grads
-    device = analysis.options.device or model_device(model)
+    device = analysis.options.compute_device(model)
     return {t.name: component_scores(analysis.factors[t.name], grads[t.name], backend=analysis.options.score_backend,
                                      device=device)
             for t in targets}

@@ -6,7 +6,6 @@ import os
 from tqdm.auto import tqdm
 
 
-
 def quiet_by_environment() -> bool:
     return os.environ.get("ZSSVD_QUIET", "0") == "1"
 
