@@ -107,7 +107,7 @@ def test_kernel_matches_float64(form, path, case, monkeypatch, rng, poison_empty
 @pytest.mark.parametrize("path", ["gemv-splitk", "dot", "prefill"])
 def test_kernel_without_native_fp8(form, path, monkeypatch, rng, poison_empty):
     """The pre-sm_89 path: weights loaded as uint8 and decoded arithmetically in the kernel."""
-    monkeypatch.setattr(fm, "_native_fp8", lambda device: False)
+    monkeypatch.setattr(fm, "native_fp8", lambda device: False)
     _force(monkeypatch, PATHS[path])
     x, packed, bias, ref = _problem(rng, 37, 23, 9, (3,), torch.float16, True, form)
     y = _run(form, x, packed, bias)
@@ -200,10 +200,10 @@ def test_pipeline_depth_fits_shared_memory(monkeypatch):
 
 
 def test_native_fp8_needs_compute_capability_8_9(monkeypatch):
-    assert fm._native_fp8(torch.device("cpu"))  # the interpreter loads fp8 directly
+    assert fm.native_fp8(torch.device("cpu"))  # the interpreter loads fp8 directly
     for capability, native in [((8, 0), False), ((8, 6), False), ((8, 9), True), ((9, 0), True)]:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-        assert fm._native_fp8(torch.device("cuda")) is native
+        assert fm.native_fp8(torch.device("cuda")) is native
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +326,7 @@ GPU_SHAPES = [(4096, 4096, 1632), (1000, 2752, 600)]
 @pytest.mark.parametrize("form", ["dense", "lowrank"])
 def test_gpu_large_shapes(form, m, dtype, native, monkeypatch, poison_empty):
     if not native:
-        monkeypatch.setattr(fm, "_native_fp8", lambda device: False)
+        monkeypatch.setattr(fm, "native_fp8", lambda device: False)
     gen = torch.Generator().manual_seed(m)
     for out_f, in_f, k in GPU_SHAPES:
         x, packed, bias, ref = _problem(gen, out_f, in_f, k, (m,), dtype, True, form)

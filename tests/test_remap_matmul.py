@@ -105,6 +105,26 @@ def test_split_k_edge_cases(monkeypatch, target, rng):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fp8_codes_decoded_without_native_fp8(monkeypatch, dtype, rng):
+    """Before sm_89 (A100) the e4m3 heads load as uint8 codes and are decoded in the kernel.
+
+    The decoded tile is the values times 2^-8 and the scales take the 2^8 back, both exact, so the
+    result equals the native-fp8 path bit for bit, on the split-K and plain paths alike.
+    """
+    for out, in_, k in SHAPES:
+        packed = {key: t.to(DEVICE) for key, t in pack_remap(*balanced_factors(out, in_, k, rng), fmt="fp8").items()}
+        for m in (1, 17):
+            x = torch.randn(m, in_, generator=rng).to(DEVICE, dtype)
+            monkeypatch.setattr(rm, "native_fp8", lambda device: True)
+            native = remap_matmul(x, packed, backend="triton")
+            monkeypatch.setattr(rm, "native_fp8", lambda device: False)
+            decoded = remap_matmul(x, packed, backend="triton")
+            assert torch.equal(decoded, native), (out, in_, k, m)
+            assert rel_err(decoded, expected(x, packed, None)) < KERNEL_RTOL[dtype]
+
+
+@needs_triton
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_batched_leading_dims(backend, rng):
     out, in_, k = 37, 23, 9

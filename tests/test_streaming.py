@@ -30,8 +30,8 @@ def test_gradient_sinks_equal_autograd_weight_gradients(arch):
     targets = _targets(model, ids)
     expected = _autograd_weight_grads(model, targets, ids)
     result = calibration_pass(model, targets, ids, micro_batch=3)
-    for name, g in expected.items():
-        torch.testing.assert_close(result.grads[name].double(), g, rtol=1e-5, atol=1e-9)
+    for name, g in expected.items():  # float32 sums: errors of a few ulps of the largest entry
+        torch.testing.assert_close(result.grads[name].double(), g, rtol=1e-5, atol=1e-6 * float(g.abs().max()))
     assert all(p.requires_grad for p in model.parameters())  # restored
     assert all(p.grad is None for p in model.parameters())  # nothing allocated on the parameters
 

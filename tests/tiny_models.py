@@ -41,7 +41,9 @@ def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=dtype)
+    # Initialised in float32 and then cast, so every dtype gets the same weights (rounded): a
+    # 16-bit initialisation draws different numbers in some torch / transformers versions.
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32).to(dtype)
     # Larger-than-default weights make the tiny model's loss surface less flat, so first-order
     # effects are clearly measurable in the tests.
     with torch.no_grad():

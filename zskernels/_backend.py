@@ -41,7 +41,7 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    on_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
+    on_cuda = len(tensors) > 0 and all(t.is_cuda for t in tensors)  # bool(tuple): a graph break in torch 2.11
     if backend == "torch":
         return "torch"
     if backend == "auto":
@@ -56,6 +56,18 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     return "triton"
 
 
+def native_fp8(device: torch.device) -> bool:
+    """True where Triton can load float8e4nv directly (NVIDIA sm_89+, and the CPU interpreter).
+
+    Older GPUs (A100: 8.0, ...) get the kernels' uint8 + bit-decoding paths instead.
+    """
+    if device.type != "cuda":
+        return True  # the CPU interpreter
+    if torch.version.hip is not None:
+        return False  # ROCm: AMD's native fp8 flavours vary by chip; decode e4m3fn bits ourselves
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def check_same_device(**tensors: torch.Tensor) -> torch.device:
     """All named tensors must live on one device; return it."""
     devices = {name: t.device for name, t in tensors.items()}
@@ -64,3 +76,24 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"all tensors must be on one device, got {listing}")
     return first
+
+
+def jit_kernels(module_globals: dict, names: list[str]) -> None:
+    """Turn a kernel module's plain functions ``names`` into triton.jit functions, on first use.
+
+    Also gives the module ``tl`` (its kernels' annotations name it) and ``wrap_triton``, which
+    makes launches visible to torch.compile. In the interpreter nothing is compiled or traced,
+    so launches go straight to the kernel: torch 2.11's wrap_triton refuses interpreted kernels
+    (2.13 passes them through).
+    """
+    import triton
+    import triton.language as tl
+    from torch.library import wrap_triton
+
+    module_globals.update(tl=tl, wrap_triton=_unwrapped if interpreting() else wrap_triton)
+    for name in names:
+        module_globals[name] = triton.jit(module_globals[name])
+
+
+def _unwrapped(kernel):
+    return kernel

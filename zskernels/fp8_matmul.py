@@ -55,7 +55,7 @@ Paths (chosen on the host from the token count M; block sizes in ``configs/fp8_m
 
 GPUs without fp8 support (CUDA compute capability < 8.9, where Triton rejects ``float8e4nv``): the
 same kernels load the fp8 bytes as uint8 and decode the e4m3 bit patterns arithmetically (bits moved
-into an fp16 bit pattern, times 2^8; exact for all 256 codes). ``_native_fp8`` makes the choice.
+into an fp16 bit pattern, times 2^8; exact for all 256 codes). ``_backend.native_fp8`` makes the choice.
 No fp8 x fp8 tensor-core path is implemented (activations stay fp16/bf16).
 
 The Triton paths are the torch.library ops ``zskernels::fp8_linear`` and
@@ -68,9 +68,9 @@ import types
 from typing import Optional
 
 import torch
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._backend import check_same_device, resolve_backend
+from ._backend import check_same_device, jit_kernels, native_fp8, resolve_backend
 from ._configs import pick_config
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
@@ -274,18 +274,6 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 # Host-side choices (shapes and device only: nothing here syncs, so CUDA graphs can capture it)
 # --------------------------------------------------------------------------------------------
 _CDT_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # compute dtype, as a constexpr
-
-
-def _native_fp8(device: torch.device) -> bool:
-    """True where Triton can load float8e4nv directly (NVIDIA sm_89+, and the CPU interpreter).
-
-    Older GPUs (A100: 8.0, ...) get the uint8 + arithmetic-decode path instead.
-    """
-    if device.type != "cuda":
-        return True  # the CPU interpreter
-    if torch.version.hip is not None:
-        return False  # ROCm: AMD's native fp8 flavours vary by chip; decode e4m3fn bits ourselves
-    return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def _choose_config(num_tokens: int, device: torch.device) -> dict:
@@ -530,7 +518,7 @@ def _matmul(a: torch.Tensor, w: torch.Tensor, cfg: dict, *, out_dtype: torch.dty
     """
     # Python ints: host-side choices need them (under torch.compile this specialises on the shape).
     m, k, n = int(a.shape[1]), int(a.shape[2]), int(w.shape[0])
-    native = _native_fp8(a.device)
+    native = native_fp8(a.device)
     w = w if native else w.view(torch.uint8)
     block_m = _block_m(cfg, m)
     tiles = _cdiv(m, block_m) * _cdiv(n, cfg["BLOCK_N"])
@@ -602,13 +590,7 @@ def _register_ops() -> types.SimpleNamespace:
     """
     global _OPS
     if _OPS is None:
-        import triton
-        import triton.language as tl
-
-        module = globals()
-        module["tl"] = tl
-        for name in _JIT_NAMES:
-            module[name] = triton.jit(module[name])
+        jit_kernels(globals(), _JIT_NAMES)
         _OPS = types.SimpleNamespace(
             linear=triton_op("zskernels::fp8_linear", mutates_args=())(_fp8_linear_triton),
             lowrank=triton_op("zskernels::fp8_lowrank_matmul", mutates_args=())(_fp8_lowrank_triton),

@@ -90,6 +90,9 @@ is M x k, small next to the weights). For tiny components t * u_scale may land a
 subnormals; the absolute error that adds (2^-25 * 448 per term at most) is far below the 8-bit
 quantisation error. int8 and e4m3 values are exact in fp16 and bf16, so the conversion in
 registers adds no error; a fp16 tail read with bf16 activations is rounded to bf16.
+GPUs that cannot load e4m3 (before sm_89: A100) read the fp8 heads as uint8 codes and decode
+them by bit arithmetic to fp16 numbers 2^-8 times the values; the scales take the 2^8 back.
+Both steps are exact, so the result equals the native path's bit for bit.
 
 Dispatch by token count M (``configs/remap_matmul.json``, chosen on the host from shapes only):
 
@@ -104,11 +107,12 @@ Dispatch by token count M (``configs/remap_matmul.json``, chosen on the host fro
 * M <= 256: 128 x 128 tensor-core tiles, split-K only up to one wave of programs.
 * prefill (M > 256): 128 x 128 x 64 tiles, no split, grouped tile order for L2 reuse.
 
-Checked without a GPU (``bench/remap_matmul_aot_check.py``: ahead-of-time compile for sm_90 with
-Triton 3.9 and 3.6): decode tiles lower to mma.sync m16n8k16, the larger ones to wgmma
-m64n128k16, e4m3 weights convert with the packed cvt.rn.f16x2.e4m3x2, loads are cp.async
-pipelined, and fp16/bf16 variants use 64-175 registers with at most 8 bytes of spills (fp32 activations get
-smaller tiles from the config's "fp32" overrides for the same reason).
+Checked without a GPU (``bench/aot_check.py``: ahead-of-time compile of every launch at LLaMA-7B
+shapes, for sm_90 and sm_80, with Triton 3.9 and 3.6): decode tiles lower to mma.sync m16n8k16,
+the larger ones to wgmma m64n128k16, and e4m3 weights convert with the packed
+cvt.rn.f16x2.e4m3x2. Loads are cp.async pipelined. On sm_90 the fp16/bf16 variants use 56-179
+registers, with at most 16 bytes of spills in a few decode launches. fp32 activations get smaller
+tiles from the config's "fp32" overrides for the same reason.
 
 Costs at k = 0.6 * rank (LLaMA-7B 4096 x 4096): the weights move 2*k*L = 20 MB against 33.5 MB
 dense fp16 (decode floor 0.6x dense); but the FLOPs are k*(out+in) / (out*in) = 1.2x dense
@@ -122,7 +126,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._backend import check_same_device, resolve_backend
+from ._backend import check_same_device, jit_kernels, native_fp8, resolve_backend
 from ._configs import pick_config
 
 Tensor = torch.Tensor
@@ -377,6 +381,9 @@ def _remap_matmul_triton(x: Tensor, v_q: Tensor, v_tail: Tensor, v_scale: Tensor
     has_v_tail, has_u_tail = in_ > s, out > s
     cfg = _config(x)
     opts = _kernel_options(cfg, x)
+    opts["E4M3_BITS"] = v_q.dtype == torch.float8_e4m3fn and not native_fp8(x.device)
+    if opts["E4M3_BITS"]:  # no e4m3 loads before sm_89: the kernels decode the codes themselves
+        v_q, u_q = v_q.view(torch.uint8), u_q.view(torch.uint8)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     tiles_m = _cdiv(m, bm)
 
@@ -430,13 +437,15 @@ def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
 
 @_jit_later
 def _dot_steps(acc, a_ptr, lda, a_col0, b_ptr, ldb, seg_len, offs_m, offs_n, m_lim, n_lim,
-               step_lo, step_hi, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+               step_lo, step_hi, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+               E4M3_BITS: tl.constexpr):
     """acc += A[offs_m, a_col0 + r] @ B[offs_n, r]^T for r over steps [step_lo, step_hi) of one
     reduction segment of length seg_len.
 
     A is the activation (x or t, row stride lda, in the MMA dtype); B is a weight segment stored
     K-major (row stride ldb, r contiguous), so each thread loads 16 contiguous bytes along r. B is
-    converted to A's dtype in registers: int8/e4m3 -> fp16/bf16 is exact.
+    converted to A's dtype in registers: int8/e4m3 -> fp16/bf16 is exact. With E4M3_BITS, B holds
+    e4m3 codes as uint8 and the sum comes out 2^-8 times too small (see _e4m3_codes_as_f16).
     """
     offs_k = tl.arange(0, BLOCK_K)
     a_rows = a_ptr + offs_m[:, None].to(tl.int64) * lda + a_col0
@@ -448,8 +457,22 @@ def _dot_steps(acc, a_ptr, lda, a_col0, b_ptr, ldb, seg_len, offs_m, offs_n, m_l
         r_ok = r < seg_len
         a = tl.load(a_rows + r[None, :], mask=m_ok & r_ok[None, :], other=0.0)
         b = tl.load(b_cols + r[:, None], mask=n_ok & r_ok[:, None], other=0.0)
+        if E4M3_BITS:
+            b = _e4m3_codes_as_f16(b)
         acc = tl.dot(a, b.to(a.dtype), acc, input_precision=INPUT_PRECISION)
     return acc
+
+
+@_jit_later
+def _e4m3_codes_as_f16(codes):
+    """fp16 numbers equal to the e4m3fn values of ``codes`` (uint8) times 2^-8, exactly.
+
+    Sign and the 7 exponent+mantissa bits move to their fp16 positions; fp16's exponent bias (15
+    instead of 7) supplies the 2^-8, for normals and subnormals alike. The quantiser never writes
+    the NaN codes 0x7F / 0xFF.
+    """
+    c = codes.to(tl.int32)
+    return (((c & 0x7F) << 7) | ((c & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @_jit_later
@@ -486,7 +509,7 @@ def _remap_stage1_kernel(
         M, IN, K, S, stride_xm, tiles_m, tiles_n, steps_head, steps, per_split, n_split,
         HAS_V_TAIL: tl.constexpr, HAS_U_TAIL: tl.constexpr, SPLIT_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr):
+        INPUT_PRECISION: tl.constexpr, E4M3_BITS: tl.constexpr):
     """t = x V_hat for one (BLOCK_M tokens x BLOCK_N components) tile and one reduction split.
 
     Reduction steps 0..steps_head-1 walk V's 8-bit head (x columns [0, S)), the rest V's 16-bit
@@ -503,13 +526,16 @@ def _remap_stage1_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _dot_steps(acc, x_ptr, stride_xm, 0, vq_ptr, S, S, offs_m, offs_n, M, K,
-                     tl.minimum(lo, steps_head), tl.minimum(hi, steps_head), BLOCK_K, INPUT_PRECISION)
+                     tl.minimum(lo, steps_head), tl.minimum(hi, steps_head), BLOCK_K, INPUT_PRECISION, E4M3_BITS)
     # v_scale is per component = per output column here: apply it once, after the head's sum
-    acc = acc * tl.load(sv_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    v_scale = tl.load(sv_ptr + offs_n, mask=n_ok, other=0.0)
+    if E4M3_BITS:
+        v_scale = v_scale * 256.0
+    acc = acc * v_scale[None, :]
     if HAS_V_TAIL:
         acc = _dot_steps(acc, x_ptr, stride_xm, S, vt_ptr, IN - S, IN - S, offs_m, offs_n, M, K,
                          tl.maximum(lo, steps_head) - steps_head, tl.maximum(hi, steps_head) - steps_head,
-                         BLOCK_K, INPUT_PRECISION)
+                         BLOCK_K, INPUT_PRECISION, False)
 
     row_ok = offs_m < M
     acc, last = _finish_splits(acc, ws_ptr, cnt_ptr, tile, split, n_split, offs_m, offs_n, row_ok, n_ok,
@@ -530,7 +556,7 @@ def _remap_stage2_kernel(
         M, OUT, K, S, tiles_m, tiles_head, steps, per_split, n_split,
         HAS_U_TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr):
+        INPUT_PRECISION: tl.constexpr, E4M3_BITS: tl.constexpr):
     """y = t U_hat^T + bias for one output tile and one split of the reduction over k.
 
     Tiles 0 .. tiles_m*tiles_head-1 cover output columns [0, S) (U's 8-bit head, A = t_head with
@@ -552,11 +578,13 @@ def _remap_stage2_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if in_head:
         acc = _dot_steps(acc, th_ptr, K, 0, uq_ptr, K, K, offs_m, offs_n, M, n_len, lo, hi,
-                         BLOCK_K, INPUT_PRECISION)
+                         BLOCK_K, INPUT_PRECISION, E4M3_BITS)
+        if E4M3_BITS:
+            acc = acc * 256.0
     else:
         if HAS_U_TAIL:
             acc = _dot_steps(acc, tt_ptr, K, 0, ut_ptr, K, K, offs_m, offs_n, M, n_len, lo, hi,
-                             BLOCK_K, INPUT_PRECISION)
+                             BLOCK_K, INPUT_PRECISION, False)
 
     cols = col0 + offs_n
     row_ok = offs_m < M
@@ -583,13 +611,8 @@ def _triton_op():
 def _register_triton_op():
     """JIT the kernels and register the torch.library op (on the first Triton call only)."""
     global _OP
-    import triton
-    import triton.language as tl
-    from torch.library import triton_op, wrap_triton
+    from torch.library import triton_op
 
-    module = globals()
-    module.update(tl=tl, wrap_triton=wrap_triton)
-    for name in _JIT_NAMES:
-        module[name] = triton.jit(module[name])
+    jit_kernels(globals(), _JIT_NAMES)
     _OP = triton_op("zskernels::remap_matmul", mutates_args=())(_remap_matmul_triton)
     return _OP

@@ -64,7 +64,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ._backend import check_same_device, interpreting, resolve_backend
+from ._backend import check_same_device, interpreting, jit_kernels, resolve_backend
 from ._configs import pick_config
 
 Tensor = torch.Tensor
@@ -136,7 +136,7 @@ def sigma_scores_reference(U: Tensor, H: Tensor, V: Tensor, *, chunk: int = 1024
     _check_triple(U, H, V, "sigma_scores_reference")
     check_same_device(U=U, H=H, V=V)
     acc = torch.float64 if torch.float64 in (U.dtype, H.dtype, V.dtype) else torch.float32
-    (m, k), n = U.shape, H.shape[1]
+    m, k = U.shape
     s = torch.zeros(k, dtype=acc, device=U.device)
     for c0 in range(0, k, chunk):
         c1 = min(c0 + chunk, k)
@@ -559,15 +559,13 @@ def _triton_ops_ready() -> bool:
 
 
 def _register_triton_ops() -> None:
-    import triton
     import triton.language as tl
-    from torch.library import custom_op, triton_op, wrap_triton
+    from torch.library import custom_op, triton_op
 
     module = globals()
-    module.update(tl=tl, wrap_triton=wrap_triton, _NUM_FIELDS=tl.constexpr(len(META_FIELDS)))
+    module.update(_NUM_FIELDS=tl.constexpr(len(META_FIELDS)))
     module.update({f"_F_{name}": tl.constexpr(i) for i, name in enumerate(META_FIELDS)})
-    for name in _JIT_NAMES:
-        module[name] = triton.jit(module[name])
+    jit_kernels(module, _JIT_NAMES)
 
     # Schemas spelled out; they match the annotations, which some torch versions infer them from.
     triton_op("zskernels::sigma_scores", mutates_args=(),

@@ -26,7 +26,6 @@ do, that the model's block loop is ``h = block(h, ...)`` with nothing else betwe
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch

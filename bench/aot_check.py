@@ -1,0 +1,267 @@
+"""Compile every Triton kernel for a GPU without one, with the arguments its launcher would pass.
+
+    python bench/aot_check.py               # H100 (sm_90): every op, LLaMA-7B shapes, M = 1 ... 2048
+    python bench/aot_check.py --arch 80     # A100 (sm_80): the fp8 ops take their byte-decoding path
+    python bench/aot_check.py --quick       # fp16 activations, M = 1 and 2048 only (what the tests run)
+
+1. Record. With TRITON_INTERPRET=1, each op runs at LLaMA-7B shapes and the benchmarks' token
+   counts, but every kernel launch is intercepted and nothing executes. The launchers' questions
+   about the device (GPU name, SM count, native fp8, bf16 dot) are answered as the target GPU
+   would answer them. Each launch is kept as Triton's JIT would specialise it: argument types,
+   16-divisibility, constexprs, num_warps and num_stages.
+2. Compile. Each distinct launch is compiled for the target with Triton's compiler and ptxas. The
+   table gives shared memory against the GPU's limit, registers, spills and the PTX features used.
+
+This catches lowering failures, shared-memory overflows and spills on a CPU-only machine, with
+whatever Triton is installed (the lent H100 has 3.6). It says nothing about speed. Exit status 1
+when a kernel fails to compile or needs more shared memory than the GPU has.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import itertools
+import os
+import pickle
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable
+
+# Recording runs the launchers in the interpreter; compiling needs a Triton imported without it
+# (the interpreter turns even triton.language's own helpers into interpreted functions).
+RECORDING = "--record" in sys.argv
+if RECORDING:
+    os.environ["TRITON_INTERPRET"] = "1"
+else:
+    os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import zskernels  # noqa: E402
+from zskernels import _configs  # noqa: E402
+
+# The modules (the package exports functions of the same names).
+sigma_scores, remap_matmul, fp8_matmul = (importlib.import_module(f"zskernels.{name}")
+                                          for name in ("sigma_scores", "remap_matmul", "fp8_matmul"))
+
+# (out, in): LLaMA-7B's q/k/v/o, gate/up and down, and a GQA k/v projection (Mistral-7B, LLaMA-3-8B),
+# whose narrow output makes the fp8 decode path split K and reduce.
+SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (1024, 4096))
+TOKENS = (1, 4, 16, 64, 256, 2048)
+
+
+@dataclass(frozen=True)
+class GPU:
+    arch: int
+    name: str
+    sms: int
+    smem_limit: int  # bytes of shared memory one block may use (opt-in maximum)
+
+
+GPUS = {90: GPU(90, "NVIDIA H100 80GB HBM3", 132, 232448), 80: GPU(80, "NVIDIA A100-SXM4-80GB", 108, 166912)}
+PTX_FEATURES = ("wgmma.mma_async", "mma.sync", "cvt.rn.f16x2.e4m3x2", "atom.global.gpu.acq_rel")
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Record (child process, interpreter)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Launch:
+    kernel: str  # "module:function"
+    signature: dict  # parameter name -> Triton type; "constexpr" for specialised ones
+    constexprs: dict
+    divisible: tuple  # parameters specialised as multiples of 16
+    options: dict  # num_warps, num_stages
+    cases: list = field(default_factory=list)  # the op calls that launched it
+
+    def key(self) -> tuple:
+        return (self.kernel, tuple(self.signature.items()), tuple(sorted(map(str, self.constexprs.items()))),
+                self.divisible, tuple(sorted(self.options.items())))
+
+
+def specialise(fn: Callable, args: tuple, kwargs: dict) -> Launch:
+    """A launch of the kernel whose Python function is ``fn``, as the JIT specialises it."""
+    params = inspect.signature(fn).parameters
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k not in params}
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    signature, constexprs, divisible = {}, {}, []
+    for name, value in bound.arguments.items():
+        if "constexpr" in str(params[name].annotation):
+            signature[name], constexprs[name] = "constexpr", value
+            continue
+        kind, spec = native_specialize_impl(BaseBackend, value, False, True, True)  # Triton's own rule
+        signature[name] = kind
+        if kind == "constexpr":  # ints equal to 1, and None
+            constexprs[name] = value
+        elif spec == "D":
+            divisible.append(name)
+    return Launch(f"{fn.__module__}:{fn.__name__}", signature, constexprs, tuple(divisible), options)
+
+
+class Recorder:
+    """Intercepts interpreter launches (nothing runs) and answers device questions as ``gpu`` would."""
+
+    def __init__(self, gpu: GPU):
+        self.gpu = gpu
+        self.launches: dict[tuple, Launch] = {}
+        self.case = ""
+
+    def __enter__(self):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        def run(kernel, *args, grid, warmup, **kwargs):
+            launch = specialise(kernel.fn, args, kwargs)
+            self.launches.setdefault(launch.key(), launch).cases.append(self.case)
+
+        answers = [(_configs, "_device_name", lambda device: self.gpu.name),
+                   (fp8_matmul, "_num_sms", lambda device: self.gpu.sms),
+                   (fp8_matmul, "native_fp8", lambda device: self.gpu.arch >= 89),
+                   (remap_matmul, "native_fp8", lambda device: self.gpu.arch >= 89),
+                   (sigma_scores, "interpreting", lambda: False),  # a real GPU has the bf16 dot
+                   (InterpretedFunction, "run", run)]
+        self._saved = [(owner, name, getattr(owner, name)) for owner, name, _ in answers]
+        for owner, name, value in answers:
+            setattr(owner, name, value)
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, value in self._saved:
+            setattr(owner, name, value)
+
+    def call(self, case: str, op: Callable, *args, **kwargs) -> None:
+        self.case = case
+        op(*args, **kwargs)
+
+
+def record_all(gpu: GPU, x_dtypes: tuple, tokens: tuple) -> list[Launch]:
+    """Every op at LLaMA-7B shapes: scores in fp32 and ``x_dtypes``; the matmuls at each token count."""
+    gen = torch.Generator().manual_seed(0)
+    with Recorder(gpu) as rec:
+        for dtype in (torch.float32,) + x_dtypes:
+            name = str(dtype).removeprefix("torch.")
+            triples = [(torch.empty(out, min(out, in_), dtype=dtype), torch.empty(out, in_, dtype=dtype),
+                        torch.empty(in_, min(out, in_), dtype=dtype)) for out, in_ in SHAPES]
+            for triple in triples:
+                rec.call(f"sigma_scores {name} {tuple(triple[1].shape)}", zskernels.sigma_scores, *triple,
+                         backend="triton")
+            rec.call(f"sigma_scores_batched {name}", zskernels.sigma_scores_batched, triples, backend="triton")
+        for out, in_ in SHAPES:
+            remap_rank = round(0.6 * min(out, in_) / 16) * 16  # rho 0.6, as bench_remap_matmul.py
+            hq_rank = int(0.8 * out * in_ / (out + in_)) // 16 * 16  # storage 0.4, as bench_fp8_matmul.py
+            stores = {f"remap-{fmt}": (zskernels.remap_matmul, zskernels.pack_remap(
+                          torch.randn(out, remap_rank, generator=gen), torch.randn(in_, remap_rank, generator=gen),
+                          fmt=fmt)) for fmt in remap_matmul.FORMATS}
+            stores["fp8-lowrank"] = (zskernels.fp8_lowrank_matmul, zskernels.pack_fp8_lowrank(
+                torch.randn(out, hq_rank, generator=gen), torch.randn(in_, hq_rank, generator=gen)))
+            stores["fp8-dense"] = (zskernels.fp8_linear, zskernels.quantize_fp8_dense(torch.randn(out, in_, generator=gen)))
+            for dtype, m, (storage, (op, packed)) in itertools.product(x_dtypes, tokens, stores.items()):
+                x = torch.randn(m, in_, generator=gen).to(dtype)
+                for bias in (None, torch.zeros(out, dtype=dtype)) if m == 1 else (None,):
+                    case = f"{storage} x {str(dtype)[6:]} {out}x{in_} M={m}{' +bias' if bias is not None else ''}"
+                    rec.call(case, op, x, packed, bias, backend="triton")
+    return list(rec.launches.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Compile (this process, no interpreter)
+# ----------------------------------------------------------------------------------------------
+REGISTER = {"zskernels.sigma_scores": "_triton_ops_ready", "zskernels.remap_matmul": "_triton_op",
+            "zskernels.fp8_matmul": "_register_ops"}  # each module's idempotent "jit and register" step
+
+
+def jit_function(kernel: str):
+    """The triton.jit function named "module:function" (its module registered, as a first call would)."""
+    module_name, name = kernel.split(":")
+    module = importlib.import_module(module_name)
+    getattr(module, REGISTER[module_name])()
+    return getattr(module, name)
+
+
+def ptxas_info(ptx: str, arch: int) -> tuple[str, str]:
+    """(registers, spill-store bytes) from ptxas -v, with Triton's own ptxas."""
+    base = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        for exe in (base, base + "-blackwell"):
+            if not os.path.exists(exe):
+                continue
+            res = subprocess.run([exe, f"-arch=sm_{arch}{'a' if arch == 90 else ''}", "-v", f.name, "-o", os.devnull],
+                                 capture_output=True, text=True)
+            if res.returncode == 0:
+                regs = re.search(r"Used (\d+) registers", res.stderr)
+                spill = re.search(r"(\d+) bytes spill stores", res.stderr)
+                return (regs.group(1) if regs else "?"), (spill.group(1) if spill else "?")
+    finally:
+        os.unlink(f.name)
+    return "?", "?"
+
+
+def compile_launch(launch: Launch, gpu: GPU) -> tuple[bool, str]:
+    """(fits, one-line report) for one launch; raises what Triton's compiler raises."""
+    fn = jit_function(launch.kernel)
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in launch.divisible}
+    src = ASTSource(fn=fn, signature=launch.signature, constexprs=launch.constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", gpu.arch, 32), options=launch.options)
+    ptx = compiled.asm["ptx"]
+    regs, spill = ptxas_info(ptx, gpu.arch)
+    smem = compiled.metadata.shared
+    used = ",".join(f for f in PTX_FEATURES if f in ptx) or "-"
+    fits = smem <= gpu.smem_limit
+    return fits, f"smem {smem:>6}{'' if fits else ' > ' + str(gpu.smem_limit)} regs {regs:>3} spill {spill:>4} [{used}]"
+
+
+def describe(launch: Launch) -> str:
+    """Kernel, options and the constexprs that pick code (flags that are on, block sizes)."""
+    shown = {k: v for k, v in launch.constexprs.items() if v is True or (v is not None and not isinstance(v, bool))}
+    options = " ".join(f"{k}={v}" for k, v in launch.options.items())
+    return f"{launch.kernel.split(':')[1]} {options} {shown}"
+
+
+def record_in_child(args: argparse.Namespace) -> list[Launch]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "launches.pkl")
+        cmd = [sys.executable, __file__, "--record", path, "--arch", str(args.arch)] + (["--quick"] if args.quick else [])
+        subprocess.run(cmd, check=True)
+        with open(path, "rb") as f:
+            return pickle.load(f)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, choices=sorted(GPUS), default=90)
+    parser.add_argument("--quick", action="store_true", help="fp16 activations, M = 1 and 2048 only")
+    parser.add_argument("--record", metavar="PATH", help=argparse.SUPPRESS)  # the child's job
+    args = parser.parse_args(argv)
+    gpu = GPUS[args.arch]
+    if args.record:
+        x_dtypes = (torch.float16,) if args.quick else (torch.float16, torch.bfloat16)
+        with open(args.record, "wb") as f:
+            pickle.dump(record_all(gpu, x_dtypes, (1, 2048) if args.quick else TOKENS), f)
+        return 0
+    launches = record_in_child(args)
+    print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{gpu.arch} ({gpu.name}): "
+          f"{len(launches)} distinct launches")
+    failures = 0
+    for launch in sorted(launches, key=lambda la: la.kernel):
+        try:
+            fits, report = compile_launch(launch, gpu)
+        except Exception as err:  # noqa: BLE001 -- every compile error is a finding to report
+            fits, report = False, f"FAILED: {type(err).__name__}: {err}"
+        failures += not fits
+        print(f"{describe(launch)}\n    {report}    e.g. {launch.cases[0]} ({len(launch.cases)} calls)", flush=True)
+    print(f"{failures} of {len(launches)} launches fail to compile or overflow shared memory")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
