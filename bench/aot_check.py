@@ -46,11 +46,8 @@ from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import zskernels  # noqa: E402
-from zskernels import _configs  # noqa: E402
-
-# The modules (the package exports functions of the same names).
-sigma_scores, remap_matmul, fp8_matmul = (importlib.import_module(f"zskernels.{name}")
-                                          for name in ("sigma_scores", "remap_matmul", "fp8_matmul"))
+from zskernels import _device, _triton  # noqa: E402
+from zskernels.formats.remap import FORMATS  # noqa: E402
 
 # (out, in): LLaMA-7B's q/k/v/o, gate/up and down, and a GQA k/v projection (Mistral-7B, LLaMA-3-8B),
 # whose narrow output makes the fp8 decode path split K and reduce.
@@ -122,11 +119,10 @@ class Recorder:
             launch = specialise(kernel.fn, args, kwargs)
             self.launches.setdefault(launch.key(), launch).cases.append(self.case)
 
-        answers = [(_configs, "_device_name", lambda device: self.gpu.name),
-                   (fp8_matmul, "_num_sms", lambda device: self.gpu.sms),
-                   (fp8_matmul, "native_fp8", lambda device: self.gpu.arch >= 89),
-                   (remap_matmul, "native_fp8", lambda device: self.gpu.arch >= 89),
-                   (sigma_scores, "interpreting", lambda: False),  # a real GPU has the bf16 dot
+        answers = [(_device, "device_name", lambda device: self.gpu.name),  # every device question
+                   (_device, "num_sms", lambda device: self.gpu.sms),
+                   (_device, "native_fp8", lambda device: self.gpu.arch >= 89),
+                   (_device, "native_bf16_dot", lambda: True),
                    (InterpretedFunction, "run", run)]
         self._saved = [(owner, name, getattr(owner, name)) for owner, name, _ in answers]
         for owner, name, value in answers:
@@ -159,7 +155,7 @@ def record_all(gpu: GPU, x_dtypes: tuple, tokens: tuple) -> list[Launch]:
             hq_rank = int(0.8 * out * in_ / (out + in_)) // 16 * 16  # storage 0.4, as bench_fp8_matmul.py
             stores = {f"remap-{fmt}": (zskernels.remap_matmul, zskernels.pack_remap(
                           torch.randn(out, remap_rank, generator=gen), torch.randn(in_, remap_rank, generator=gen),
-                          fmt=fmt)) for fmt in remap_matmul.FORMATS}
+                          fmt=fmt)) for fmt in FORMATS}
             stores["fp8-lowrank"] = (zskernels.fp8_lowrank_matmul, zskernels.pack_fp8_lowrank(
                 torch.randn(out, hq_rank, generator=gen), torch.randn(in_, hq_rank, generator=gen)))
             stores["fp8-dense"] = (zskernels.fp8_linear, zskernels.quantize_fp8_dense(torch.randn(out, in_, generator=gen)))
@@ -174,15 +170,11 @@ def record_all(gpu: GPU, x_dtypes: tuple, tokens: tuple) -> list[Launch]:
 # ----------------------------------------------------------------------------------------------
 # 2. Compile (this process, no interpreter)
 # ----------------------------------------------------------------------------------------------
-REGISTER = {"zskernels.sigma_scores": "_triton_ops_ready", "zskernels.remap_matmul": "_triton_op",
-            "zskernels.fp8_matmul": "_register_ops"}  # each module's idempotent "jit and register" step
-
-
 def jit_function(kernel: str):
     """The triton.jit function named "module:function" (its module registered, as a first call would)."""
     module_name, name = kernel.split(":")
     module = importlib.import_module(module_name)
-    getattr(module, REGISTER[module_name])()
+    _triton.ready(module_name)  # every op module's one "jit and register" step
     return getattr(module, name)
 
 

@@ -1,4 +1,4 @@
-"""Benchmark of zskernels.fp8_matmul (HQ mode) on LLaMA-7B layer shapes.
+"""Benchmark of zskernels.fp8_linear / fp8_lowrank_matmul (HQ mode) on LLaMA-7B layer shapes.
 
 HQ at storage 0.4 of fp16 dense: fp8 factors cost k (m + n) bytes against 2 m n for fp16 dense, so
 k = 0.8 m n / (m + n), rounded DOWN to a multiple of 16 (aligned rows for 16-byte loads and tensor

@@ -35,7 +35,7 @@ if not torch.cuda.is_available():  # must precede the first triton import
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _timing when run as a script
 from _timing import copies_to_exceed_l2, gpu_name, graph_median_us  # noqa: E402
 
-from zskernels.remap_matmul import pack_remap, remap_matmul, remap_nbytes, unpack_remap  # noqa: E402
+from zskernels import pack_remap, remap_matmul, remap_nbytes, unpack_remap  # noqa: E402
 
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # (out, in): q/k/v/o, gate/up, down
 TOKENS = (1, 4, 16, 64, 256, 2048)

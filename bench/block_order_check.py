@@ -11,9 +11,9 @@ import argparse
 import sys
 
 import zssvd
-from zssvd.calibration import from_files
+from zssvd.stages.calibration import from_files
 from zssvd.pipeline import AnalysisOptions, analyze
-from zssvd.selection import select
+from zssvd.stages.selection import select
 
 
 def main(argv=None) -> int:

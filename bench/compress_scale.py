@@ -76,8 +76,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import zssvd
-    from zssvd.calibration import CalibrationSet
-    from zssvd.pipeline import AnalysisOptions
+    from zssvd.config import AnalysisOptions, CompressionConfig
+    from zssvd.stages.calibration import CalibrationSet
 
     cuda = torch.device(args.device).type == "cuda"
     if cuda and args.memory_cap_gib:
@@ -94,7 +94,8 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    _, report = zssvd.compress(model, CalibrationSet(ids, "random"), ratio=args.ratio, options=options)
+    _, report = zssvd.compress(model, CalibrationSet(ids, "random"), CompressionConfig(ratio=args.ratio),
+                               options=options)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 
 import zssvd
-from zssvd import calibration
-from zssvd.demo import stdlib_docstrings
-from zssvd.evaluate import perplexity
-from zssvd.pipeline import AnalysisOptions, analyze, compress, rescore
-from zssvd.scores import sign_flips
-from zssvd.selection import select
+from zssvd.config import AnalysisOptions, CompressionConfig
+from zssvd.evaluation.demo import stdlib_docstrings
+from zssvd.evaluation.evaluate import perplexity
+from zssvd.pipeline import analyze, compress_, rescore
+from zssvd.stages import calibration
+from zssvd.stages.scores import sign_flips
+from zssvd.stages.selection import select
 
 LICENSES = ("GPL-3", "Apache-2.0", "MPL-2.0", "LGPL-2.1", "GFDL-1.3", "Artistic", "CC0-1.0")
 ABLATION = ("zero-sum", "most-negative", "abs-dl", "sigma")
@@ -46,7 +47,7 @@ def builtin_text(name: str) -> str:
 
 
 def suite_configs(suite: str, ratios: list[float], corrections: int) -> list[dict]:
-    """The configurations of a suite, as keyword arguments of ``zssvd.compress``."""
+    """The configurations of a suite, as ``zssvd.CompressionConfig`` fields."""
     configs = []
     for r in ratios:
         if suite in ("issue2", "main"):
@@ -105,7 +106,7 @@ def run(args) -> None:
                     "signflip": _sign_flip_rows(model, analysis, tokenizer, other, args, seed)})
         for config in configs:
             start = time.perf_counter()
-            compressed, report = compress(copy.deepcopy(model), calib, analysis=analysis, **config)
+            compressed, report = compress_(copy.deepcopy(model), calib, CompressionConfig(**config), analysis=analysis)
             record({"key": config_key(seed, config), "seed": seed, **json.loads(config_key(seed, config)),
                     "achieved_ratio": round(report["achieved_ratio"], 5),
                     "achieved_bytes_ratio": round(report["achieved_bytes_ratio"], 5),
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-windows", nargs="*", metavar="NAME=N", help="per-text override of --windows")
     p.add_argument("--sign-flip", action="append", metavar="PATH",
                    help="also report how often dL changes sign when scored on this corpus (path, @licenses, @pydoc)")
-    p.add_argument("--cache-dir", default=str(zssvd.models.cache_root() / "stages"))
+    p.add_argument("--cache-dir", default=str(zssvd.io.models.cache_root() / "stages"))
     p.add_argument("--results", default="bench/results/quality.jsonl")
     p.add_argument("--tables-only", action="store_true", help="print the markdown tables from --results and exit")
     args = p.parse_args(argv)

@@ -16,8 +16,8 @@ Reported per case and format (relative Frobenius norms):
   output = ||x W_k^T - x W_hat^T|| / ||x W_k^T|| for 256 random tokens (quantisation alone)
 
 On these synthetic cases fp8 has the smaller worst case and int8 the smaller typical error. The
-library's default (int8) was then decided on a real model by perplexity: see the docstring of
-zskernels/remap_matmul.py.
+library's default (int8) was then decided on a real model by perplexity: see bench/RESULTS.md
+("Remap heads: int8 or fp8") and zskernels/README.md.
 
     python bench/remap_format_accuracy.py
 """
@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from zskernels.remap_matmul import FORMATS, pack_remap, unpack_remap
+from zskernels.formats.remap import FORMATS, pack_remap, unpack_remap
 
 SHAPES = ((1024, 1024), (2048, 1024), (1024, 2048))  # (out, in): square, U big, V big
 RATIO = 0.6

@@ -1,6 +1,6 @@
 """Experiments: selection rules that might beat zero-sum (issue 5), kept out of the library until one does.
 
-Each variant changes one thing in the ordered zero-sum greedy of ``zssvd.selection``:
+Each variant changes one thing in the ordered zero-sum greedy of ``zssvd.stages.selection``:
 
 * ``commit``: in dense storage a matrix still above r* = mn/(m+n) would be kept dense, so the
   components removed from it are not really gone; this variant adds their dL to the running sum
@@ -26,12 +26,12 @@ import sys
 import torch
 
 import zssvd
-from zssvd import calibration
-from zssvd.evaluate import perplexity
-from zssvd.gradients import calibration_pass
-from zssvd.packing import pack_model
+from zssvd.stages import calibration
+from zssvd.evaluation.evaluate import perplexity
+from zssvd.stages.gradients import calibration_pass
+from zssvd.stages.packing import pack_model
 from zssvd.pipeline import AnalysisOptions, analyze, truncate
-from zssvd.selection import _finish, select, storage_cost
+from zssvd.stages.selection import _finish, select, storage_cost
 
 
 def greedy(specs, scores, ratio, *, storage="dense", per_param=False, commit=False, min_rank=1):
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     p.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.6, 0.4])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--windows", type=int, default=24)
-    p.add_argument("--cache-dir", default=str(zssvd.models.cache_root() / "stages"))
+    p.add_argument("--cache-dir", default=str(zssvd.io.models.cache_root() / "stages"))
     args = p.parse_args(argv)
     model, tokenizer, source = zssvd.load_model(args.model)
     calib = calibration.from_files(tokenizer, [args.calib_file], 32, 512, seed=args.seed)

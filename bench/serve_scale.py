@@ -2,7 +2,7 @@
 
 Random weights in the real shapes (speed does not depend on the values): every target linear is
 replaced by a ``PackedLowRankLinear`` at the rank the storage setting gives, then each variant is
-timed with ``zssvd.serve.measure`` (generate with a static KV cache and CUDA graphs under
+timed with ``zssvd.evaluation.serve.measure`` (generate with a static KV cache and CUDA graphs under
 ``--static``), next to the dense model in the same run.
 
     python bench/serve_scale.py --device cuda --static             # H100: the issue-4 targets
@@ -28,7 +28,7 @@ from compress_scale import PRESETS, build_model  # noqa: E402
 
 def pack_targets(model, storage: str, rank_of) -> None:
     """Replace every decoder-block linear by random factors of rank ``rank_of(m, n)`` in ``storage``."""
-    from zssvd.models import find_targets
+    from zssvd.io.models import find_targets
     from zssvd.nn import PackedLowRankLinear
 
     g = torch.Generator().manual_seed(0)
@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     p.add_argument("--static", action="store_true", help="static KV cache + CUDA graphs (torch.compile)")
     args = p.parse_args(argv)
 
-    from zssvd.pipeline import model_nbytes
-    from zssvd.serve import measure, rows_to_markdown
+    from zssvd.report import model_nbytes
+    from zssvd.evaluation.serve import measure, rows_to_markdown
 
     dtype = getattr(torch, args.dtype)
     ranks = {"dense": None,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .selection import STORAGES, STRATEGIES
+from .stages.selection import STORAGES, STRATEGIES
 
 log = logging.getLogger("zssvd")
 
@@ -37,6 +37,12 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="model dtype: auto (float32 on CPU, bf16 on GPU), float32, "
                    "float16, bfloat16")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_int_args(p: argparse.ArgumentParser, defaults: dict[str, int]) -> None:
+    """Integer options with their defaults, e.g. ``{"--repeats": 3}``."""
+    for flag, default in defaults.items():
+        p.add_argument(flag, type=int, default=default)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,13 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench-serve", help="prefill/decode throughput and peak memory vs the dense original",
                        description="Times the compressed checkpoint and its dense original in one run: prefill "
                                    "tokens/s, decode tokens/s (greedy, KV cache) and peak GPU memory.")
-    b.add_argument("model", metavar="DIR", help="zssvd checkpoint directory")
-    b.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
-    b.add_argument("--prompt-len", type=int, default=128)
-    b.add_argument("--new-tokens", type=int, default=32)
-    b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--dense", default="auto", help="the dense original: auto (the path in report.json), a "
                    "model path, or 'random' (random weights of the same shapes: same speed)")
+    b.add_argument("model", metavar="DIR", help="zssvd checkpoint directory")
+    b.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
+    _add_int_args(b, {"--prompt-len": 128, "--new-tokens": 32, "--repeats": 3})
     b.add_argument("--static", action="store_true", help="CUDA: static KV cache + torch.compile (CUDA graphs)")
     b.add_argument("--json", action="store_true", help="print JSON rows instead of a markdown table")
     _add_runtime_args(b)
@@ -127,8 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--include-path", metavar="DIR", help="folder of extra task YAML files (e.g. with local data "
                    "paths, for offline machines)")
     h.add_argument("--limit", type=int, default=None, help="evaluate at most N examples per task")
-    h.add_argument("--num-fewshot", type=int, default=0)
-    h.add_argument("--batch-size", type=int, default=8)
+    _add_int_args(h, {"--num-fewshot": 0, "--batch-size": 8})
     _add_runtime_args(h)
 
     d = sub.add_parser("demo", help="compress the embedded SmolLM2-135M at ratio 0.8 and compare perplexity",
@@ -141,10 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--calib-file", action="append", metavar="PATH", help="calibrate on this text instead of "
                    "self-sampled text")
     d.add_argument("--eval-file", action="append", metavar="PATH", help="evaluate on this text")
-    d.add_argument("--calib-samples", type=int, default=32)
-    d.add_argument("--seq-len", type=int, default=512)
-    d.add_argument("--eval-windows", type=int, default=16)
-    d.add_argument("--corrections", type=int, default=0)
+    _add_int_args(d, {"--calib-samples": 32, "--seq-len": 512, "--eval-windows": 16, "--corrections": 0})
     _add_runtime_args(d)
 
     p = sub.add_parser("plot", help="(re)draw the PNG plots of a compressed checkpoint from its report.json",
@@ -158,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    from .distributed import init_from_env, is_main
-    from .progress import quiet_by_environment, set_quiet
+    from .runtime.distributed import init_from_env, is_main
+    from .runtime.progress import quiet_by_environment, set_quiet
 
     joined = init_from_env(getattr(args, "device", "cpu"))  # under torchrun: join its process group
     args.quiet = args.quiet or quiet_by_environment()
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _calibration(args, model, tokenizer):
-    from . import calibration
+    from .stages import calibration
 
     if getattr(args, "calib_file", None):
         return calibration.from_files(tokenizer, args.calib_file, args.calib_samples, args.seq_len, args.seed)
@@ -191,11 +191,12 @@ def _calibration(args, model, tokenizer):
 
 
 def cmd_compress(args) -> int:
-    from . import distributed
-    from .checkpoint import save_compressed
-    from .models import cache_root, find_targets, load_model, resolve_dtype
-    from .pipeline import AnalysisOptions, compress
-    from .selection import MatrixSpec, check_ratio, check_ratio_range
+    from .runtime import distributed
+    from .io.checkpoint import save_compressed
+    from .io.models import cache_root, find_targets, load_model, resolve_dtype
+    from .config import AnalysisOptions, CompressionConfig
+    from .pipeline import compress_
+    from .stages.selection import MatrixSpec, check_ratio, check_ratio_range
 
     check_ratio_range(args.ratio, args.storage)  # fail before any slow work
     start = time.perf_counter()
@@ -217,8 +218,9 @@ def cmd_compress(args) -> int:
                               blocks_path=args.blocks, source=source, offload=args.offload,
                               statistics_device=args.statistics_device, pass_order=args.pass_order,
                               device=args.device if args.offload else None)
-    model, report = compress(model, calib, ratio=args.ratio, storage=args.storage, strategy=args.strategy,
-                             corrections=args.corrections, ordered=not args.no_order, options=options)
+    config = CompressionConfig(ratio=args.ratio, storage=args.storage, strategy=args.strategy,
+                               corrections=args.corrections, ordered=not args.no_order)
+    model, report = compress_(model, calib, config, options=options)
     if not distributed.is_main():
         return 0  # under torchrun, rank 0 writes the checkpoint and prints the summary
     report["timings"] = {"load": round(loaded - start, 3), "calibration_data": round(calibrated - loaded, 3),
@@ -230,7 +232,7 @@ def cmd_compress(args) -> int:
     report["timings"]["total"] = round(time.perf_counter() - start, 3)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     if not args.no_plots:
-        from .plots import write_plots
+        from .evaluation.plots import write_plots
 
         try:
             write_plots(report, out)
@@ -246,8 +248,9 @@ def load_any(path: str, dtype="auto", device="cpu"):
     """(model, tokenizer) from a zssvd checkpoint or anything ``load_model`` takes."""
     from transformers import AutoTokenizer
 
-    from .checkpoint import MANIFEST, load
-    from .models import load_model
+    from . import load  # zssvd.load: also registers the HF Auto classes (lm-eval asks AutoConfig)
+    from .io.checkpoint import MANIFEST
+    from .io.models import load_model
 
     if (Path(path) / MANIFEST).is_file():
         return load(path, device=device), AutoTokenizer.from_pretrained(path)
@@ -256,7 +259,7 @@ def load_any(path: str, dtype="auto", device="cpu"):
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import default_seq_len, evaluation_ids, perplexity
+    from .evaluation.evaluate import default_seq_len, evaluation_ids, perplexity
 
     model, tokenizer = load_any(args.model, args.dtype, args.device)
     ids = evaluation_ids(tokenizer, text_files=args.text_file, dataset=args.dataset)
@@ -267,7 +270,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .serve import generate_text
+    from .evaluation.serve import generate_text
 
     model, tokenizer = load_any(args.model, args.dtype, args.device)
     print(generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
@@ -276,7 +279,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench_serve(args) -> int:
-    from .serve import bench_serve, rows_to_markdown
+    from .evaluation.serve import bench_serve, rows_to_markdown
 
     batches = [int(b) for b in args.batch.split(",") if b]
     rows = bench_serve(args.model, batches=batches, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
@@ -286,7 +289,7 @@ def cmd_bench_serve(args) -> int:
 
 
 def cmd_lm_eval(args) -> int:
-    from .harness import zero_shot
+    from .evaluation.harness import zero_shot
 
     model, tokenizer = load_any(args.model, args.dtype, args.device)
     results = zero_shot(model, tokenizer, [t for t in args.tasks.split(",") if t], include_path=args.include_path,
@@ -296,14 +299,14 @@ def cmd_lm_eval(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .plots import plot_directory
+    from .evaluation.plots import plot_directory
 
     print(json.dumps({"plots": [str(p) for p in plot_directory(args.dir)]}))
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .evaluation.demo import run_demo
 
     return run_demo(args)
 

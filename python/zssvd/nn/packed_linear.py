@@ -8,20 +8,88 @@
 
 ``PackedDenseLinear`` keeps a full matrix in fp8 e4m3 with per-row scales (HQ mode's dense matrices).
 
+Each low-rank storage is one ``LowRankStorage`` entry in ``STORAGES`` (pack, forward, unpack,
+nbytes): a new storage is one ``register_storage`` call, not a branch in every method.
+
 No dense weight is ever materialised by the packed formats' kernels. Every module can
 ``describe()`` its layout as JSON and be rebuilt empty from that description
-(``from_description``), which is how checkpoints are loaded without pickle.
+(``from_description``), which is how checkpoints are loaded without pickle; ``describe_packed``
+collects the descriptions of a model's packed modules (a checkpoint's manifest).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import zskernels
+
+def _kernels():
+    """``zskernels`` on first use, so that importing zssvd does not import Triton."""
+    import zskernels
+
+    return zskernels
 
 FLOAT_STORAGES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-LOWRANK_STORAGES = (*FLOAT_STORAGES, "remap", "fp8")
+Tensors = dict[str, torch.Tensor]
+
+
+def tensor_bytes(tensors: Tensors) -> int:
+    """Bytes of a dict of tensors as they sit in memory."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@dataclass(frozen=True)
+class LowRankStorage:
+    """How one storage packs a factor pair W ~= U V^T (U: out x k, V: in x k) and computes with it.
+
+    ``pack(U, V) -> tensors``; ``forward(x, tensors, bias, backend) -> y = x V U^T + bias``;
+    ``unpack(tensors) -> (U, V)`` in float32; ``nbytes(tensors)``: the bytes it costs.
+    """
+
+    name: str
+    pack: Callable[[torch.Tensor, torch.Tensor], Tensors]
+    forward: Callable[[torch.Tensor, Tensors, torch.Tensor | None, str], torch.Tensor]
+    unpack: Callable[[Tensors], tuple[torch.Tensor, torch.Tensor]]
+    nbytes: Callable[[Tensors], int] = tensor_bytes
+
+
+STORAGES: dict[str, LowRankStorage] = {}
+
+
+def register_storage(storage: LowRankStorage) -> LowRankStorage:
+    """Add (or replace) a low-rank storage by name."""
+    STORAGES[storage.name] = storage
+    return storage
+
+
+def _float_storage(name: str, dtype: torch.dtype) -> LowRankStorage:
+    def forward(x, t, bias, backend):
+        bias = bias.to(x.dtype) if bias is not None else None
+        return F.linear(F.linear(x, t["weight_v"].to(x.dtype)), t["weight_u"].to(x.dtype), bias)
+
+    return LowRankStorage(
+        name,
+        pack=lambda U, V: {"weight_u": U.to(dtype).contiguous(), "weight_v": V.T.to(dtype).contiguous()},
+        forward=forward,
+        unpack=lambda t: (t["weight_u"].float(), t["weight_v"].T.float()))
+
+
+for _name, _dtype in FLOAT_STORAGES.items():
+    register_storage(_float_storage(_name, _dtype))
+register_storage(LowRankStorage(
+    "remap",  # 8-bit head + 16-bit tail (zskernels.remap_matmul)
+    pack=lambda U, V: _kernels().pack_remap(U, V),
+    forward=lambda x, t, bias, backend: _kernels().remap_matmul(x, t, bias, backend=backend),
+    unpack=lambda t: _kernels().unpack_remap(t)))
+register_storage(LowRankStorage(
+    "fp8",  # both factors in fp8 e4m3, per-component scales (zskernels.fp8_lowrank_matmul)
+    pack=lambda U, V: _kernels().pack_fp8_lowrank(U, V),
+    forward=lambda x, t, bias, backend: _kernels().fp8_lowrank_matmul(x, t, bias, backend=backend),
+    unpack=lambda t: _kernels().dequantize_fp8(t)))
+LOWRANK_STORAGES = tuple(STORAGES)  # the built-in ones
 DTYPE_NAMES = {
     torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int8: "int8",
     torch.uint8: "uint8", torch.float8_e4m3fn: "float8_e4m3fn", torch.int32: "int32", torch.int64: "int64",
@@ -37,6 +105,12 @@ def storage_for_dtype(dtype: torch.dtype) -> str:
     raise ValueError(f"no float storage for dtype {dtype}")
 
 
+def _storage(name: str) -> LowRankStorage:
+    if name not in STORAGES:
+        raise ValueError(f"storage must be one of {tuple(STORAGES)}, got {name!r}")
+    return STORAGES[name]
+
+
 class _PackedBase(nn.Module):
     """Buffers from a dict of named tensors, plus the JSON description of that layout."""
 
@@ -50,10 +124,13 @@ class _PackedBase(nn.Module):
     def packed(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self._buffer_names}
 
+    def _weight_nbytes(self) -> int:
+        return tensor_bytes(self.packed())
+
     def nbytes(self) -> int:
         """Bytes of the packed weights (and bias) as they sit in memory."""
-        total = sum(t.numel() * t.element_size() for t in self.packed().values())
-        return total + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
+        bias = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
+        return self._weight_nbytes() + bias
 
     def _tensor_layout(self) -> dict:
         return {name: {"shape": list(t.shape), "dtype": DTYPE_NAMES[t.dtype]} for name, t in self.packed().items()}
@@ -89,8 +166,7 @@ class PackedLowRankLinear(_PackedBase):
     def __init__(self, in_features: int, out_features: int, rank: int, storage: str,
                  tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None):
         super().__init__()
-        if storage not in LOWRANK_STORAGES:
-            raise ValueError(f"storage must be one of {LOWRANK_STORAGES}, got {storage!r}")
+        _storage(storage)  # a known storage, or a clear error
         self.in_features, self.out_features, self.rank, self.storage = in_features, out_features, rank, storage
         self._set_buffers(tensors)
         self._init_bias(bias)
@@ -106,33 +182,18 @@ class PackedLowRankLinear(_PackedBase):
             raise ValueError("factors contain NaN/Inf")
         out_features, rank = U.shape
         in_features = V.shape[0]
-        if storage in FLOAT_STORAGES:
-            dtype = FLOAT_STORAGES[storage]
-            tensors = {"weight_u": U.to(dtype).contiguous(), "weight_v": V.T.to(dtype).contiguous()}
-        elif storage == "remap":
-            tensors = zskernels.pack_remap(U, V)
-        elif storage == "fp8":
-            tensors = zskernels.pack_fp8_lowrank(U, V)
-        else:
-            raise ValueError(f"storage must be one of {LOWRANK_STORAGES}, got {storage!r}")
+        tensors = _storage(storage).pack(U, V)
         return cls(in_features, out_features, rank, storage, tensors, bias)
 
     def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-        if self.storage in FLOAT_STORAGES:
-            u, v = self.weight_u.to(x.dtype), self.weight_v.to(x.dtype)
-            bias = self.bias.to(x.dtype) if self.bias is not None else None
-            return F.linear(F.linear(x, v), u, bias)
-        if self.storage == "remap":
-            return zskernels.remap_matmul(x, self.packed(), self.bias, backend=backend)
-        return zskernels.fp8_lowrank_matmul(x, self.packed(), self.bias, backend=backend)
+        return _storage(self.storage).forward(x, self.packed(), self.bias, backend)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored factors, de-quantised to float32 (for tests and analysis)."""
-        if self.storage in FLOAT_STORAGES:
-            return self.weight_u.float(), self.weight_v.T.float()
-        if self.storage == "remap":
-            return zskernels.unpack_remap(self.packed())
-        return zskernels.dequantize_fp8(self.packed())
+        return _storage(self.storage).unpack(self.packed())
+
+    def _weight_nbytes(self) -> int:
+        return _storage(self.storage).nbytes(self.packed())
 
     def dense_weight(self) -> torch.Tensor:
         U, V = self.factors()
@@ -173,13 +234,13 @@ class PackedDenseLinear(_PackedBase):
                     storage: str = "fp8") -> "PackedDenseLinear":
         if weight.dim() != 2:
             raise ValueError(f"weight must be 2-D (out x in), got shape {tuple(weight.shape)}")
-        return cls(weight.shape[1], weight.shape[0], storage, zskernels.quantize_fp8_dense(weight), bias)
+        return cls(weight.shape[1], weight.shape[0], storage, _kernels().quantize_fp8_dense(weight), bias)
 
     def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-        return zskernels.fp8_linear(x, self.packed(), self.bias, backend=backend)
+        return _kernels().fp8_linear(x, self.packed(), self.bias, backend=backend)
 
     def dense_weight(self) -> torch.Tensor:
-        return zskernels.dequantize_fp8(self.packed())
+        return _kernels().dequantize_fp8(self.packed())
 
     def describe(self) -> dict:
         return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
@@ -202,3 +263,13 @@ def module_from_description(desc: dict, bias_dtype: torch.dtype = torch.float32)
     if desc.get("kind") not in kinds:
         raise ValueError(f"unknown packed module kind {desc.get('kind')!r}")
     return kinds[desc["kind"]].from_description(desc, bias_dtype)
+
+
+def packed_modules(model: nn.Module) -> dict[str, _PackedBase]:
+    """Every packed module of ``model`` by its qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, _PackedBase)}
+
+
+def describe_packed(model: nn.Module) -> dict[str, dict]:
+    """{qualified name: ``describe()``} of every packed module: the modules part of a checkpoint's manifest."""
+    return {name: m.describe() for name, m in packed_modules(model).items()}

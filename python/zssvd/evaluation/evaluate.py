@@ -1,0 +1,65 @@
+"""Perplexity over non-overlapping windows of a text, with float32 losses.
+
+Every window counts: a window whose loss is not finite raises an error naming it, instead of
+being skipped (skipping silently flatters a broken model).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..stages.calibration import load_dataset_text, read_texts, tokenize_stream
+from ..stages.gradients import next_token_loss_sum
+from ..runtime.progress import progress
+
+DEFAULT_SEQ_LEN = 2048
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def default_seq_len(model, requested: int | None = None) -> int:
+    """The requested window, else 2048 capped at the model's context length."""
+    if requested:
+        return requested
+    limit = getattr(model.config, "max_position_embeddings", None) or DEFAULT_SEQ_LEN
+    return min(DEFAULT_SEQ_LEN, int(limit))
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, seq_len: int, *, max_windows: int | None = None,
+               batch_size: int = 1, desc: str = "perplexity") -> dict:
+    """Perplexity of ``model`` on the token stream ``ids`` cut into windows of ``seq_len``."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    windows = ids.numel() // seq_len
+    if windows == 0:
+        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}; "
+                         "use a longer text or a smaller --seq-len")
+    if max_windows:
+        windows = min(windows, max_windows)
+    device = next(model.parameters()).device
+    stream = ids[: windows * seq_len].view(windows, seq_len)
+    total_nll, total_tokens = 0.0, 0
+    for start in progress(range(0, windows, batch_size), desc=desc, unit="window"):
+        batch = stream[start:start + batch_size].to(device)
+        nll = next_token_loss_sum(model(batch, use_cache=False).logits, batch).item()
+        if not math.isfinite(nll):
+            raise NonFiniteLossError(f"non-finite loss in window {start} (tokens {start * seq_len}.."
+                                     f"{(start + len(batch)) * seq_len - 1}): the model produces NaN/Inf")
+        total_nll += nll
+        total_tokens += batch.shape[0] * (seq_len - 1)
+    mean = total_nll / total_tokens
+    return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens, "windows": windows,
+            "seq_len": seq_len}
+
+
+def evaluation_ids(tokenizer, *, text_files=None, dataset: str | None = None) -> torch.Tensor:
+    """The token stream of local text files, or of a named dataset's evaluation split."""
+    if text_files:
+        return tokenize_stream(tokenizer, read_texts(text_files))
+    if dataset:
+        return tokenize_stream(tokenizer, load_dataset_text(dataset, "eval"))
+    raise ValueError("give a text file (--text-file) or a dataset name (--dataset)")

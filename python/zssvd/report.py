@@ -1,0 +1,98 @@
+"""``report.json``: what a compression did, and the byte counts behind its ratios."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._version import __version__
+from .config import CompressionConfig
+from .nn import describe_packed
+from .stages.correction import CorrectionResult
+from .stages.selection import Selection
+
+
+def sampled_steps(n: int, points: int = 2000) -> list[int]:
+    """At most about ``points`` evenly spaced indices of a length-n trace, always ending with the last."""
+    if n == 0:
+        return []
+    stride = -(-n // points)
+    return list(range(0, n - 1, stride)) + [n - 1]
+
+
+def score_summary(analysis, bins: int = 61) -> dict:
+    """Distribution of dL over all components, by module kind (the last name part), on a symmetric
+    log scale: ``edges`` are shared, ``counts[kind]`` has one entry per bin."""
+    by_kind: dict[str, list[torch.Tensor]] = {}
+    for name, scores in analysis.scores.items():
+        by_kind.setdefault(name.rsplit(".", 1)[-1], []).append(scores.double())
+    values = {kind: torch.cat(v) for kind, v in by_kind.items()}
+    everything = torch.cat(list(values.values()))
+    top = float(everything.abs().max().clamp_min(1e-30))
+    floor = max(top * 1e-12, float(everything.abs()[everything != 0].min()) if (everything != 0).any() else top)
+    half = torch.logspace(torch.log10(torch.tensor(floor)), torch.log10(torch.tensor(top)), (bins - 1) // 2,
+                          dtype=torch.float64)
+    edges = torch.cat([-half.flip(0), torch.zeros(1, dtype=torch.float64), half])
+    edges[0], edges[-1] = edges[0] * 1.0001, edges[-1] * 1.0001
+    return {"edges": edges.tolist(),
+            "counts": {kind: torch.histogram(v, bins=edges).hist.long().tolist() for kind, v in values.items()},
+            "positive_fraction": float((everything >= 0).double().mean()), "total": int(everything.numel())}
+
+
+def model_nbytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers, counting tied (shared) tensors once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def build_report(model: nn.Module, analysis, config: CompressionConfig, selection: Selection, timings: dict,
+                 correction: CorrectionResult | None) -> dict:
+    """``report.json``: what ``compress`` did to ``model`` (already packed) from ``analysis`` under ``config``."""
+    manifest = describe_packed(model)
+    corrections = config.corrections
+    specs = {s.name: s for s in analysis.specs}
+    removed_dl = sum(float(analysis.scores[name][j]) for name, j in selection.removed
+                     if not selection.dense[name])
+    target_bytes_16bit = 2 * sum(s.params for s in analysis.specs)
+    dtype = next(model.parameters()).dtype
+    element = torch.finfo(dtype).bits // 8
+    target_bytes_now = sum(manifest[name]["nbytes"] if name in manifest else specs[name].params * element
+                           for name in specs)
+    steps = sampled_steps(len(selection.running_sum))
+    return {
+        "zssvd_version": __version__,
+        "config": config.to_dict(),
+        "target_ratio": selection.target_ratio,
+        "achieved_ratio": selection.achieved_ratio,
+        "achieved_bytes_ratio": target_bytes_now / target_bytes_16bit,
+        "storage": selection.storage,
+        "strategy": selection.strategy,
+        "ordered": selection.ordered,
+        "corrections": corrections,
+        "pass_order": analysis.options.pass_order,
+        "ranks": selection.ranks,
+        "full_ranks": {name: s.rank for name, s in specs.items()},
+        "kept_dense": sorted(name for name, d in selection.dense.items() if d),
+        "calibration": {"source": analysis.calibration.source, "samples": analysis.calibration.num_samples,
+                        "seq_len": analysis.calibration.seq_len, "loss": analysis.loss},
+        # at truncation, then each round's result; the factors kept are those of the lowest loss
+        "correction_losses": correction.losses if correction else [],
+        "correction_step_scales": correction.step_scales if correction else [],
+        "correction_loss": correction.loss if correction else None,
+        "predicted_dl_removed": removed_dl,
+        "selection_steps": [i + 1 for i in steps],  # 1-based removal step of each running-sum point
+        "selection_running_sum": [selection.running_sum[i] for i in steps],
+        "score_summary": score_summary(analysis),
+        "target_params": sum(s.params for s in analysis.specs),
+        "target_bytes_16bit": target_bytes_16bit,
+        "target_bytes_original": sum(s.params for s in analysis.specs) * element,
+        "dtype": str(dtype).replace("torch.", ""),
+        "target_bytes_packed": target_bytes_now,
+        "model_bytes": model_nbytes(model),
+        "whitening_max_relative_jitter": max(analysis.jitter.values()),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "torch_version": torch.__version__,
+    }

@@ -1,0 +1,215 @@
+"""Stage 1 (calibrate), statistics -- one backward pass over the whole calibration set: G = dL/dW for every target.
+
+L is the mean next-token cross-entropy over all calibration tokens, computed in float32.
+The set is processed in micro-batches; each micro-batch's gradient is added to a float32
+accumulator (so bf16/fp16 models do not accumulate in 16 bits). No parameter requires gradients:
+a small autograd function on each target's output computes g^T x in the backward, so no ``.grad``
+is allocated and offloaded weights (``zssvd.runtime.offload``) work unchanged. Optional activation checkpointing wraps every decoder block, which keeps
+the model in eval mode (no dropout) unlike Hugging Face's own switch. Covariance hooks may ride
+along the same forward (pass a ``CovarianceCollector``).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+
+from ..runtime.blockwise import block_order_pass, replaced_forwards
+from .covariance import CovarianceCollector
+from ..io.models import TargetSet, find_blocks
+from ..runtime.offload import streamed_blocks
+from ..runtime.progress import progress
+
+
+@dataclass
+class GradientResult:
+    grads: dict[str, torch.Tensor]  # target name -> float32 (out x in), dL/dW of the mean loss
+    loss: float  # mean calibration loss (nats per token)
+    tokens: int  # number of predicted tokens
+
+
+def next_token_loss_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Sum over positions of the next-token cross-entropy, in float32 (float64 for float64 models)."""
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+
+
+class _WeightGradientSink(torch.autograd.Function):
+    """Identity on a linear layer's output whose backward adds dL/dW = g^T x to an accumulator.
+
+    Weights never require gradients: the weight tensors may be replaced on every forward (accelerate's
+    offload hooks do that) and none is kept alive for the backward, and no parameter ``.grad`` is ever
+    allocated. Under activation checkpointing the saved input is recomputed like any other.
+    """
+
+    @staticmethod
+    def forward(ctx, output, inputs, sink):
+        ctx.save_for_backward(inputs)
+        ctx.sink = sink
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (inputs,) = ctx.saved_tensors
+        g = grad_output.reshape(-1, grad_output.shape[-1])
+        x = inputs.reshape(-1, inputs.shape[-1]).to(g.dtype)
+        product = g.T @ x
+        if product.element_size() > ctx.sink.element_size():
+            product = product.to(ctx.sink.dtype)
+        ctx.sink += product.to(ctx.sink.device)  # a 16-bit product is upcast by the add: half the bytes to move
+        return grad_output, None, None
+
+
+@contextlib.contextmanager
+def weight_gradient_sinks(model: torch.nn.Module, targets: TargetSet, sinks: dict[str, torch.Tensor]):
+    """Accumulate dL/dW of every target into ``sinks`` (float32) with no parameter requiring gradients.
+
+    The token embeddings' output is made to require gradients so that autograd builds the graph.
+    """
+    saved = {name: p.requires_grad for name, p in model.named_parameters()}
+
+    def sink_hook(name):
+        def hook(module, args, output):
+            if not torch.is_grad_enabled():
+                return output  # a forward that nothing will differentiate (block order's first pass)
+            return _WeightGradientSink.apply(output, args[0], sinks[name])
+        return hook
+
+    def embeddings_hook(module, args, output):
+        return output if output.requires_grad else output.detach().requires_grad_(True)
+
+    handles = [t.module.register_forward_hook(sink_hook(t.name)) for t in targets]
+    handles.append(model.get_input_embeddings().register_forward_hook(embeddings_hook))
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, p in model.named_parameters():
+            p.requires_grad_(saved.get(name, False))
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(model: torch.nn.Module, blocks_path: str, enabled: bool):
+    """Run each decoder block under non-reentrant activation checkpointing.
+
+    Wraps whatever ``forward`` the block has now (accelerate's offload hooks included, so a
+    recomputed block loads its weights again) and puts it back afterwards.
+    """
+    if not enabled:
+        yield
+        return
+    _, blocks = find_blocks(model, blocks_path)
+
+    def wrap(index, fn):
+        def run(*args, **kwargs):
+            # Recompute whole blocks: with early stopping an offloaded block's post-forward hook would
+            # never run in the backward and its weights would stay on the device.
+            with set_checkpoint_early_stop(False):
+                return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        return run
+
+    with replaced_forwards(blocks, wrap):
+        yield
+
+
+def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torch.Tensor, *,
+                     micro_batch: int = 4, covariances: CovarianceCollector | None = None,
+                     checkpointing: bool = False, offload: str | None = None,
+                     device: torch.device | str | None = None, grad_device: torch.device | str | None = None,
+                     order: str = "batch", segment: int | None = None,
+                     desc: str = "gradient pass") -> GradientResult:
+    """Forward + backward over ``input_ids`` (N x L); returns float32 gradients of the mean loss.
+
+    ``order="batch"`` runs each micro-batch through the whole model; ``order="block"`` walks the
+    decoder blocks instead and holds one block's statistics on the device at a time (see
+    ``zssvd.runtime.blockwise``; ``segment`` is its stored-boundary spacing, chosen from host memory if None;
+    its gradients are returned in CPU memory unless ``grad_device`` says otherwise).
+    ``offload`` ("cpu" or a folder) keeps the decoder blocks' weights off ``device`` and streams one
+    block at a time to it (see ``zssvd.runtime.offload``); the gradients then accumulate in CPU memory, as
+    they do with ``grad_device="cpu"`` (for models whose float32 gradients would not fit beside them).
+    In batch order, offloading implies activation checkpointing: otherwise autograd would keep every
+    block's loaded weights alive for the backward.
+    """
+    if order not in ("batch", "block"):
+        raise ValueError(f"order must be 'batch' or 'block', not {order!r}")
+    checkpointing = checkpointing or offload is not None
+    device = torch.device(device) if device is not None else model_device(model)
+    total_tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
+    grad_device = grad_device or ("cpu" if statistics_on_host(offload, order) else device)
+    grads = {t.name: torch.zeros(t.shape, dtype=torch.float32, device=grad_device) for t in targets}
+    # Batch order accumulates straight into ``grads``; block order swaps one block's device sinks in.
+    sinks = grads if order == "batch" else {}
+    was_training = model.training
+    model.eval()
+    try:
+        with weight_gradient_sinks(model, targets, sinks), \
+                streamed_blocks(model, targets.blocks_path, device, offload):
+            if order == "block":
+                loss_total = block_order_pass(model, targets, input_ids, micro_batch=micro_batch, device=device,
+                                              grad_device=grad_device, sinks=sinks, grads=grads,
+                                              covariances=covariances, loss_of=_checked_loss_sum,
+                                              segment=segment, desc=desc)
+            else:
+                loss_total = _batch_order_pass(model, targets, input_ids, micro_batch, device, covariances,
+                                               checkpointing, total_tokens, desc)
+    finally:
+        model.train(was_training)
+    return GradientResult(grads=grads, loss=loss_total / total_tokens, tokens=total_tokens)
+
+
+def statistics_on_host(offload: str | None, order: str) -> bool:
+    """Whether statistics belong in host memory by default: with offloaded weights or in block order."""
+    return offload is not None or order == "block"
+
+
+def _batch_order_pass(model, targets, input_ids, micro_batch, device, covariances, checkpointing,
+                      total_tokens, desc) -> float:
+    loss_total = 0.0
+    collect = covariances if covariances is not None else contextlib.nullcontext()
+    with collect, checkpointed_blocks(model, targets.blocks_path, checkpointing):
+        for start in progress(range(0, input_ids.shape[0], micro_batch), desc=desc, unit="batch"):
+            ids = input_ids[start:start + micro_batch].to(device)
+            if covariances is not None:
+                covariances.new_batch()
+            logits = model(ids, use_cache=False).logits
+            if covariances is not None:
+                covariances.check()  # names the first layer whose input went non-finite
+            loss_sum = _checked_loss_sum(logits, ids, first=start)
+            (loss_sum / total_tokens).backward()
+            loss_total += loss_sum.item()
+    return loss_total
+
+
+def _checked_loss_sum(logits: torch.Tensor, ids: torch.Tensor, first: int) -> torch.Tensor:
+    loss_sum = next_token_loss_sum(logits, ids)
+    if not torch.isfinite(loss_sum):
+        raise FloatingPointError(
+            f"non-finite calibration loss in samples {first}..{first + len(ids) - 1}: the model "
+            "overflows in its dtype (try --dtype float32) or its weights contain NaN/Inf"
+        )
+    return loss_sum
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def calibration_loss(model: torch.nn.Module, input_ids: torch.Tensor, micro_batch: int = 4, *,
+                     offload: str | None = None, device: torch.device | str | None = None,
+                     blocks_path: str | None = None) -> float:
+    """Mean next-token loss over the calibration windows (no gradients)."""
+    device = torch.device(device) if device is not None else model_device(model)
+    total, count = 0.0, 0
+    with streamed_blocks(model, blocks_path, device, offload):
+        for start in range(0, input_ids.shape[0], micro_batch):
+            ids = input_ids[start:start + micro_batch].to(device)
+            total += next_token_loss_sum(model(ids, use_cache=False).logits, ids).item()
+            count += ids.shape[0] * (ids.shape[1] - 1)
+    return total / count

@@ -1,0 +1,58 @@
+"""bench/quality.py end to end on a tiny model: rows, resume, sign flips, markdown."""
+import json
+import sys
+from pathlib import Path
+
+from tiny_models import english_text, save_tiny_model_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import quality  # noqa: E402
+
+
+def test_quality_suite_records_resumes_and_tabulates(tmp_path, capsys):
+    save_tiny_model_dir(tmp_path / "model")
+    for name, seed in (("calib.txt", 1), ("other.txt", 2), ("eval.txt", 3)):
+        (tmp_path / name).write_text(english_text(1500, seed=seed))
+    results = tmp_path / "q.jsonl"
+    argv = ["--model", str(tmp_path / "model"), "--calib-file", str(tmp_path / "calib.txt"),
+            "--eval", f"held={tmp_path / 'eval.txt'}", "--suite", "issue2", "--ratios", "0.6",
+            "--corrections", "1", "--calib-samples", "4", "--seq-len", "32", "--windows", "3",
+            "--sign-flip", str(tmp_path / "other.txt"), "--cache-dir", str(tmp_path / "cache"),
+            "--results", str(results)]
+    assert quality.main(argv) == 0
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    configs = [r for r in rows if "strategy" in r]
+    assert {(r["strategy"], r["corrections"]) for r in configs} == {
+        ("uniform", 0), ("zero-sum", 0), ("zero-sum-2nd", 0), ("zero-sum", 1)}
+    assert all(r["achieved_ratio"] <= 0.6 and r["ppl"]["held"] > 1 for r in configs)
+    flips = next(r["signflip"] for r in rows if "signflip" in r)
+    assert 0 <= flips["all"]["flip_rate"] <= 1 and "removed at 0.6" in flips
+    table = capsys.readouterr().out
+    assert "| 0.6 | dense | zero-sum | yes | 1 |" in table and "sign flips" in table
+
+    assert quality.main(argv) == 0  # everything is done: nothing is recomputed or appended
+    assert len(results.read_text().splitlines()) == len(rows)
+
+    only = tmp_path / "only.jsonl"
+    argv[argv.index(str(results))] = str(only)
+    assert quality.main(argv + ["--strategies", "uniform"]) == 0
+    assert {json.loads(line).get("strategy") for line in only.read_text().splitlines()} == {None, "uniform"}
+
+
+def test_contiguous_calibration_takes_the_first_tokens(tmp_path):
+    import argparse
+
+    import pytest
+
+    from tiny_models import tiny_tokenizer
+    from zssvd.stages import calibration
+    path = tmp_path / "calib.txt"
+    path.write_text(english_text(400, seed=4))
+    tokenizer = tiny_tokenizer()
+    args = argparse.Namespace(calib_file=[str(path)], calib_samples=3, seq_len=20, calib_contiguous=True)
+    calib = quality._calibration(tokenizer, args, seed=0)
+    ids = calibration.tokenize_stream(tokenizer, path.read_text())
+    assert calib.input_ids.tolist() == ids[:60].view(3, 20).tolist()
+    args.calib_samples = 10**6
+    with pytest.raises(ValueError, match="but 1000000 were asked for"):
+        quality._calibration(tokenizer, args, seed=0)
