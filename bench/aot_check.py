@@ -158,7 +158,8 @@ def record_all(gpu: GPU, x_dtypes: tuple, tokens: tuple) -> list[Launch]:
                           fmt=fmt)) for fmt in FORMATS}
             stores["fp8-lowrank"] = (zskernels.fp8_lowrank_matmul, zskernels.pack_fp8_lowrank(
                 torch.randn(out, hq_rank, generator=gen), torch.randn(in_, hq_rank, generator=gen)))
-            stores["fp8-dense"] = (zskernels.fp8_linear, zskernels.quantize_fp8_dense(torch.randn(out, in_, generator=gen)))
+            dense = torch.randn(out, in_, generator=gen)
+            stores["fp8-dense"] = (zskernels.fp8_linear, zskernels.quantize_fp8_dense(dense))
             for dtype, m, (storage, (op, packed)) in itertools.product(x_dtypes, tokens, stores.items()):
                 x = torch.randn(m, in_, generator=gen).to(dtype)
                 for bias in (None, torch.zeros(out, dtype=dtype)) if m == 1 else (None,):
@@ -222,7 +223,8 @@ def describe(launch: Launch) -> str:
 def record_in_child(args: argparse.Namespace) -> list[Launch]:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "launches.pkl")
-        cmd = [sys.executable, __file__, "--record", path, "--arch", str(args.arch)] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, __file__, "--record", path, "--arch", str(args.arch)]
+        cmd += ["--quick"] if args.quick else []
         subprocess.run(cmd, check=True)
         with open(path, "rb") as f:
             return pickle.load(f)

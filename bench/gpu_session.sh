@@ -7,6 +7,7 @@
 #     bash bench/gpu_session.sh serve      # LLaMA-7B-shaped decode/prefill, dense vs remap vs HQ (issue 4)
 #     bash bench/gpu_session.sh compress   # LLaMA-7B-shaped compress, 256 x 2048 tokens (issue 6)
 #     bash bench/gpu_session.sh capped     # the same with the GPU capped below the model (issue 6)
+#     bash bench/gpu_session.sh tune       # tune block configs; timings in $OUT, configs in zskernels/configs
 #
 # The machine's own torch, Triton and transformers are used and nothing is installed: it has no
 # network, and every dependency but gguf (only for .gguf inputs) is already there. Each part's log
@@ -31,7 +32,10 @@ case "${1:-}" in
     python3 bench/compress_scale.py 2>&1 | log compress ;;
   capped)
     python3 bench/compress_scale.py --offload cpu --memory-cap-gib 8 2>&1 | log capped ;;
+  tune)  # the raw timings come back in $OUT; `bench/tune_configs.py --from-dump` writes them here
+    python3 bench/tune_configs.py --dump "$out/tune-$gpu.jsonl" 2>&1 | log tune
+    cp zskernels/configs/*.json "$out/" ;;
   *)
-    echo "usage: bash bench/gpu_session.sh check|kernels|serve|compress|capped" >&2
+    echo "usage: bash bench/gpu_session.sh check|kernels|serve|compress|capped|tune" >&2
     exit 2 ;;
 esac

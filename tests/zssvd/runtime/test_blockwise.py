@@ -20,21 +20,21 @@ def _statistics(model, ids, targets=None, **kwargs):
     return result, collector.covariances()
 
 
+@pytest.mark.parametrize("segment", [None, 1, 2], ids=["whole-model", "segment-1", "segment-2"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_block_order_equals_batch_order(arch):
+def test_block_order_equals_batch_order(arch, segment):
     model = tiny_model(arch, dtype=torch.float64)
     ids = random_windows(5, 12, seed=4)  # 3 micro-batches, the last one short
     expected, expected_cov = _statistics(model, ids)
-    for segment in (None, 1, 2):
-        result, cov = _statistics(model, ids, order="block", segment=segment)
-        assert result.loss == pytest.approx(expected.loss, rel=1e-12)
-        assert result.tokens == expected.tokens
-        for name, g in expected.grads.items():
-            assert g.abs().max() > 0
-            torch.testing.assert_close(result.grads[name], g, rtol=1e-6, atol=1e-9)
-        assert set(cov) == set(expected_cov)
-        for group, c in expected_cov.items():
-            torch.testing.assert_close(cov[group], c, rtol=1e-12, atol=1e-14)
+    result, cov = _statistics(model, ids, order="block", segment=segment)
+    assert result.loss == pytest.approx(expected.loss, rel=1e-12)
+    assert result.tokens == expected.tokens
+    for name, g in expected.grads.items():
+        assert g.abs().max() > 0
+        torch.testing.assert_close(result.grads[name], g, rtol=1e-6, atol=1e-9)
+    assert set(cov) == set(expected_cov)
+    for group, c in expected_cov.items():
+        torch.testing.assert_close(cov[group], c, rtol=1e-12, atol=1e-14)
     assert all(p.grad is None for p in model.parameters())
     assert all("forward" not in block.__dict__ for block in find_blocks(model)[1])  # forwards restored
 
