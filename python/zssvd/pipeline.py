@@ -22,7 +22,7 @@ from torch import nn
 
 from ._version import __version__
 from .config import AnalysisOptions, CompressionConfig, free_device_memory  # noqa: F401  (re-exported)
-from .io.models import TargetSet, assign_input_groups, find_targets, model_fingerprint
+from .io.models import TargetSet, assign_input_groups, check_causal_lm, find_targets, model_fingerprint
 from .report import build_report, model_nbytes, sampled_steps, score_summary  # noqa: F401  (re-exported)
 from .runtime.cache import StageCache, cache_key
 from .runtime.distributed import decompose_sharded, everywhere, is_main
@@ -72,6 +72,7 @@ class Stages:
 
     def __init__(self, cache_dir: str | None, key: str = "", timings: dict | None = None):
         self.cache = StageCache(cache_dir if key else None)
+        self.cache.usable()  # an unusable directory is found now, before any work, and costs only the cache
         self.key = key
         self.timings = {} if timings is None else timings
 
@@ -107,6 +108,7 @@ def analyze(model: nn.Module, calib: CalibrationSet, options: AnalysisOptions | 
     rank returns the whole analysis. Only rank 0 writes cache entries.
     """
     options = options or AnalysisOptions()
+    check_causal_lm(model)
     _check_weights(model)
     targets = find_targets(model, options.blocks_path, filter_fn=filter_fn)
     assign_input_groups(model, targets, calib.input_ids[:1, : min(16, calib.seq_len)].to(model_device(model)))
@@ -150,6 +152,7 @@ def compress_(model: nn.Module, calib: CalibrationSet, config: CompressionConfig
     config = _config_from_legacy(config, legacy, legacy_kwargs)
     if analysis is None:
         options = options or AnalysisOptions()
+        check_causal_lm(model)
         targets = find_targets(model, options.blocks_path, filter_fn=filter_fn)
         check_ratio([MatrixSpec(t.name, *t.shape) for t in targets], config.ratio, config.storage,
                     config.min_rank)  # fail fast, before the slow stages

@@ -242,6 +242,33 @@ def _get_path(root: nn.Module, path: str):
     return obj
 
 
+# Families with both a masked-LM and a causal-LM head: their causal class is causal only with
+# ``is_decoder=True`` (BERT, RoBERTa, ...). Read from transformers' own Auto mappings.
+def _encoder_families() -> set[str]:
+    from transformers.models.auto import modeling_auto as auto
+
+    return set(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES) & set(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def check_causal_lm(model: nn.Module) -> None:
+    """Refuse what the pipeline cannot treat as a causal LM, naming what is missing."""
+    kind = type(model).__name__
+    missing = [need for need in ("get_input_embeddings", "config") if not hasattr(model, need)]
+    if missing:
+        raise UnsupportedModelError(
+            f"{kind} is not a Hugging Face causal LM: it has no {' or '.join(missing)}. zssvd calls "
+            "model.get_input_embeddings() and model(input_ids, use_cache=False).logits; pass the wrapped "
+            "...ForCausalLM itself (blocks_path= / --blocks name paths inside it)")
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{kind} is an encoder-decoder model; zssvd compresses decoder-only causal LMs")
+    if getattr(config, "model_type", None) in _encoder_families() and not getattr(config, "is_decoder", False):
+        raise UnsupportedModelError(
+            f"{kind} ({config.model_type}, is_decoder=False) is an encoder: its attention sees the whole "
+            "sequence, so next-token calibration and perplexity would be meaningless; zssvd compresses "
+            "causal LMs only")
+
+
 def find_targets(model: nn.Module, blocks_path: str | None = None, *,
                  filter_fn: Callable[[nn.Module, str], bool] | None = None) -> TargetSet:
     """The modules to compress, among those inside the decoder blocks.

@@ -67,3 +67,37 @@ def test_nan_weights_are_refused_before_any_work():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight contains NaN"):
         analyze(model, CalibrationSet(random_windows(2, 8), "random"))
+
+
+def _tiny_bert(is_decoder: bool):
+    from transformers import BertConfig, BertLMHeadModel
+
+    config = BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, is_decoder=is_decoder)
+    return BertLMHeadModel(config)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: _tiny_bert(is_decoder=False), r"BertLMHeadModel \(bert, is_decoder=False\) is an encoder"),
+    (lambda: nn.ModuleDict({"inner": tiny_model("llama")}), r"not a Hugging Face causal LM: it has no "
+                                                            r"get_input_embeddings.*pass the wrapped"),
+], ids=["bert-encoder", "wrapper"])
+def test_what_is_not_a_causal_lm_is_refused_before_any_work(make, message):
+    from zssvd.config import CompressionConfig
+    from zssvd.pipeline import AnalysisOptions, analyze, compress
+    from zssvd.stages.calibration import CalibrationSet
+
+    model = make()
+    blocks = "bert.encoder.layer" if "bert" in type(model).__name__.lower() else "inner.model.layers"
+    calib = CalibrationSet(random_windows(2, 8), "random")
+    with pytest.raises(UnsupportedModelError, match=message):
+        analyze(model, calib, AnalysisOptions(blocks_path=blocks))
+    with pytest.raises(UnsupportedModelError, match=message):
+        compress(model, calib, CompressionConfig(ratio=0.6), options=AnalysisOptions(blocks_path=blocks))
+
+
+def test_a_bert_used_as_a_decoder_is_a_causal_lm():
+    from zssvd.io.models import check_causal_lm
+
+    check_causal_lm(_tiny_bert(is_decoder=True))  # causal attention: accepted
+    check_causal_lm(tiny_model("llama"))
