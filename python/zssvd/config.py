@@ -16,6 +16,7 @@ from torch import nn
 from .io.models import TargetSet
 from .runtime.blockwise import available_host_bytes, least_host_peak_bytes, statistics_bytes_by_block
 from .stages.gradients import model_device, statistics_on_host
+from .validate import require_int
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,8 @@ class CompressionConfig:
     min_rank: int = 1
 
     def __post_init__(self):
-        if self.corrections < 0:
-            raise ValueError(f"corrections must be >= 0, got {self.corrections}")
+        require_int("corrections", self.corrections, 0)
+        require_int("min_rank", self.min_rank, 1)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,6 +72,11 @@ class AnalysisOptions:
     # or "auto": batch unless its statistics would not fit in the device's free memory
     cache_dir: str | None = None
     source: str = ""  # model id, for the cache key
+
+    def __post_init__(self):
+        require_int("micro_batch", self.micro_batch, 1)
+        if not self.base_jitter >= 0:
+            raise ValueError(f"base_jitter must be >= 0, got {self.base_jitter}")
 
     def compute_device(self, model: nn.Module) -> torch.device:
         """Where the passes, whitening, decompositions and scores run: ``device``, else the weights' device."""
@@ -117,11 +123,6 @@ class AnalysisOptions:
                     device=self.device, order=self.pass_order)
 
 
-def free_device_memory(device: torch.device) -> int | None:
-    """Free bytes on an accelerator; None for the CPU (whose statistics share host memory anyway)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return None
 def free_device_memory(device: torch.device) -> int | None:
     """Free bytes on an accelerator; None for the CPU (whose statistics share host memory anyway)."""
     if device.type == "cuda":

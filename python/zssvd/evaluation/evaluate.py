@@ -12,6 +12,7 @@ import torch
 from ..stages.calibration import load_dataset_text, read_texts, tokenize_stream
 from ..stages.gradients import next_token_loss_sum
 from ..runtime.progress import progress
+from ..validate import optional_int, require_int
 
 DEFAULT_SEQ_LEN = 2048
 
@@ -20,25 +21,41 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
+def context_length(model) -> int | None:
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
 def default_seq_len(model, requested: int | None = None) -> int:
-    """The requested window, else 2048 capped at the model's context length."""
-    if requested:
-        return requested
-    limit = getattr(model.config, "max_position_embeddings", None) or DEFAULT_SEQ_LEN
-    return min(DEFAULT_SEQ_LEN, int(limit))
+    """The requested window (checked against the model's context), else 2048 capped at that context."""
+    limit = context_length(model)
+    if requested is not None:
+        return check_window(requested, limit)
+    return min(DEFAULT_SEQ_LEN, int(limit or DEFAULT_SEQ_LEN))
+
+
+def check_window(seq_len: int, limit: int | None) -> int:
+    require_int("seq_len", seq_len, 2)
+    if limit and seq_len > limit:
+        raise ValueError(f"seq_len {seq_len} is longer than the model's context ({limit} tokens); "
+                         f"use a window of at most {limit}")
+    return seq_len
 
 
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, seq_len: int, *, max_windows: int | None = None,
                batch_size: int = 1, desc: str = "perplexity") -> dict:
-    """Perplexity of ``model`` on the token stream ``ids`` cut into windows of ``seq_len``."""
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    """Perplexity of ``model`` on the token stream ``ids`` cut into windows of ``seq_len``.
+
+    ``max_windows``: None for every window, else at least 1.
+    """
+    check_window(seq_len, context_length(model))
+    optional_int("max_windows", max_windows, 1)
+    require_int("batch_size", batch_size, 1)
     windows = ids.numel() // seq_len
     if windows == 0:
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}; "
                          "use a longer text or a smaller --seq-len")
-    if max_windows:
+    if max_windows is not None:
         windows = min(windows, max_windows)
     device = next(model.parameters()).device
     stream = ids[: windows * seq_len].view(windows, seq_len)

@@ -46,3 +46,23 @@ def test_too_short_text_and_default_window():
         perplexity(model, torch.arange(10), seq_len=32)
     assert default_seq_len(model) == 128  # the tiny model's context is below 2048
     assert default_seq_len(model, 64) == 64
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(seq_len=0), r"seq_len must be an integer >= 2, got 0"),
+    (dict(seq_len=129), r"seq_len 129 is longer than the model's context \(128 tokens\)"),
+    (dict(seq_len=16, max_windows=0), r"max_windows must be an integer >= 1, got 0"),
+    (dict(seq_len=16, max_windows=-1), r"max_windows must be an integer >= 1, got -1"),
+    (dict(seq_len=16, batch_size=0), r"batch_size must be an integer >= 1, got 0"),
+], ids=["zero-window", "beyond-context", "zero-windows", "negative-windows", "zero-batch"])
+def test_options_are_checked_not_reinterpreted(kwargs, message):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=message):
+        perplexity(model, random_windows(1, 300).flatten(), **kwargs)
+
+
+def test_default_window_checks_an_explicit_request():
+    model = tiny_model("llama")  # context 128
+    assert default_seq_len(model) == 128 and default_seq_len(model, 64) == 64
+    with pytest.raises(ValueError, match="seq_len must be an integer >= 2, got 0"):
+        default_seq_len(model, 0)
