@@ -59,6 +59,7 @@ class Analysis:
     timings: dict[str, float] = field(default_factory=dict)
     key: str = ""  # cache key of the factors (empty without a cache)
     curvature: dict[str, torch.Tensor] | None = None  # second-order terms (``analyze(second_order=True)``)
+    windows_per_rank: list[int] | None = None  # the calibration pass's windows on each rank (torchrun)
 
 
 class Stages:
@@ -119,7 +120,7 @@ def analyze(model: nn.Module, calib: CalibrationSet, options: AnalysisOptions | 
     stages = Stages(options.cache_dir, key)
 
     stats = stages.run("calibration_pass", lambda: _statistics(model, targets, calib, options),  # 1
-                       entry="stats", save=_stats_entry, restore=_stats_from_entry)
+                       entry="stats", save=_stats_entry, restore=_stats_from_entry, shared=True)
     stages.key = cache_key(key, options.decompose_method, options.base_jitter) if key else ""
     whitening, jitter, factors = stages.run(  # 2 + 3 share one entry: the corrections need S with the factors
         None, lambda: _whiten_and_decompose(stages, targets, stats, options, device),
@@ -129,7 +130,8 @@ def analyze(model: nn.Module, calib: CalibrationSet, options: AnalysisOptions | 
                                            device=device) for t in targets}
     analysis = Analysis(targets=targets, specs=[MatrixSpec(t.name, *t.shape) for t in targets], whitening=whitening,
                         jitter=jitter, factors=factors, scores=scores, loss=stats["loss"], calibration=calib,
-                        options=options, timings=stages.timings, key=stages.key)
+                        options=options, timings=stages.timings, key=stages.key,
+                        windows_per_rank=stats.get("windows_per_rank"))
     if second_order:
         add_curvature(model, analysis)  # 4b
     return analysis
@@ -185,7 +187,8 @@ def add_curvature(model: nn.Module, analysis: Analysis) -> dict[str, torch.Tenso
         analysis.curvature = stages.run(
             "curvature", lambda: curvature_terms(model, analysis.targets.rebind(model), analysis.calibration.input_ids,
                                                  analysis.factors, **analysis.options.pass_settings()),
-            entry="curvature", save=lambda c: ({"curvature": c}, {}), restore=lambda files, meta: files["curvature"])
+            entry="curvature", save=lambda c: ({"curvature": c}, {}), restore=lambda files, meta: files["curvature"],
+            shared=True)
     return analysis.curvature
 
 
@@ -229,16 +232,17 @@ def _statistics(model, targets: TargetSet, calib: CalibrationSet, options: Analy
     result = calibration_pass(model, targets, calib.input_ids, covariances=collector, grad_device=stats_device,
                               desc="calibration pass (covariances + gradients)", **options.pass_settings())
     return {"covariances": collector.covariances(), "grads": result.grads, "loss": result.loss,
-            "tokens": result.tokens}
+            "tokens": result.tokens, "windows_per_rank": result.windows_per_rank}
 
 
 def _stats_entry(stats: dict):
     return ({"covariances": stats["covariances"], "grads": stats["grads"]},
-            {"loss": stats["loss"], "tokens": stats["tokens"]})
+            {"loss": stats["loss"], "tokens": stats["tokens"], "windows_per_rank": stats["windows_per_rank"]})
 
 
 def _stats_from_entry(files: dict, meta: dict) -> dict:
-    return {"covariances": files["covariances"], "grads": files["grads"], "loss": meta["loss"]}
+    return {"covariances": files["covariances"], "grads": files["grads"], "loss": meta["loss"],
+            "windows_per_rank": meta.get("windows_per_rank")}
 
 
 def _whiten_and_decompose(stages: Stages, targets: TargetSet, stats: dict, options: AnalysisOptions, device):

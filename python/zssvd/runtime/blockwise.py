@@ -342,7 +342,8 @@ def choose_segment(boundary: int, budget: int, covs: list[int], grads: list[int]
 def block_order_pass(model: nn.Module, targets: TargetSet, input_ids: torch.Tensor, *, micro_batch: int,
                      device: torch.device, grad_device, sinks: dict[str, torch.Tensor],
                      grads: dict[str, torch.Tensor], covariances: CovarianceCollector | None,
-                     loss_of, segment: int | None = None, desc: str = "calibration pass") -> float:
+                     loss_of, segment: int | None = None, desc: str = "calibration pass",
+                     total_tokens: int | None = None) -> float:
     """Fill ``grads`` (on ``grad_device``) and ``covariances`` in block order; return the summed loss.
 
     Each block's covariance sums grow on ``device`` and go to the collector's home when the block is done.
@@ -350,11 +351,13 @@ def block_order_pass(model: nn.Module, targets: TargetSet, input_ids: torch.Tens
     ``sinks`` is the dict the weight-gradient hooks add into (see ``gradients.weight_gradient_sinks``):
     this function puts one block's device accumulators in it at a time. ``loss_of(logits, ids, first=)``
     returns a micro-batch's summed loss (``first``: the index of its first window, for error messages).
+    ``total_tokens`` divides the loss (default: the tokens of ``input_ids``; a data-parallel rank passes
+    those of the whole calibration set).
     """
     _, blocks = find_blocks(model, targets.blocks_path)
     runner = _ModelRunner(model, blocks)
     batches = [input_ids[start:start + micro_batch] for start in range(0, input_ids.shape[0], micro_batch)]
-    total_tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
+    total_tokens = total_tokens or input_ids.shape[0] * (input_ids.shape[1] - 1)
     by_block: dict[int, list] = {}
     for t in targets:
         by_block.setdefault(t.block, []).append(t)

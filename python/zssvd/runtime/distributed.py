@@ -1,12 +1,18 @@
-"""Several processes (``torchrun``): the whitened SVDs sharded across ranks.
+"""Several processes (``torchrun``): the calibration data and the whitened SVDs shared out across ranks.
 
-Only the decomposition stage is split. The calibration pass and the whitening (one Cholesky
-per input group, cheap next to the SVDs) run identically on every rank, which therefore needs
-the whole model and the same calibration windows. ``decompose_sharded`` gives each rank a share
-of the matrices, balanced by the estimated cost of their SVDs; each rank decomposes its share,
-then every matrix's factors are broadcast from the rank that computed them, so that all ranks
-end with the same, complete set of factors and the later stages (scores, selection, packing)
-need no communication.
+Data parallel calibration: every gradient pass over the calibration set (statistics, curvature,
+corrections, rescoring) gives each rank a contiguous share of the windows (``window_share``;
+shares differ by at most one window, and a rank may have none). Each rank divides its losses by
+the token count of the WHOLE set, so the sum over ranks of its gradients, covariance sums, loss
+and curvature sums is exactly the one-process quantity; ``sum_across_ranks`` adds them up
+(all-reduce, in buckets, each bucket's copy overlapped with the previous one's communication).
+Every rank ends with the same statistics, up to summation order equal to a one-process run.
+
+Decomposition: ``decompose_sharded`` gives each rank a share of the matrices, balanced by the
+estimated cost of their SVDs; each rank decomposes its share, then every matrix's factors are
+broadcast from the rank that computed them. The whitening (one Cholesky per input group, cheap
+next to the SVDs), scores, selection and packing run identically on every rank and need no
+communication. Every rank holds the whole model.
 
 Without an initialised process group, or with a single rank, everything here falls back to
 the one-process behaviour (``decompose_sharded`` is then exactly ``decompose_all``).
@@ -76,6 +82,78 @@ def from_rank0(tensor: torch.Tensor) -> torch.Tensor:
         buffer = torch.empty(shape.tolist(), dtype=tensor.dtype, device=device)
     dist.broadcast(buffer, src=0)
     return buffer.to(tensor.device)
+
+
+def window_share(windows: int) -> tuple[int, int]:
+    """``(start, stop)`` of this rank's windows among ``windows``: contiguous, the first
+    ``windows % world_size`` ranks take one more. ``(0, windows)`` in a single process."""
+    rank, size = world()
+    base, extra = divmod(windows, size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def windows_per_rank(windows: int) -> list[int]:
+    """How many windows each rank processes (``window_share`` of every rank)."""
+    size = world()[1]
+    base, extra = divmod(windows, size)
+    return [base + (r < extra) for r in range(size)]
+
+
+BUCKET_BYTES = 64 << 20
+
+
+def sum_across_ranks(tensors: Sequence[torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Replace every tensor by its sum over the ranks, in place (a collective: every rank passes
+    tensors of the same shapes and dtypes in the same order).
+
+    Tensors are packed into flat buckets of one dtype on the communication device (the GPU for
+    NCCL, the CPU for gloo), so host-resident statistics cross to the GPU a bucket at a time;
+    while one bucket is being reduced, the next one is packed.
+    """
+    if not active():
+        return
+    device = comm_device()
+    pending = None
+    for bucket in _buckets(tensors, bucket_bytes):
+        flat = torch.cat([t.detach().reshape(-1).to(device) for t in bucket])
+        work = dist.all_reduce(flat, async_op=True)
+        if pending is not None:
+            _unpack(*pending)
+        pending = (work, flat, bucket)
+    if pending is not None:
+        _unpack(*pending)
+
+
+def _buckets(tensors: Sequence[torch.Tensor], bucket_bytes: int):
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        bucket, size = [], 0
+        for t in group:
+            if bucket and size + t.numel() * t.element_size() > bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+            bucket.append(t)
+            size += t.numel() * t.element_size()
+        if bucket:
+            yield bucket
+
+
+def _unpack(work, flat: torch.Tensor, bucket: list[torch.Tensor]) -> None:
+    work.wait()
+    for t, part in zip(bucket, flat.split([t.numel() for t in bucket])):
+        t.copy_(part.view_as(t))
+
+
+def sum_scalar_across_ranks(value: float) -> float:
+    """A Python number summed over the ranks (float64)."""
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t)
+    return float(t.item())
 
 
 def init_from_env(device: str = "cpu") -> bool:

@@ -21,6 +21,7 @@ import contextlib
 import torch
 
 from ..io.models import TargetSet
+from ..runtime.distributed import active, sum_across_ranks
 
 
 @contextlib.contextmanager
@@ -118,6 +119,22 @@ class CovarianceCollector:
         for group in groups:
             if group in self.sums and self.home is not None:
                 self.sums[group] = self.sums[group].to(self.home)
+
+    def sum_across_ranks(self) -> None:
+        """Under torchrun: add up every rank's sums and token counts (every rank gets the totals).
+
+        A rank that saw no windows contributes zeros, so every rank reduces the same groups.
+        """
+        if not active():
+            return
+        for group, leader in self._leaders.items():
+            if group not in self.sums:
+                width = leader.shape[1]
+                self.sums[group] = torch.zeros(width, width, dtype=torch.float64, device=self.home or "cpu")
+        groups = list(self._leaders)
+        tokens = torch.tensor([self.tokens[g] for g in groups], dtype=torch.float64)
+        sum_across_ranks([self.sums[g] for g in groups] + [tokens])
+        self.tokens = {g: int(n) for g, n in zip(groups, tokens.tolist())}
 
     def covariances(self) -> dict[str, torch.Tensor]:
         """Mean covariance per group, C = X^T X / tokens (float64)."""

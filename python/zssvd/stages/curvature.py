@@ -29,6 +29,7 @@ import torch
 from .decompose import Factors
 from .gradients import calibration_pass
 from ..io.models import TargetSet
+from ..runtime.distributed import active, sum_across_ranks
 
 
 def curvature_terms(model, targets: TargetSet, input_ids: torch.Tensor, factors: dict[str, Factors], *,
@@ -68,6 +69,12 @@ def curvature_terms(model, targets: TargetSet, input_ids: torch.Tensor, factors:
         for handle in handles:
             handle.remove()
     n = result.tokens  # gamma_s = n dL/dy_s, averaged over the n positions: n * sum_s (u . dL/dy_s)^2
+    if active():  # each rank summed over its own windows; a rank without windows adds zeros
+        totals = [sums[t.name] if sums[t.name] is not None else bases[t.name].new_zeros(bases[t.name].shape[1],
+                                                                                         dtype=torch.float64)
+                  for t in targets]
+        sum_across_ranks(totals)
+        sums = {t.name: total for t, total in zip(targets, totals)}
     missing = [name for name, total in sums.items() if total is None]
     if missing:
         raise RuntimeError(f"no output gradient reached {', '.join(missing[:3])} in the curvature pass")

@@ -11,13 +11,14 @@ along the same forward (pass a ``CovarianceCollector``).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from ..runtime.blockwise import block_order_pass, replaced_forwards
+from ..runtime.distributed import sum_across_ranks, sum_scalar_across_ranks, window_share, windows_per_rank
 from .covariance import CovarianceCollector
 from ..io.models import TargetSet, find_blocks
 from ..runtime.offload import streamed_blocks
@@ -28,7 +29,8 @@ from ..runtime.progress import progress
 class GradientResult:
     grads: dict[str, torch.Tensor]  # target name -> float32 (out x in), dL/dW of the mean loss
     loss: float  # mean calibration loss (nats per token)
-    tokens: int  # number of predicted tokens
+    tokens: int  # number of predicted tokens (over every rank)
+    windows_per_rank: list[int] = field(default_factory=lambda: [0])  # windows each rank processed
 
 
 def next_token_loss_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -140,27 +142,40 @@ def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torc
         raise ValueError(f"order must be 'batch' or 'block', not {order!r}")
     checkpointing = checkpointing or offload is not None
     device = torch.device(device) if device is not None else model_device(model)
-    total_tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
+    # Under torchrun each rank takes its share of the windows; the loss is divided by the tokens of
+    # the whole set on every rank, so the ranks' sums are the one-process statistics.
+    total_windows = input_ids.shape[0]
+    total_tokens = total_windows * (input_ids.shape[1] - 1)
+    start, stop = window_share(total_windows)
+    input_ids = input_ids[start:stop]
     grad_device = grad_device or ("cpu" if statistics_on_host(offload, order) else device)
     grads = {t.name: torch.zeros(t.shape, dtype=torch.float32, device=grad_device) for t in targets}
     # Batch order accumulates straight into ``grads``; block order swaps one block's device sinks in.
     sinks = grads if order == "batch" else {}
     was_training = model.training
     model.eval()
+    loss_total = 0.0
     try:
         with weight_gradient_sinks(model, targets, sinks), \
                 streamed_blocks(model, targets.blocks_path, device, offload):
-            if order == "block":
+            if input_ids.shape[0] == 0:
+                pass  # more ranks than windows: this one contributes zeros
+            elif order == "block":
                 loss_total = block_order_pass(model, targets, input_ids, micro_batch=micro_batch, device=device,
                                               grad_device=grad_device, sinks=sinks, grads=grads,
                                               covariances=covariances, loss_of=_checked_loss_sum,
-                                              segment=segment, desc=desc)
+                                              segment=segment, desc=desc, total_tokens=total_tokens)
             else:
                 loss_total = _batch_order_pass(model, targets, input_ids, micro_batch, device, covariances,
                                                checkpointing, total_tokens, desc)
     finally:
         model.train(was_training)
-    return GradientResult(grads=grads, loss=loss_total / total_tokens, tokens=total_tokens)
+    sum_across_ranks(list(grads.values()))
+    if covariances is not None:
+        covariances.sum_across_ranks()
+    loss_total = sum_scalar_across_ranks(loss_total)
+    return GradientResult(grads=grads, loss=loss_total / total_tokens, tokens=total_tokens,
+                          windows_per_rank=windows_per_rank(total_windows))
 
 
 def statistics_on_host(offload: str | None, order: str) -> bool:

@@ -148,7 +148,15 @@ def test_two_gloo_ranks_share_the_work_and_agree_with_one_process(tmp_path):
     for (tag, rank), tensors in results.items():
         assert tensors.keys() == reference.keys(), (tag, rank)
         for key, value in tensors.items():
-            torch.testing.assert_close(value, reference[key], rtol=1e-6, atol=1e-7, msg=f"{tag}/{rank}/{key}")
+            # Each rank calibrates on half of the windows: the float32 products behind the covariances
+            # and the float32 gradients are summed in another order than in one process. Singular
+            # values and scores agree to that rounding; singular vectors of nearly equal singular
+            # values may turn within their subspace, so U and Z are compared across ranks only (and
+            # the one-process statistics themselves in test_data_parallel.py, in float64).
+            kind = key.split("::")[0]
+            if kind in ("sigma", "scores"):
+                atol = (1e-3 if kind == "scores" else 1e-5) * float(reference[key].abs().max())
+                torch.testing.assert_close(value, reference[key], rtol=1e-4, atol=atol, msg=f"{tag}/{rank}/{key}")
             assert torch.equal(value, results["first", 0][key]), (tag, rank, key)  # the same on every rank
 
     logs = [json.loads((tmp_path / f"log-{r}.json").read_text()) for r in range(WORLD)]
@@ -160,9 +168,10 @@ def test_two_gloo_ranks_share_the_work_and_agree_with_one_process(tmp_path):
         assert log["shared_cache"]["stores"] == first["stores"]
         again = log["private_cache"]
         assert again["asked"] == expected[rank] * 2 and again["svds"] == 2 * first["svds"]
-        # Rank 0 found its statistics cached but decomposed with rank 1, and offered the factors
-        # again (the cache keeps the entry it already has); rank 1 still writes nothing.
-        assert again["stores"] == first["stores"] + (["factors"] if rank == 0 else [])
+        # Rank 0 found its statistics cached, but they are computed together now (each rank its share
+        # of the windows), so it calibrated and decomposed with rank 1 and offered both entries again
+        # (the cache keeps the entries it already has); rank 1 still writes nothing.
+        assert again["stores"] == first["stores"] + (["stats", "factors"] if rank == 0 else [])
     assert sorted(logs[0]["first"]["asked"] + logs[1]["first"]["asked"]) == sorted(targets)
 
 
