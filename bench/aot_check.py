@@ -11,6 +11,11 @@
    16-divisibility, constexprs, num_warps and num_stages.
 2. Compile. Each distinct launch is compiled for the target with Triton's compiler and ptxas. The
    table gives shared memory against the GPU's limit, registers, spills and the PTX features used.
+3. Census. The cubin of each launch is disassembled (Triton's own cuobjdump): static counts of
+   128-bit and narrower global loads (LDG, cp.async LDGSTS, TMA), 128-bit stores, warpgroup
+   (wgmma) and mma.sync tensor-core instructions, local-memory spills; registers and shared memory
+   give the blocks per SM and the limit that sets them. A markdown table and the targets follow:
+   tensor cores wherever tl.dot runs on 16-bit or TF32 operands, no spills.
 
 This catches lowering failures, shared-memory overflows and spills on a CPU-only machine, with
 whatever Triton is installed (the lent H100 has 3.6). It says nothing about speed. Exit status 1
@@ -46,8 +51,11 @@ from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import zskernels  # noqa: E402
-from zskernels import _device, _triton  # noqa: E402
+from zskernels import _triton  # noqa: E402
 from zskernels.formats.remap import FORMATS  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _gpus import BY_ARCH as GPUS, GPU, answering_as, occupancy  # noqa: E402
 
 # (out, in): LLaMA-7B's q/k/v/o, gate/up and down, and a GQA k/v projection (Mistral-7B, LLaMA-3-8B),
 # whose narrow output makes the fp8 decode path split K and reduce.
@@ -55,15 +63,6 @@ SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (1024, 4096))
 TOKENS = (1, 4, 16, 64, 256, 2048)
 
 
-@dataclass(frozen=True)
-class GPU:
-    arch: int
-    name: str
-    sms: int
-    smem_limit: int  # bytes of shared memory one block may use (opt-in maximum)
-
-
-GPUS = {90: GPU(90, "NVIDIA H100 80GB HBM3", 132, 232448), 80: GPU(80, "NVIDIA A100-SXM4-80GB", 108, 166912)}
 PTX_FEATURES = ("wgmma.mma_async", "mma.sync", "cvt.rn.f16x2.e4m3x2", "atom.global.gpu.acq_rel")
 
 
@@ -119,19 +118,17 @@ class Recorder:
             launch = specialise(kernel.fn, args, kwargs)
             self.launches.setdefault(launch.key(), launch).cases.append(self.case)
 
-        answers = [(_device, "device_name", lambda device: self.gpu.name),  # every device question
-                   (_device, "num_sms", lambda device: self.gpu.sms),
-                   (_device, "native_fp8", lambda device: self.gpu.arch >= 89),
-                   (_device, "native_bf16_dot", lambda: True),
-                   (InterpretedFunction, "run", run)]
-        self._saved = [(owner, name, getattr(owner, name)) for owner, name, _ in answers]
-        for owner, name, value in answers:
-            setattr(owner, name, value)
+        self._answers = answering_as(self.gpu)  # every device question
+        self._answers.__enter__()
+        self._saved_run = InterpretedFunction.run
+        InterpretedFunction.run = run
         return self
 
     def __exit__(self, *exc):
-        for owner, name, value in self._saved:
-            setattr(owner, name, value)
+        from triton.runtime.interpreter import InterpretedFunction
+
+        InterpretedFunction.run = self._saved_run
+        self._answers.__exit__(*exc)
 
     def call(self, case: str, op: Callable, *args, **kwargs) -> None:
         self.case = case
@@ -179,38 +176,85 @@ def jit_function(kernel: str):
     return getattr(module, name)
 
 
-def ptxas_info(ptx: str, arch: int) -> tuple[str, str]:
-    """(registers, spill-store bytes) from ptxas -v, with Triton's own ptxas."""
-    base = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
+def _nvidia_tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    """cuobjdump (Triton's own copy) on one compiled kernel: "-sass" or "-res-usage"."""
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(cubin)
     try:
-        for exe in (base, base + "-blackwell"):
-            if not os.path.exists(exe):
-                continue
-            res = subprocess.run([exe, f"-arch=sm_{arch}{'a' if arch == 90 else ''}", "-v", f.name, "-o", os.devnull],
-                                 capture_output=True, text=True)
-            if res.returncode == 0:
-                regs = re.search(r"Used (\d+) registers", res.stderr)
-                spill = re.search(r"(\d+) bytes spill stores", res.stderr)
-                return (regs.group(1) if regs else "?"), (spill.group(1) if spill else "?")
+        return subprocess.run([_nvidia_tool("cuobjdump"), flag, f.name], capture_output=True, text=True).stdout
     finally:
         os.unlink(f.name)
-    return "?", "?"
 
 
-def compile_launch(launch: Launch, gpu: GPU) -> tuple[bool, str]:
-    """(fits, one-line report) for one launch; raises what Triton's compiler raises."""
+# SASS opcode classes the census counts (static instructions in the binary, not executed ones).
+SASS_CLASSES = {
+    "LDG.128": lambda op: op.startswith("LDG") and op.endswith(".128"),  # 16-byte global loads to registers
+    "LDG<128": lambda op: op.startswith("LDG.") and not op.endswith(".128") and not op.startswith("LDGSTS"),
+    "LDGSTS.128": lambda op: op.startswith("LDGSTS") and op.endswith(".128"),  # cp.async, 16 bytes
+    "LDGSTS<128": lambda op: op.startswith("LDGSTS") and not op.endswith(".128"),
+    "TMA": lambda op: op.startswith("UTMALDG"),
+    "STG.128": lambda op: op.startswith("STG") and op.endswith(".128"),
+    "STG<128": lambda op: op.startswith("STG") and not op.endswith(".128"),
+    "wgmma": lambda op: op.split(".")[0] in ("HGMMA", "QGMMA", "IGMMA"),  # sm_90 warpgroup MMA
+    "mma": lambda op: op.split(".")[0] in ("HMMA", "IMMA", "QMMA"),  # mma.sync
+    "spill": lambda op: op.split(".")[0] in ("LDL", "STL"),
+}
+SASS_OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def sass_census(sass: str) -> dict[str, int]:
+    """Static count of each SASS_CLASSES class in a kernel's disassembly."""
+    counts = dict.fromkeys(SASS_CLASSES, 0)
+    for op in SASS_OPCODE.findall(sass):
+        for name, test in SASS_CLASSES.items():
+            counts[name] += test(op)
+    return counts
+
+
+def resource_usage(cubin: bytes) -> tuple[int, int, int]:
+    """(registers, local-memory spill bytes, stack-frame bytes) per thread of the compiled kernel."""
+    usage = _cuobjdump(cubin, "-res-usage")
+    found = [re.search(rf"{key}:(\d+)", usage) for key in ("REG", "LOCAL", "STACK")]
+    return tuple(int(f.group(1)) if f else -1 for f in found)
+
+
+@dataclass
+class Compiled:
+    fits: bool
+    smem: int
+    regs: int
+    local: int
+    stack: int  # bytes of stack frame: values ptxas keeps in local memory across a loop (LDL/STL)
+    features: str
+    census: dict
+    blocks_per_sm: int
+    occupancy_limit: str
+
+    def line(self, gpu: GPU, num_warps: int) -> str:
+        sass = " ".join(f"{k} {v}" for k, v in self.census.items())
+        return (f"smem {self.smem:>6}{'' if self.fits else ' > ' + str(gpu.smem_limit)} regs {self.regs:>3} "
+                f"spill {self.local:>4} stack {self.stack:>3} [{self.features}]\n"
+                f"    sass: {sass}; {self.blocks_per_sm} blocks/SM "
+                f"({self.blocks_per_sm * num_warps}/64 warps, {self.occupancy_limit}-bound)")
+
+
+def compile_launch(launch: Launch, gpu: GPU) -> Compiled:
+    """Compile one launch for ``gpu``; raises what Triton's compiler raises."""
     fn = jit_function(launch.kernel)
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in launch.divisible}
     src = ASTSource(fn=fn, signature=launch.signature, constexprs=launch.constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", gpu.arch, 32), options=launch.options)
-    ptx = compiled.asm["ptx"]
-    regs, spill = ptxas_info(ptx, gpu.arch)
+    ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
+    regs, local, stack = resource_usage(cubin)
     smem = compiled.metadata.shared
-    used = ",".join(f for f in PTX_FEATURES if f in ptx) or "-"
-    fits = smem <= gpu.smem_limit
-    return fits, f"smem {smem:>6}{'' if fits else ' > ' + str(gpu.smem_limit)} regs {regs:>3} spill {spill:>4} [{used}]"
+    blocks, limit = occupancy(gpu.arch, regs, smem, launch.options.get("num_warps", 4))
+    features = ",".join(f for f in PTX_FEATURES if f in ptx) or "-"
+    return Compiled(smem <= gpu.smem_limit, smem, regs, local, stack, features,
+                    sass_census(_cuobjdump(cubin, "-sass")), blocks, limit)
 
 
 def describe(launch: Launch) -> str:
@@ -245,16 +289,69 @@ def main(argv=None) -> int:
     launches = record_in_child(args)
     print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{gpu.arch} ({gpu.name}): "
           f"{len(launches)} distinct launches")
-    failures = 0
+    failures, results = 0, []
     for launch in sorted(launches, key=lambda la: la.kernel):
         try:
-            fits, report = compile_launch(launch, gpu)
+            result = compile_launch(launch, gpu)
+            fits, report = result.fits, result.line(gpu, launch.options.get("num_warps", 4))
+            results.append((launch, result))
         except Exception as err:  # noqa: BLE001 -- every compile error is a finding to report
             fits, report = False, f"FAILED: {type(err).__name__}: {err}"
         failures += not fits
         print(f"{describe(launch)}\n    {report}    e.g. {launch.cases[0]} ({len(launch.cases)} calls)", flush=True)
     print(f"{failures} of {len(launches)} launches fail to compile or overflow shared memory")
+    print("\n" + census_report(results, gpu))
     return 1 if failures else 0
+
+
+def wants_tensor_cores(launch: Launch) -> bool:
+    """Whether the launch's path multiplies with tl.dot on 16-bit or TF32/bf16-split operands."""
+    c = launch.constexprs
+    if launch.kernel.endswith(("_remap_stage1_kernel", "_remap_stage2_kernel")):
+        return c.get("INPUT_PRECISION") != "ieee"
+    if launch.kernel.endswith(":_matmul_kernel"):
+        return bool(c.get("USE_DOT")) and c.get("CDT") != 2
+    if launch.kernel.endswith(("_score_kernel", "_batched_score_kernel")) and "reduce" not in launch.kernel:
+        return not (c.get("UPCAST") and c.get("PRECISION") == 0)
+    return False
+
+
+def census_report(results: list, gpu: GPU) -> str:
+    """Markdown table of the SASS census, then the targets: tensor cores where tl.dot runs, no spills."""
+    head = ("| kernel | config | e.g. | regs | spill/stack B | smem KiB | blocks/SM (warps) | LDG.128 | LDG<128 | "
+            "LDGSTS.128 | LDGSTS<128 | wgmma | mma.sync | tensor cores |")
+    lines = [head, "|" + "---|" * 14]
+    no_tc, spills, stacks, narrow = [], [], [], []
+    for launch, r in results:
+        warps = launch.options.get("num_warps", 4)
+        c = r.census
+        want = wants_tensor_cores(launch)
+        tc = c["wgmma"] + c["mma"] > 0
+        verdict = ("wgmma" if c["wgmma"] else "mma.sync" if tc else "MISSING") if want else "n/a (no tl.dot)"
+        name = launch.kernel.split(":")[1]
+        if want and not tc:
+            no_tc.append(f"{name} {launch.cases[0]}")
+        if r.local > 0:
+            spills.append(f"{name} {launch.cases[0]} ({r.local} B/thread)")
+        elif c["spill"]:
+            stacks.append(f"{name} {launch.cases[0]} ({r.stack} B stack/thread, {c['spill']} LDL/STL)")
+        if c["LDG<128"] + c["LDGSTS<128"]:
+            narrow.append(name)
+        blocks = {k: v for k, v in launch.constexprs.items() if k.startswith(("BLOCK_", "B")) and isinstance(v, int)}
+        config = "x".join(str(v) for v in blocks.values()) + f" w{warps} s{launch.options.get('num_stages', '?')}"
+        lines.append(f"| {name} | {config} | {launch.cases[0]} | {r.regs} | {r.local}/{r.stack} | "
+                     f"{r.smem / 1024:.1f} | {r.blocks_per_sm} ({r.blocks_per_sm * warps}/64, {r.occupancy_limit}) | "
+                     f"{c['LDG.128']} | {c['LDG<128']} | {c['LDGSTS.128']} | {c['LDGSTS<128']} | {c['wgmma']} | "
+                     f"{c['mma']} | {verdict} |")
+    lines += ["", f"Census of {len(results)} launches for sm_{gpu.arch} (static SASS instructions, cuobjdump):",
+              f"- tensor cores missing where tl.dot runs on 16-bit/TF32 operands: {len(no_tc)}"
+              + "".join(f"\n  - {x}" for x in no_tc),
+              f"- launches with register spills (LOCAL > 0): {len(spills)}" + "".join(f"\n  - {x}" for x in spills),
+              f"- launches with a stack frame instead (values kept in local memory, LDL/STL): {len(stacks)}"
+              + "".join(f"\n  - {x}" for x in stacks),
+              f"- launches with some global loads narrower than 128 bits (masked edges, scalars, scales): "
+              f"{len(narrow)} ({', '.join(sorted(set(narrow)))})"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 # Every GPU measurement the open issues ask for, in parts that each end inside the device tool's
 # 10-minute limit per command. Run from the repository root on the lent machine:
 #
+#     bash bench/gpu_session.sh quick      # FIRST: every headline figure in one table, <= 7 minutes
+#                                          # (bench/gpu_quick.py; run tool: timeout_s=480)
 #     bash bench/gpu_session.sh check      # GPU-only tests, then every kernel variant against float64
 #     bash bench/gpu_session.sh kernels    # kernel timings (issue 3)
 #     bash bench/gpu_session.sh serve      # LLaMA-7B-shaped decode/prefill, dense vs remap vs HQ (issue 4)
@@ -21,6 +23,8 @@ gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', 
 log() { tee -a "$out/$1-$gpu.log"; }
 
 case "${1:-}" in
+  quick)  # the table lands in $OUT/quick-<gpu>-<date>.md; the progress lines in quick-<gpu>.log
+    python3 bench/gpu_quick.py 2>&1 | log quick ;;
   check)
     python3 -m pytest -q -k gpu tests/ 2>&1 | log check
     python3 bench/run_all.py --check-only 2>&1 | log check ;;
@@ -36,6 +40,6 @@ case "${1:-}" in
     python3 bench/tune_configs.py --dump "$out/tune-$gpu.jsonl" 2>&1 | log tune
     cp zskernels/configs/*.json "$out/" ;;
   *)
-    echo "usage: bash bench/gpu_session.sh check|kernels|serve|compress|capped|tune" >&2
+    echo "usage: bash bench/gpu_session.sh quick|check|kernels|serve|compress|capped|tune" >&2
     exit 2 ;;
 esac

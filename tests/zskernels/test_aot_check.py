@@ -1,4 +1,5 @@
-"""Every Triton kernel compiles for an H100 (sm_90) at the configs its launcher picks, checked on the CPU.
+"""Every Triton kernel compiles for an H100 (sm_90) at the configs its launcher picks, checked on the CPU,
+with a census of its SASS (tensor cores, wide loads, spills, occupancy).
 
 bench/aot_check.py records each launch under the interpreter with the device questions answered as
 an H100 would answer them, then compiles it with Triton's compiler and ptxas. A kernel or config
@@ -27,3 +28,10 @@ def test_every_kernel_compiles_for_sm90():
     assert compiled == set(KERNELS)
     # Real lowering, not a fallback: tensor-core MMAs and the hardware e4m3 conversion appear.
     assert "wgmma.mma_async" in run.stdout and "cvt.rn.f16x2.e4m3x2" in run.stdout
+    # The SASS census: a row per compiled launch, and its targets (issue 17): tensor cores wherever
+    # tl.dot multiplies 16-bit operands (wgmma on the prefill tiles), no register spills.
+    census = run.stdout.split("| kernel | config |")[1]
+    assert census.count("\n| _") == int(summary.group(2))
+    assert "tensor cores missing where tl.dot runs on 16-bit/TF32 operands: 0" in census
+    assert "launches with register spills (LOCAL > 0): 0" in census
+    assert re.search(r"\| _remap_stage1_kernel \| 128x128x64 .*M=2048 .*\| wgmma \|", census)
