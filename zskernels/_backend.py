@@ -5,7 +5,8 @@ Each public op takes ``backend="auto" | "triton" | "torch"``:
 * ``"torch"``  runs the plain-torch reference (``ops/<op>/naive.py``);
 * ``"triton"`` runs the Triton kernel: on CUDA tensors, or on CPU tensors when the
   Triton interpreter is enabled (``TRITON_INTERPRET=1``), which is how the tests run;
-* ``"auto"``   picks Triton for CUDA tensors when Triton can be imported, else torch.
+* ``"auto"``   picks Triton for CUDA tensors when Triton can be imported; on CPU tensors the op's
+  fast CPU path (``ops/<op>/cpu.py``: int8 weight-only GEMMs, see ``_cpu``); else torch.
 
 Triton is imported only when a Triton path is actually taken (``_triton``), so
 ``import zskernels`` works on machines without it.
@@ -49,6 +50,14 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
             "to run the kernel in Triton's interpreter, or use backend='torch'"
         )
     return "triton"
+
+
+def cpu_fast_path(backend: str, *tensors: torch.Tensor) -> bool:
+    """True when ``backend="auto"`` meets CPU tensors: the op runs its ``cpu.py`` path (int8 weight-only
+    GEMMs, see ``_cpu``) instead of the plain reference, which ``backend="torch"`` keeps."""
+    if torch.compiler.is_compiling():  # its caches are Python state: traced code takes the reference,
+        return False                   # whose de-quantisation the compiler fuses
+    return backend == "auto" and all(t.device.type == "cpu" for t in tensors)
 
 
 def check_same_device(**tensors: torch.Tensor) -> torch.device:

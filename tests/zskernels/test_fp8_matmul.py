@@ -152,8 +152,8 @@ def test_torch_backend_is_the_reference(form, rng):
     y = _run(form, x, packed, bias, backend="torch")
     assert torch.equal(y, reference(x, packed, bias))
     assert _rel_err(y, ref) < TOL[torch.float16]
-    if DEVICE == "cpu":
-        assert torch.equal(_run(form, x, packed, bias, backend="auto"), y)  # auto on CPU: torch
+    if DEVICE == "cpu":  # auto on CPU: the int8 re-encoded path (tests/zskernels/test_cpu_paths.py), close to it
+        assert _rel_err(_run(form, x, packed, bias, backend="auto"), ref) < 4 * TOL[torch.float16] + 0.02
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])

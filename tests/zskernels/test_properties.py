@@ -57,7 +57,20 @@ def _poison(x: torch.Tensor, where: str, gen) -> set[int]:
     return {row}
 
 
-def _check_rows(y: torch.Tensor, expected64: torch.Tensor, bad_rows: set[int], dtype: torch.dtype) -> None:
+# On the CPU, backend="auto" runs fp8 payloads through int8 re-encoded once (zskernels/_cpu.py): not the
+# stored fp8 values but within a fraction of fp8's own error of them (measured 2.60% -> 2.68%).
+REENCODED_RTOL = 3e-2
+
+
+def _rtol(backend: str, payload_is_fp8: bool, dtype: torch.dtype) -> float:
+    if backend == "auto" and DEVICE == "cpu" and payload_is_fp8:
+        return max(RTOL[dtype], REENCODED_RTOL)
+    return RTOL[dtype]
+
+
+def _check_rows(y: torch.Tensor, expected64: torch.Tensor, bad_rows: set[int], dtype: torch.dtype,
+                rtol: float | None = None) -> None:
+    rtol = RTOL[dtype] if rtol is None else rtol
     y2 = y.reshape(-1, y.shape[-1]).double().cpu()
     e2 = expected64.reshape(-1, expected64.shape[-1]).cpu()
     assert y2.shape == e2.shape
@@ -68,7 +81,7 @@ def _check_rows(y: torch.Tensor, expected64: torch.Tensor, bad_rows: set[int], d
         got, want = y2[good], e2[good]
         assert torch.isfinite(got).all(), "finite inputs gave a non-finite output"
         err = torch.linalg.norm(got - want) / torch.linalg.norm(want).clamp_min(1e-30)
-        assert err <= RTOL[dtype], f"relative error {float(err):.2e} > {RTOL[dtype]:.0e} ({dtype})"
+        assert err <= rtol, f"relative error {float(err):.2e} > {rtol:.0e} ({dtype})"
 
 
 def _factors(out: int, in_: int, k: int, gen):
@@ -112,7 +125,7 @@ def test_remap_matmul_matches_float64_or_refuses(backend, fmt, out, in_, k_frac,
     want = x.double().cpu() @ v_hat.double().cpu() @ u_hat.double().cpu().T
     if bias is not None:
         want = want + bias.double().cpu()
-    _check_rows(y, want, bad, dtype)
+    _check_rows(y, want, bad, dtype, _rtol(backend, fmt == "fp8", dtype))
 
 
 @pytest.mark.parametrize("pack", ["remap", "fp8"])
@@ -162,7 +175,7 @@ def test_fp8_ops_match_float64_or_refuse(backend, form, out, in_, k, m, dtype, l
     want = x.double().cpu() @ w_hat.double().cpu().T
     if bias is not None:
         want = want + bias.double().cpu()
-    _check_rows(y, want, bad, dtype)
+    _check_rows(y, want, bad, dtype, _rtol(backend, True, dtype))
 
 
 @pytest.mark.parametrize("op", ["remap", "fp8_dense", "fp8_lowrank"])

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 import zssvd
 from tiny_models import english_text, save_tiny_model_dir
@@ -105,3 +106,25 @@ def test_zssvd_quiet_environment_silences_progress_bars(workspace, capsys, monke
     _, err = capsys.readouterr()
     assert code == 0
     assert ("perplexity:" in err) != quiet  # the bar's description
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_without_cuda_is_one_line_with_the_fix(workspace, capsys):
+    code, out, err = _run(capsys, "eval", workspace / "model", "--device", "cuda", "--text-file",
+                          workspace / "eval.txt")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--device cuda" in err and "use --device cpu" in err
+
+
+def test_ctrl_c_exits_130_with_a_resume_hint(workspace, capsys, monkeypatch):
+    import zssvd.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(zssvd.cli.main.__globals__, "cmd_eval", interrupted)
+    code, out, err = _run(capsys, "eval", workspace / "model", "--text-file", workspace / "eval.txt")
+    assert code == 130 and "interrupted; rerun the same command to resume" in err
+    monkeypatch.setenv("ZSSVD_DEBUG", "1")
+    with pytest.raises(KeyboardInterrupt):
+        _run(capsys, "eval", workspace / "model", "--text-file", workspace / "eval.txt")

@@ -1,5 +1,6 @@
 """The package's shape: a lean ``import zssvd``, modules that import alone, no import cycles."""
 import ast
+import importlib.util
 import json
 import subprocess
 import sys
@@ -47,8 +48,21 @@ def test_register_hf_is_explicit():
     assert run.returncode == 0 and run.stdout.strip() == "ZSSVDConfig", run.stderr
 
 
+# The vLLM plugin's modules subclass vLLM's classes, so they need the optional extra to import.
+NEEDS_VLLM = {"zssvd.io.vllm.config", "zssvd.io.vllm.linear"}
+
+
+def _vllm_installed() -> bool:
+    try:  # tests/ holds a folder named vllm: look for a module only the real package has
+        return importlib.util.find_spec("vllm.model_executor") is not None
+    except ImportError:
+        return False
+
+
 @pytest.mark.parametrize("module", [m for m in MODULES if m != "zssvd"])
 def test_every_module_imports_alone(module):
+    if module in NEEDS_VLLM and not _vllm_installed():
+        pytest.skip("needs vLLM (the optional extra `vllm`)")
     run = _run(f"import {module}")
     assert run.returncode == 0, run.stderr
 

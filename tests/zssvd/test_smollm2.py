@@ -51,12 +51,18 @@ def test_compress_save_load_and_quality(smollm2, tmp_path):
     compressed, report = zssvd.compress(copy.deepcopy(model), calib, CompressionConfig(ratio=0.8))
     assert 0.79 <= report["achieved_ratio"] <= 0.8
     assert len(report["ranks"]) == 210
-    zssvd.save_compressed(compressed, tmp_path, tokenizer=tokenizer, report=report)
-    loaded = zssvd.load(tmp_path)
+    # Saved in the compute dtype, the round trip is exact; saved as by default (16 bits), it is what
+    # users get: its quality is the test's, computed in float32.
+    zssvd.save_compressed(compressed, tmp_path / "fp32", tokenizer=tokenizer, report=report, dtype=torch.float32)
+    loaded = zssvd.load(tmp_path / "fp32")
     probe = held_out[:64][None]
     with torch.no_grad():
         assert torch.equal(loaded(probe).logits, compressed(probe).logits)
-    after = perplexity(loaded, held_out, 256, max_windows=4)["perplexity"]
+    zssvd.save_compressed(compressed, tmp_path / "16bit", tokenizer=tokenizer, report=report)
+    stored = zssvd.load(tmp_path / "16bit", dtype=torch.float32)
+    size = {name: (tmp_path / name / "model.safetensors").stat().st_size for name in ("16bit", "fp32")}
+    assert size["16bit"] < 0.6 * size["fp32"]
+    after = perplexity(stored, held_out, 256, max_windows=4)["perplexity"]
     assert before < after < 3 * before, (before, after)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..io.checkpoint import MANIFEST, load
+from ..io.checkpoint import load
 
 
 def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, do_sample: bool = False,
@@ -35,15 +35,17 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, do
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def dense_original(directory: str | Path, source: str = "auto", device="cpu"):
-    """The uncompressed model a checkpoint came from: its source path, or random weights of the same shapes."""
+def dense_original(directory: str | Path, source: str = "auto", device="cpu", dtype: torch.dtype | None = None):
+    """The uncompressed model a checkpoint came from: its source path, or random weights of the same shapes;
+    in ``dtype`` (default: the checkpoint's stored dtype, what ``load`` computes in by default)."""
     from transformers import AutoModelForCausalLM
 
-    from ..io.hf_config import ZSSVDConfig
+    from ..io.checkpoint import base_config, read_manifest
     from ..io.models import load_model
 
     directory = Path(directory)
-    dtype = getattr(torch, json.loads((directory / MANIFEST).read_text())["dtype"])
+    manifest = read_manifest(directory)
+    dtype = dtype or getattr(torch, manifest["dtype"])
     if source == "auto":
         report = directory / "report.json"
         source = json.loads(report.read_text()).get("model", "random") if report.is_file() else "random"
@@ -54,7 +56,7 @@ def dense_original(directory: str | Path, source: str = "auto", device="cpu"):
         except (OSError, ValueError) as err:
             print(f"could not load the original {source!r} ({err}); timing random weights of the same shapes")
     torch.manual_seed(0)
-    config = ZSSVDConfig.from_pretrained(directory).to_base()
+    config = base_config(directory, manifest)
     return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval(), "random weights, same shapes"
 
 
@@ -63,41 +65,66 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_seconds(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up: compilation, cache allocation, graph capture
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+class _Timings:
+    """Timed calls of one model at one batch size: prefill, a 1-token and an N-token generate."""
+
+    def __init__(self, model, batch: int, prompt_len: int, new_tokens: int, static: bool):
+        self.model, self.batch, self.prompt_len, self.new_tokens = model, batch, prompt_len, new_tokens
+        self.device = next(model.parameters()).device
+        vocab = model.config.vocab_size
+        gen = torch.Generator().manual_seed(batch)
+        self.ids = torch.randint(1, vocab, (batch, prompt_len), generator=gen).to(self.device)
+        self.kwargs = dict(do_sample=False, attention_mask=torch.ones_like(self.ids), pad_token_id=0)
+        if static and self.device.type == "cuda":
+            self.kwargs["cache_implementation"] = "static"
+            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+        self.calls = {"prefill": lambda: model(self.ids, use_cache=False),
+                      "one": lambda: model.generate(self.ids, max_new_tokens=1, **self.kwargs),
+                      "full": lambda: model.generate(self.ids, max_new_tokens=new_tokens,
+                                                     min_new_tokens=new_tokens, **self.kwargs)}
+        self.times: dict[str, list[float]] = {name: [] for name in self.calls}
+
+    def warm_up(self) -> None:  # compilation, cache allocation, graph capture, the CPU paths' caches
+        for call in self.calls.values():
+            call()
+
+    def run_once(self) -> None:
+        for name, call in self.calls.items():
+            _sync(self.device)
+            start = time.perf_counter()
+            call()
+            _sync(self.device)
+            self.times[name].append(time.perf_counter() - start)
+
+    def row(self) -> dict:
+        prefill, one, full = (statistics.median(self.times[name]) for name in ("prefill", "one", "full"))
+        row = {"batch": self.batch, "prompt_len": self.prompt_len, "new_tokens": self.new_tokens,
+               "prefill_tokens_per_s": self.batch * self.prompt_len / prefill,
+               "decode_tokens_per_s": _decode_rate(self.batch, self.new_tokens, full, one)}
+        if self.device.type == "cuda":
+            row["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return row
 
 
 @torch.no_grad()
+def measure_interleaved(models: list, batch: int, prompt_len: int, new_tokens: int, *, repeats: int = 3,
+                        static: bool = False) -> list[dict]:
+    """Prefill and decode throughput of several models at one batch size, their repeats interleaved
+    (A B A B ...), so that a change of machine load hits every model alike; medians of ``repeats``."""
+    timings = [_Timings(model, batch, prompt_len, new_tokens, static) for model in models]
+    for t in timings:
+        t.warm_up()
+    for _ in range(repeats):
+        for t in timings:
+            if t.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(t.device)
+            t.run_once()
+    return [t.row() for t in timings]
+
+
 def measure(model, batch: int, prompt_len: int, new_tokens: int, *, repeats: int = 3, static: bool = False) -> dict:
     """Prefill and decode throughput of one model at one batch size."""
-    device = next(model.parameters()).device
-    vocab = model.config.vocab_size
-    ids = torch.randint(1, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(batch)).to(device)
-    kwargs = dict(do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
-    if static and device.type == "cuda":
-        kwargs["cache_implementation"] = "static"
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    prefill = _median_seconds(lambda: model(ids, use_cache=False), repeats, device)
-    one = _median_seconds(lambda: model.generate(ids, max_new_tokens=1, **kwargs), repeats, device)
-    full = _median_seconds(lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                                  **kwargs), repeats, device)
-    row = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-           "prefill_tokens_per_s": batch * prompt_len / prefill,
-           "decode_tokens_per_s": _decode_rate(batch, new_tokens, full, one)}
-    if device.type == "cuda":
-        row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return row
+    return measure_interleaved([model], batch, prompt_len, new_tokens, repeats=repeats, static=static)[0]
 
 
 def _decode_rate(batch: int, new_tokens: int, full: float, one: float) -> float:
@@ -110,7 +137,8 @@ def _decode_rate(batch: int, new_tokens: int, full: float, one: float) -> float:
     return batch * (new_tokens - 1) / (full - one)
 
 
-def load_and_measure_memory(directory: str | Path, device: str | torch.device = "cpu"):
+def load_and_measure_memory(directory: str | Path, device: str | torch.device = "cpu",
+                            dtype: torch.dtype | None = None):
     """Load a checkpoint; with it, the device memory it took against the byte count its report promises.
 
     On CUDA the memory is the allocator's count of live bytes before and after loading; elsewhere,
@@ -124,7 +152,7 @@ def load_and_measure_memory(directory: str | Path, device: str | torch.device = 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
-    model = load(directory, device=device)
+    model = load(directory, device=device, dtype=dtype)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         taken = torch.cuda.memory_allocated(device) - before
@@ -135,23 +163,28 @@ def load_and_measure_memory(directory: str | Path, device: str | torch.device = 
     return model, memory
 
 
-def bench_serve(directory: str | Path, *, batches=(1, 8, 32), prompt_len: int = 128, new_tokens: int = 32,
-                device: str = "cpu", dense: str = "auto", repeats: int = 3, static: bool = False) -> list[dict]:
-    """Rows for the compressed checkpoint and its dense original, side by side.
+def bench_serve(directory: str | Path, *, batches=(1, 8), prompt_len: int = 64, new_tokens: int = 32,
+                device: str = "cpu", dense: str = "auto", repeats: int = 5, static: bool = False,
+                dtype: torch.dtype | None = None) -> list[dict]:
+    """Rows for the compressed checkpoint and its dense original, side by side, timed interleaved.
 
-    The compressed rows also say how much device memory the loaded checkpoint took against the
+    ``dtype``: the compute dtype of both models (default: the checkpoint's stored dtype). The
+    compressed rows also say how much device memory the loaded checkpoint took against the
     report's ``model_bytes`` (``memory_vs_report``: relative difference).
     """
+    compressed, memory = load_and_measure_memory(directory, device, dtype=dtype)
+    original, label = dense_original(directory, dense, device, dtype=dtype)
     rows = []
-    compressed, memory = load_and_measure_memory(directory, device)
     for batch in batches:
-        rows.append({"model": "compressed", **measure(compressed, batch, prompt_len, new_tokens,
-                                                      repeats=repeats, static=static), **memory})
-    del compressed
-    original, label = dense_original(directory, dense, device)
-    for batch in batches:
-        rows.append({"model": f"dense ({label})", **measure(original, batch, prompt_len, new_tokens,
-                                                            repeats=repeats, static=static)})
+        pair = measure_interleaved([compressed, original], batch, prompt_len, new_tokens, repeats=repeats,
+                                   static=static)
+        compute = {"dtype": str(next(original.parameters()).dtype).removeprefix("torch.")}
+        rows.append({"model": "compressed", **pair[0], **compute, **memory})
+        rows.append({"model": f"dense ({label})", **pair[1], **compute})
+    for row in rows:
+        dense_row = next(r for r in rows if r["batch"] == row["batch"] and r["model"] != "compressed")
+        row["decode_vs_dense"] = row["decode_tokens_per_s"] / dense_row["decode_tokens_per_s"]
+        row["prefill_vs_dense"] = row["prefill_tokens_per_s"] / dense_row["prefill_tokens_per_s"]
     return rows
 
 

@@ -1,20 +1,28 @@
 """Saving and loading compressed models: safetensors + JSON, never pickle.
 
-A checkpoint directory holds
+A checkpoint directory (format version 2, written by ``save_compressed``) holds
 
-* ``config.json``: a ``zssvd`` config wrapping the base model's (see ``hf_config.py``), two small remote-code
-  files so that ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` works, and
-  the tokenizer files;
-* ``model.safetensors``: every tensor of the compressed model -- untouched weights, packed
-  buffers of the compressed modules -- with tied tensors stored once;
-* ``zssvd.json``: the manifest: format version, one JSON description per compressed module
-  (shapes, rank, storage, tensor layout, bytes), tied-tensor aliases, and each weight file's
-  size and SHA-256;
-* ``report.json``: what the compression did (see ``report.build_report``).
+* ``config.json``: the source model's own config (``model_type: "llama"``, ``architectures:
+  ["LlamaForCausalLM"]``, ...) whose ``dtype`` names the 16-bit storage type, plus a
+  ``quantization_config`` block: ``{"quant_method": "zssvd", "format_version": 2, "zssvd_version",
+  "dtype", "modules": {<module name>: <description>}}``. The descriptions are the packed modules'
+  ``describe()``; modules not listed are ordinary weights. Hugging Face reads it through the
+  quantizer in ``hf_quantizer.py``, vLLM through ``zssvd.io.vllm``;
+* ``model.safetensors``: every tensor -- untouched weights, packed buffers as ``<module>.<tensor>``
+  -- with tied tensors stored once;
+* ``zssvd.json``: the manifest: format version, dtype, the module descriptions, tied-tensor aliases,
+  each weight file's size and SHA-256, and the SHA-256 of config.json's ``quantization_config``
+  block and of the whole config (canonical JSON), so that an edited config.json is refused;
+* ``report.json``: what the compression did (see ``report.build_report``), tokenizer files.
 
-``load`` rebuilds the base architecture without allocating its weights, swaps in empty
-packed modules from their descriptions, checks every stored tensor against them, and loads.
-A truncated, altered or mismatched file is refused with an error that says what is wrong.
+Storage dtype: float factors, biases and every untouched float weight are stored in 16 bits whatever
+dtype the computation used: float16 if the source model was float16, bfloat16 otherwise
+(``storage_dtype``). int8 / fp8 tensors, remap's 16-bit tails and the fp32 per-component (per-row)
+scales are stored as packed.
+
+Format version 1 (config.json ``model_type: "zssvd"`` around the base config, remote code; see
+``hf_config.py``) is still read by ``load``. ``verify_checkpoint`` is the check every loader runs
+first: a missing, truncated, altered or edited checkpoint is refused with ``CheckpointError``.
 """
 from __future__ import annotations
 
@@ -28,12 +36,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._version import __version__
-from ..nn import describe_packed, module_from_description
-from .hf_config import REMOTE_CODE, ZSSVDConfig, wrapped_config
+from ..nn import (PackedDenseLinear, PackedLowRankLinear, describe_packed, module_from_description, packed_modules,
+                  storage_for_dtype)
+from ..nn.packed_linear import DTYPE_NAMES, FLOAT_STORAGES
+from .models import EMBEDDED_DEFAULT, embedded_default_path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+QUANT_METHOD = "zssvd"
 MANIFEST = "zssvd.json"
 WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+# Float dtypes a checkpoint may re-type (fp8 is a float dtype too, but a quantised one: never cast).
+CASTABLE = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 class CheckpointError(ValueError):
@@ -46,6 +61,83 @@ def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def block_sha256(block: dict) -> str:
+    """SHA-256 of a JSON object in canonical form (sorted keys, no spaces): independent of indentation."""
+    return hashlib.sha256(json.dumps(block, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+
+def _config_dtype(config: dict) -> str | None:
+    value = config.get("dtype") or config.get("torch_dtype")
+    return str(value).replace("torch.", "") if value is not None else None
+
+
+def source_dtype(config) -> str | None:
+    """The dtype the source model was stored in: its config.json on disk when the model came from a local
+    directory (a model loaded in float32 reports float32 in memory), else the in-memory config's dtype."""
+    path = Path(getattr(config, "name_or_path", "") or "") / CONFIG
+    if path.is_file():
+        try:
+            stored = _config_dtype(json.loads(path.read_text()))
+            if stored is not None:
+                return stored
+        except json.JSONDecodeError:
+            pass
+    return _config_dtype(config.to_dict())
+
+
+def storage_dtype(config) -> torch.dtype:
+    """The 16-bit type a checkpoint stores float tensors in: float16 for a float16 source, else bfloat16
+    (bfloat16 keeps float32's range, so a float32, bfloat16 or quantised (GGUF) source never overflows)."""
+    return torch.float16 if source_dtype(config) == "float16" else torch.bfloat16
+
+
+def retyped_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``module`` with its float factors and bias in ``dtype`` (a new module; ``module`` is unchanged).
+
+    A float-storage low-rank module changes storage (fp32 -> bf16, ...); remap / fp8 modules keep their
+    8-bit tensors, 16-bit tails and fp32 scales as packed, only the bias changes.
+    """
+    bias = module.bias.detach().to(dtype) if module.bias is not None else None
+    tensors = module.packed()
+    if isinstance(module, PackedLowRankLinear):
+        storage = module.storage
+        if storage in FLOAT_STORAGES:
+            storage = storage_for_dtype(dtype)
+            tensors = {name: t.to(dtype) for name, t in tensors.items()}
+        return PackedLowRankLinear(module.in_features, module.out_features, module.rank, storage, tensors, bias)
+    if isinstance(module, PackedDenseLinear):
+        return PackedDenseLinear(module.in_features, module.out_features, module.storage, tensors, bias)
+    raise TypeError(f"not a packed module: {type(module).__name__}")
+
+
+def retype_packed(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Replace every packed module of ``model`` by its ``retyped_module`` (in place, same device)."""
+    for name, module in list(packed_modules(model).items()):
+        model.set_submodule(name, retyped_module(module, dtype).to(next(module.buffers()).device))
+    return model
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast a loaded model to a compute ``dtype`` in place: float weights, float factors and biases;
+    never int8 / fp8 tensors, remap tails or scales (``nn.Module.to(dtype)`` would cast fp8 too)."""
+    retype_packed(model, dtype)
+    packed = set(packed_modules(model).values())
+    for module in model.modules():
+        if module in packed:
+            continue
+        for tensors in (module._parameters, module._buffers):
+            for key, t in tensors.items():
+                if t is not None and t.dtype in CASTABLE and key not in module._non_persistent_buffers_set:
+                    t.data = t.data.to(dtype)
+    return model
+
+
+# ----------------------------------------------------------------------------- saving
 
 
 def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -61,52 +153,157 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return state, aliases
 
 
-def save_compressed(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, report: dict | None = None,
-                    manifest: dict | None = None) -> Path:
-    """Write a loadable checkpoint of a compressed ``model`` to ``out_dir``.
+def stored_state(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str], dict]:
+    """(tensors as stored, tied aliases, module descriptions) of ``model`` with float data in ``dtype``.
 
-    The manifest's module descriptions come from the packed modules themselves (``describe()``);
-    ``manifest`` overrides them (for tests of foreign or damaged descriptions).
+    The model itself is not changed: packed modules are re-typed copies, other tensors cast copies.
+    """
+    retyped = {name: retyped_module(m, dtype) for name, m in packed_modules(model).items()}
+    state, aliases = _unique_state(model)
+    for key, tensor in state.items():
+        owner, _, attr = key.rpartition(".")
+        if owner in retyped:
+            state[key] = getattr(retyped[owner], attr).detach().contiguous().cpu()
+        elif tensor.dtype in CASTABLE:
+            state[key] = tensor.to(dtype)
+    return state, aliases, {name: m.describe() for name, m in retyped.items()}
+
+
+def quantization_block(modules: dict, dtype: torch.dtype) -> dict:
+    """config.json's ``quantization_config``: what transformers and vLLM dispatch on."""
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "zssvd_version": __version__,
+            "dtype": DTYPE_NAMES[dtype], "modules": modules}
+
+
+def checkpoint_config(model: nn.Module, block: dict) -> dict:
+    """The source model's config as a dict, typed as stored, with our ``quantization_config``."""
+    config = model.config.to_dict()
+    for key in ("quantization_config", "auto_map", "_name_or_path", "torch_dtype"):
+        config.pop(key, None)  # a GGUF source's quantization leftovers; local paths; the legacy dtype key
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        config.setdefault("rope_theta", rope["rope_theta"])  # where transformers 4.x (vLLM's pins) reads it
+    config["architectures"] = list(model.config.architectures or [type(model).__name__])
+    config["dtype"] = block["dtype"]
+    config["quantization_config"] = block
+    return config
+
+
+# ----------------------------------------------------------------------------- byte counts
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
+
+
+def source_params(model: nn.Module) -> int:
+    """Parameters (and persistent buffer elements) of the uncompressed model: each packed module counts
+    as the dense matrix it replaced; tied tensors count once."""
+    packed = describe_packed(model)
+    seen, total = set(), 0
+    for name, t in model.state_dict().items():
+        owner, _, attr = name.rpartition(".")
+        if owner in packed and attr != "bias" or t.data_ptr() in seen and t.numel():
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel()
+    return total + sum(d["in_features"] * d["out_features"] for d in packed.values())
+
+
+def source_file_bytes(source: str | os.PathLike | None) -> int | None:
+    """Bytes of the source's weight files on disk (a local file, or a model directory's weight files);
+    None for a hub id or an unknown source."""
+    if not source:
+        return None
+    if str(source) in ("default", "smollm2", EMBEDDED_DEFAULT):
+        try:
+            source = embedded_default_path()
+        except FileNotFoundError:
+            return None
+    path = Path(source)
+    if path.is_file():
+        return path.stat().st_size
+    if path.is_dir():
+        files = [f for f in path.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES)]
+        return sum(f.stat().st_size for f in files) or None
+    return None
+
+
+def checkpoint_bytes(model: nn.Module, manifest: dict, state: dict[str, torch.Tensor], source: str | None) -> dict:
+    """report.json's ``bytes``: the checkpoint's weight files (and their tensors: what loading them in the
+    stored dtype takes) against the source model, on disk and at 16 bits per parameter."""
+    return {"checkpoint": sum(f["bytes"] for f in manifest["files"].values()),
+            "checkpoint_dtype": manifest["dtype"],
+            "tensors": sum(t.numel() * t.element_size() for t in state.values()),
+            "source_files": source_file_bytes(source or getattr(model.config, "name_or_path", None)),
+            "source_16bit": 2 * source_params(model)}
+
+
+def save_compressed(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, report: dict | None = None,
+                    manifest: dict | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write a loadable checkpoint (format version 2) of a compressed ``model`` to ``out_dir``.
+
+    Float tensors are stored in ``dtype`` (default ``storage_dtype``: the 16-bit type of the source);
+    the model is not changed. The module descriptions come from the packed modules themselves
+    (``describe()``); ``manifest`` overrides them (for tests of foreign or damaged descriptions).
+    ``report`` is written to report.json with the checkpoint's bytes added (``report["bytes"]``, also
+    set in the dict passed in).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    modules = manifest if manifest is not None else describe_packed(model)
-    config = model.config
-    wrapped_config(config).save_pretrained(out)
-    for name, code in REMOTE_CODE.items():
-        (out / name).write_text(code)
-    state, aliases = _unique_state(model)
+    dtype = dtype or storage_dtype(model.config)
+    state, aliases, modules = stored_state(model, dtype)
+    if manifest is not None:
+        modules = manifest
+    block = quantization_block(modules, dtype)
+    config = checkpoint_config(model, block)
+    _write_json(out / CONFIG, config)
+    for stale in ("configuration_zssvd.py", "modeling_zssvd.py"):  # a format-1 checkpoint's remote code
+        (out / stale).unlink(missing_ok=True)
     tmp = out / (WEIGHTS + ".tmp")
     save_file(state, tmp, metadata={"format": "pt", "zssvd_format": str(FORMAT_VERSION)})
     os.replace(tmp, out / WEIGHTS)
     description = {
         "format_version": FORMAT_VERSION,
         "zssvd_version": __version__,
-        "architecture": (config.architectures or [type(model).__name__])[0],
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "architecture": config["architectures"][0],
+        "dtype": block["dtype"],
         "modules": modules,
         "tied": aliases,
         "files": {WEIGHTS: {"bytes": (out / WEIGHTS).stat().st_size, "sha256": file_sha256(out / WEIGHTS)}},
+        "quantization_config_sha256": block_sha256(block),
+        "config_sha256": block_sha256(config),  # any other edit (architecture, sizes, rope...) is refused too
     }
-    (out / MANIFEST).write_text(json.dumps(description, indent=1))
+    _write_json(out / MANIFEST, description)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if report is not None:
-        (out / "report.json").write_text(json.dumps(report, indent=1))
+        report["bytes"] = checkpoint_bytes(model, description, state, report.get("model"))
+        _write_json(out / "report.json", report)
     return out
 
 
-def read_manifest(directory: str | os.PathLike) -> dict:
-    path = Path(directory) / MANIFEST
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+# ----------------------------------------------------------------------------- verifying
+
+
+def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
-        raise CheckpointError(f"{directory} is not a zssvd checkpoint: {MANIFEST} is missing")
+        raise CheckpointError(f"{path.parent} is not a zssvd checkpoint: {path.name} is missing; {what}")
     try:
-        manifest = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}); the checkpoint is corrupt") from err
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {manifest.get('format_version')}, this zssvd reads "
-                              f"version {FORMAT_VERSION}; upgrade zssvd or re-create the checkpoint")
+        raise CheckpointError(f"{path} is not valid JSON ({err}); the checkpoint is corrupt: re-create it") from err
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    manifest = _read_json(Path(directory) / MANIFEST, "save it with zssvd.save_compressed or `zssvd compress`")
+    if manifest.get("format_version") not in READABLE_VERSIONS:
+        raise CheckpointError(f"{Path(directory) / MANIFEST} has format version {manifest.get('format_version')}, "
+                              f"this zssvd reads versions {READABLE_VERSIONS}; upgrade zssvd or re-create the "
+                              "checkpoint")
     return manifest
 
 
@@ -124,30 +321,88 @@ def verify_files(directory: Path, manifest: dict, checksums: bool = True) -> Non
                                   "or corrupted; copy or re-create it")
 
 
+def _verify_config(directory: Path, manifest: dict) -> dict:
+    """config.json of a format-2 checkpoint against its manifest; returns the config."""
+    config = _read_json(directory / CONFIG, "copy it from the original checkpoint")
+    block = config.get("quantization_config")
+    if not isinstance(block, dict) or block.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(f"{directory / CONFIG} has no zssvd quantization_config; restore config.json "
+                              "from the original checkpoint or re-create it")
+    if block_sha256(block) != manifest.get("quantization_config_sha256") or block["modules"] != manifest["modules"]:
+        raise CheckpointError(f"{directory / CONFIG}: quantization_config does not match its SHA-256 in "
+                              f"{MANIFEST}: config.json was edited; restore it or re-create the checkpoint")
+    if block_sha256(config) != manifest.get("config_sha256"):
+        raise CheckpointError(f"{directory / CONFIG} does not match its SHA-256 in {MANIFEST}: config.json was "
+                              "edited after saving; restore it or re-create the checkpoint")
+    return config
+
+
+def verify_checkpoint(directory: str | os.PathLike, *, checksums: bool = True) -> dict:
+    """The manifest of a checkpoint after checking it: format version, weight files' sizes and (unless
+    ``checksums=False``) SHA-256, and for format 2 config.json's quantization_config against the manifest.
+
+    Raises ``CheckpointError`` for a missing, truncated, altered or edited checkpoint. Every loader
+    (``load``, the transformers quantizer, vLLM) calls it.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    verify_files(directory, manifest, checksums=checksums)
+    if manifest["format_version"] >= 2:
+        _verify_config(directory, manifest)
+    return manifest
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def base_config(directory: Path, manifest: dict):
+    """The source architecture's config (``PretrainedConfig``) without zssvd's parts."""
+    from transformers import AutoConfig
+
+    config = _read_json(directory / CONFIG, "copy it from the original checkpoint")
+    base = dict(config["base_config"]) if manifest["format_version"] == 1 else dict(config)
+    for key in ("quantization_config", "auto_map"):
+        base.pop(key, None)
+    return AutoConfig.for_model(base.pop("model_type"), **base)
+
+
+def swap_packed(model: nn.Module, modules: dict, dtype: torch.dtype) -> nn.Module:
+    """Replace the modules named in ``modules`` by empty packed modules built from their descriptions."""
+    for name, desc in modules.items():
+        try:
+            model.get_submodule(name)
+        except AttributeError as err:
+            raise CheckpointError(f"{MANIFEST} names module {name}, which the {model.config.model_type} "
+                                  "architecture does not have; the checkpoint does not fit this model") from err
+        try:
+            model.set_submodule(name, module_from_description(desc, bias_dtype=dtype))
+        except (KeyError, ValueError, TypeError) as err:
+            raise CheckpointError(f"{MANIFEST}: module {name} has an unreadable description ({err}); "
+                                  "re-create the checkpoint") from err
+    return model
+
+
 def build_empty_model(directory: Path, manifest: dict):
     """The base architecture with parameters on the meta device and packed modules swapped in."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    config = ZSSVDConfig.from_pretrained(directory).to_base()
+    config = base_config(directory, manifest)
     dtype = getattr(torch, manifest["dtype"])
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name, desc in manifest["modules"].items():
-        try:
-            model.get_submodule(name)
-        except AttributeError as err:
-            raise CheckpointError(f"{MANIFEST} names module {name}, which the {config.model_type} "
-                                  "architecture does not have") from err
-        model.set_submodule(name, module_from_description(desc, bias_dtype=dtype))
-    return model
+    return swap_packed(model, manifest["modules"], dtype)
 
 
-def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
-    """Load a compressed model written by ``save_compressed`` (or ``zssvd compress``)."""
+def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu", verify: bool = True,
+         dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a compressed model written by ``save_compressed`` (or ``zssvd compress``), format 1 or 2.
+
+    ``dtype``: cast float weights, float factors and biases to this compute dtype (``cast_model``);
+    default: keep the stored dtype.
+    """
     directory = Path(directory)
-    manifest = read_manifest(directory)
-    verify_files(directory, manifest, checksums=verify)
+    manifest = verify_checkpoint(directory, checksums=verify)
     model = build_empty_model(directory, manifest)
     state = _read_weights(directory / WEIGHTS)
     _check_shapes(model, state, manifest)
@@ -162,6 +417,8 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu", ve
     leftovers = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if leftovers:
         raise CheckpointError(f"the checkpoint leaves these tensors unset: {leftovers[:5]}")
+    if dtype is not None:
+        cast_model(model, dtype)
     return model.to(device).eval()
 
 
@@ -185,4 +442,3 @@ def _assign(model: nn.Module, name: str, value) -> None:
     owner_name, _, attr = name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
     setattr(owner, attr, value)
-

@@ -1,18 +1,22 @@
 """Hugging Face integration: ``AutoModelForCausalLM.from_pretrained`` on a zssvd checkpoint.
 
-A checkpoint's ``config.json`` has ``model_type: "zssvd"`` (``hf_config.py``). Two ways in:
+``zssvd.register_hf()`` (``register`` here; ``zssvd.load`` calls it too) makes transformers understand
+both checkpoint formats in this process; ``import zssvd`` alone registers nothing.
 
-* ``zssvd.register_hf()`` (``register`` here; ``zssvd.load`` calls it too) registers ``ZSSVDConfig`` /
-  ``ZSSVDForCausalLM`` with the Auto classes, so ``AutoModelForCausalLM.from_pretrained(DIR)`` works
-  in that process. ``import zssvd`` alone registers nothing;
-* ``trust_remote_code=True``: the checkpoint carries two small files (``configuration_zssvd.py``,
-  ``modeling_zssvd.py``) that import these classes from the installed zssvd package.
+* Format 2 (what ``save_compressed`` writes): config.json is the source architecture's own with a
+  ``quantization_config`` of ``quant_method: "zssvd"``; the quantizer in ``hf_quantizer.py`` loads it.
+  Without zssvd registered, transformers warns that it does not know the quantisation method and
+  loads the base architecture with the compressed layers missing -- register first.
+* Format 1 (zssvd 0.1): config.json has ``model_type: "zssvd"`` (``hf_config.py``); ``ZSSVDConfig`` /
+  ``ZSSVDForCausalLM`` are registered with the Auto classes, and ``trust_remote_code=True`` finds them
+  through the two small files the checkpoint carries (``configuration_zssvd.py``, ``modeling_zssvd.py``).
 
-Either way the model is built by ``zssvd.load`` and is the base architecture's own class
-(``LlamaForCausalLM``, ...) with packed layers, so ``generate`` and evaluation harnesses work.
+Either way the model is the base architecture's own class (``LlamaForCausalLM``, ...) with packed
+layers, so ``generate`` and evaluation harnesses work.
 """
 from __future__ import annotations
 
+import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .checkpoint import load
@@ -22,7 +26,7 @@ __all__ = ["ZSSVDConfig", "ZSSVDForCausalLM", "register"]
 
 
 class ZSSVDForCausalLM(PreTrainedModel):
-    """Loader only: ``from_pretrained`` returns the base architecture with packed layers."""
+    """Format-1 loader only: ``from_pretrained`` returns the base architecture with packed layers."""
 
     config_class = ZSSVDConfig
 
@@ -31,11 +35,16 @@ class ZSSVDForCausalLM(PreTrainedModel):
         device = kwargs.get("device_map") or kwargs.get("device") or "cpu"
         if not isinstance(device, str):
             raise ValueError("zssvd checkpoints load onto one device: pass device_map='cpu' or 'cuda'")
-        return load(pretrained_model_name_or_path, device="cuda" if device == "auto" else device)
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        return load(pretrained_model_name_or_path, device="cuda" if device == "auto" else device,
+                    dtype=dtype if isinstance(dtype, torch.dtype) else None)
 
 
 def register() -> None:
-    """Make the Auto classes aware of zssvd checkpoints (idempotent)."""
+    """Make transformers aware of zssvd checkpoints, both formats (idempotent)."""
+    from .hf_quantizer import register as register_quantizer
+
+    register_quantizer()
     try:
         AutoConfig.register(MODEL_TYPE, ZSSVDConfig)
         AutoModelForCausalLM.register(ZSSVDConfig, ZSSVDForCausalLM)

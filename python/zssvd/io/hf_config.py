@@ -1,12 +1,14 @@
-"""The ``config.json`` of a zssvd checkpoint: ``model_type: "zssvd"`` around the base model's config.
+"""Format 1 (zssvd 0.1) ``config.json``: ``model_type: "zssvd"`` around the base model's config.
 
-A plain transformers install therefore refuses the directory loudly: it cannot quietly load a LLaMA
-with randomly initialised layers in place of the packed ones. ``hf.py`` makes the Auto classes
-aware of these checkpoints; ``checkpoint.py`` writes and reads them. This module imports neither.
+Format 2 checkpoints keep the source architecture in config.json and describe the compression in its
+``quantization_config`` (``checkpoint.py``, ``hf_quantizer.py``). This module stays so that format-1
+checkpoints still load (``checkpoint.load`` reads their ``base_config``; their remote code imports
+``ZSSVDConfig`` from here) and so that tests can write one (``wrapped_config``, ``REMOTE_CODE``).
+It imports neither ``hf.py`` nor ``checkpoint.py``.
 """
 from __future__ import annotations
 
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
 MODEL_TYPE = "zssvd"
 # The remote code a checkpoint carries (``trust_remote_code=True``): it imports the installed package.
@@ -27,13 +29,9 @@ class ZSSVDConfig(PretrainedConfig):
         self.base_config = base_config or {}
         super().__init__(**kwargs)
 
-    def to_base(self) -> PretrainedConfig:
-        base = dict(self.base_config)
-        return AutoConfig.for_model(base.pop("model_type"), **base)
-
 
 def wrapped_config(base: PretrainedConfig) -> ZSSVDConfig:
-    """The config.json written into a checkpoint."""
+    """The config.json of a format-1 checkpoint (zssvd 0.1 wrote it; the tests write one to check it loads)."""
     base_dict = base.to_dict()
     base_dict.pop("quantization_config", None)  # a GGUF source's leftovers; our weights are plain tensors
     config = ZSSVDConfig(base_config=base_dict, architectures=["ZSSVDForCausalLM"])

@@ -42,7 +42,8 @@ def test_every_storage_round_trips_with_identical_logits(compressed, storage, tm
     assert PackedLowRankLinear in kinds
     assert (PackedDenseLinear in kinds) == (storage == "hq" and bool(report["kept_dense"]))
     ids = text_windows(2, 20, seed=11)
-    zssvd.save_compressed(model, tmp_path, report=report)
+    # stored as computed (float32): bit-exact; the default 16-bit storage is tested in tests/zssvd/io
+    zssvd.save_compressed(model, tmp_path, report=report, dtype=torch.float32)
     loaded = zssvd.load(tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
@@ -91,7 +92,8 @@ def test_packed_layers_compile_without_graph_breaks(storage):
     explanation = torch._dynamo.explain(layer)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(x), layer(x))
+    # Traced code takes the reference (the CPU paths' caches are Python state); eager CPU fp8 re-encodes to int8.
+    torch.testing.assert_close(compiled(x), layer(x, backend="torch"))
 
 
 def test_generate_and_bench_serve_commands(trained, tmp_path, capsys):
@@ -109,7 +111,9 @@ def test_generate_and_bench_serve_commands(trained, tmp_path, capsys):
     assert main(["bench-serve", str(tmp_path / "ckpt"), "--batch", "1,2", "--prompt-len", "8", "--new-tokens",
                  "24", "--repeats", "3", "--json", "--quiet"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert [r["model"] for r in rows] == ["compressed"] * 2 + [f"dense ({source})"] * 2
+    assert [r["model"] for r in rows] == ["compressed", f"dense ({source})"] * 2  # per batch, timed interleaved
+    assert [r["batch"] for r in rows] == [1, 1, 2, 2]
+    assert all(r["decode_vs_dense"] > 0 and r["prefill_vs_dense"] > 0 for r in rows)
     assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
 
 
@@ -140,7 +144,8 @@ def test_loaded_memory_is_compared_with_the_report(compressed, tmp_path):
     from zssvd.evaluation.serve import load_and_measure_memory
 
     model, report = compressed["remap"]
-    zssvd.save_compressed(model, tmp_path, tokenizer=tiny_tokenizer(), report=report)
+    # stored as computed (float32), so the loaded model is the one report["model_bytes"] counted
+    zssvd.save_compressed(model, tmp_path, tokenizer=tiny_tokenizer(), report=report, dtype=torch.float32)
     loaded, memory = load_and_measure_memory(tmp_path, "cpu")
     assert memory["memory_vs_report"] == 0.0  # on the CPU: the loaded tensors' bytes
     assert memory["report_gib"] == pytest.approx(report["model_bytes"] / 2**30)

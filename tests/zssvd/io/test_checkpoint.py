@@ -1,49 +1,52 @@
-"""Save -> load gives identical logits; damaged checkpoints are refused with clear errors."""
+"""Save -> load round trips (formats 1 and 2, every storage); damaged or edited checkpoints are refused
+with CheckpointError by every loader (zssvd.load and transformers' from_pretrained)."""
+import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import zssvd
-from tiny_models import ARCHS, random_windows, tiny_model
-from zssvd.config import CompressionConfig
-from zssvd.stages.calibration import CalibrationSet
-from zssvd.io.checkpoint import CheckpointError
-from zssvd.nn import PackedLowRankLinear
-from zssvd.pipeline import AnalysisOptions
-
-
-def _compressed(arch="llama", ratio=0.6, storage="dense"):
-    model = tiny_model(arch)
-    calib = CalibrationSet(random_windows(4, 16, seed=3), "random")
-    return zssvd.compress(model, calib,
-                          CompressionConfig(ratio=ratio, storage=storage),
-                          options=AnalysisOptions(score_backend="torch"))
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
+from checkpoint_helpers import compress_tiny, logits, save_checkpoint
+from tiny_models import ARCHS
+from zssvd.io.checkpoint import CheckpointError, cast_model
+from zssvd.nn import PackedLowRankLinear, describe_packed
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_save_then_load_gives_identical_logits(arch, tmp_path):
-    model, report = _compressed(arch)
-    ids = random_windows(2, 12, seed=9)
-    expected = _logits(model, ids)
-    zssvd.save_compressed(model, tmp_path, report=report)
+def test_save_then_load_gives_identical_logits(arch, tmp_path, ids):
+    model, report = compress_tiny(arch)
+    expected = logits(model, ids)
+    zssvd.save_compressed(model, tmp_path, report=report, dtype=torch.float32)  # as computed: bit-exact
     loaded = zssvd.load(tmp_path)
-    assert torch.equal(_logits(loaded, ids), expected)
+    assert torch.equal(logits(loaded, ids), expected)
     assert any(isinstance(m, PackedLowRankLinear) for m in loaded.modules())
     saved = json.loads((tmp_path / "report.json").read_text())
-    for key in ("target_ratio", "achieved_ratio", "storage", "strategy", "ranks", "timings"):
+    for key in ("target_ratio", "achieved_ratio", "storage", "strategy", "ranks", "timings", "bytes"):
         assert key in saved
 
 
+def test_round_trip_of_every_storage_and_format(storage, version, tmp_path, ids):
+    model, report = compress_tiny(storage=storage)
+    save_checkpoint(model, tmp_path, version, report)
+    # Format 2 stores float data in 16 bits (bf16 for this float32 source); format 1 stored the model dtype.
+    stored = cast_model(copy.deepcopy(model), torch.bfloat16) if version == 2 else model
+    loaded = zssvd.load(tmp_path)
+    assert torch.equal(logits(loaded, ids), logits(stored, ids))
+    assert describe_packed(loaded) == describe_packed(stored)
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+
+
+def test_saving_leaves_the_model_unchanged(tmp_path, ids):
+    model, report = compress_tiny(storage="remap")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    zssvd.save_compressed(model, tmp_path, report=report)
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_tied_embeddings_are_stored_once(tmp_path):
-    model, report = _compressed("llama")
+    model, report = compress_tiny()
     model.config.tie_word_embeddings = True
     model.lm_head.weight = model.model.embed_tokens.weight
     zssvd.save_compressed(model, tmp_path, report=report)
@@ -54,69 +57,76 @@ def test_tied_embeddings_are_stored_once(tmp_path):
 
 
 @pytest.fixture
-def saved(tmp_path):
-    model, report = _compressed()
-    zssvd.save_compressed(model, tmp_path, report=report)
-    return tmp_path
+def saved(version, tmp_path):
+    model, report = compress_tiny()
+    return save_checkpoint(model, tmp_path / f"v{version}", version, report)
 
 
-def test_truncated_weights_are_refused(saved):
+def _edit_json(path, edit):
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def test_truncated_weights_are_refused(saved, loader):
     path = saved / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="truncated or was altered"):
-        zssvd.load(saved)
+        loader(saved)
 
 
-def test_altered_weights_are_refused(saved):
+def test_a_flipped_bit_is_refused(saved, loader):
     path = saved / "model.safetensors"
     data = bytearray(path.read_bytes())
-    data[-5] ^= 0xFF
+    data[-5] ^= 0x10
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="does not match its SHA-256"):
-        zssvd.load(saved)
+        loader(saved)
 
 
-def test_manifest_that_disagrees_with_the_weights_is_refused(saved):
-    manifest = json.loads((saved / "zssvd.json").read_text())
-    name, desc = next(iter(manifest["modules"].items()))
+def _widen_first_module(manifest_or_block):
+    desc = next(iter(manifest_or_block["modules"].values()))
     desc["tensors"]["weight_u"]["shape"][1] += 1
-    (saved / "zssvd.json").write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match="weight_u: stored"):
-        zssvd.load(saved)
+
+
+def test_manifest_that_disagrees_with_the_weights_is_refused(saved, version, loader):
+    _edit_json(saved / "zssvd.json", _widen_first_module)
+    # Format 2 notices that config.json's copy of the descriptions differs; format 1 reaches the tensors.
+    message = "quantization_config does not match" if version == 2 else "weight_u: stored"
+    with pytest.raises(CheckpointError, match=message):
+        loader(saved)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: _widen_first_module(c["quantization_config"]), "quantization_config does not match"),
+    (lambda c: c["quantization_config"].update(dtype="float16"), "quantization_config does not match"),
+    (lambda c: c.update(hidden_act="gelu"), "config.json was edited"),
+    (lambda c: c.update(architectures=["MistralForCausalLM"]), "config.json was edited"),
+], ids=["module", "dtype", "activation", "architecture"])
+def test_an_edited_config_is_refused(edit, message, tmp_path, loader):
+    model, report = compress_tiny()
+    zssvd.save_compressed(model, tmp_path, report=report)
+    _edit_json(tmp_path / "config.json", edit)
+    with pytest.raises(CheckpointError, match=message):
+        loader(tmp_path)
+
+
+def test_a_config_without_the_zssvd_block_is_refused(tmp_path):
+    # transformers alone cannot tell (it sees a plain LLaMA config): zssvd.load and the manifest can.
+    model, report = compress_tiny()
+    zssvd.save_compressed(model, tmp_path, report=report)
+    _edit_json(tmp_path / "config.json", lambda c: c.pop("quantization_config"))
+    with pytest.raises(CheckpointError, match="no zssvd quantization_config"):
+        zssvd.load(tmp_path)
 
 
 def test_missing_or_foreign_manifest(saved, tmp_path_factory):
     empty = tmp_path_factory.mktemp("empty")
     with pytest.raises(CheckpointError, match="not a zssvd checkpoint"):
         zssvd.load(empty)
-    manifest = json.loads((saved / "zssvd.json").read_text())
-    manifest["format_version"] = 99
-    (saved / "zssvd.json").write_text(json.dumps(manifest))
+    _edit_json(saved / "zssvd.json", lambda m: m.update(format_version=99))
     with pytest.raises(CheckpointError, match="format version 99"):
         zssvd.load(saved)
     (saved / "zssvd.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         zssvd.load(saved)
-
-
-def test_transformers_from_pretrained_gives_the_same_logits(saved):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    ids = random_windows(1, 10, seed=4)
-    expected = _logits(zssvd.load(saved), ids)
-    zssvd.register_hf()  # explicit (zssvd.load above did it too): importing zssvd registers nothing
-    registered = AutoModelForCausalLM.from_pretrained(saved)
-    assert torch.equal(_logits(registered, ids), expected)
-    remote = AutoModelForCausalLM.from_pretrained(saved, trust_remote_code=True)  # the checkpoint's own code
-    assert torch.equal(_logits(remote, ids), expected)
-    assert AutoConfig.from_pretrained(saved).model_type == "zssvd"
-
-
-def test_plain_transformers_cannot_mistake_it_for_the_base_model(saved):
-    config = json.loads((saved / "config.json").read_text())
-    assert config["model_type"] == "zssvd" and config["base_config"]["model_type"] == "llama"
-    # Without zssvd imported and without trust_remote_code, transformers refuses instead of building a
-    # LLaMA with random layers where the packed ones should be.
-    code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(saved)!r})"
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert run.returncode != 0 and "trust_remote_code" in run.stderr

@@ -43,7 +43,7 @@ def test_more_rounds_keep_lowering_the_loss(setup):
 
 def test_negative_rounds_are_rejected(setup):
     model, calib, analysis = setup
-    with pytest.raises(ValueError, match="corrections must be >= 0"):
+    with pytest.raises(ValueError, match="corrections must be an integer >= 0"):
         compress(copy.deepcopy(model), calib, CompressionConfig(ratio=0.5, corrections=-1), analysis=analysis)
 
 

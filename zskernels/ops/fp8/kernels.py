@@ -22,9 +22,10 @@ from typing import Optional
 import torch
 
 from ... import _device, _triton
-from ..._backend import resolve_backend
+from ..._backend import cpu_fast_path, resolve_backend
 from ..._configs import pick_config
 from ..._triton import cdiv, e4m3_bits_to_f32, empty, jit_later, launch, tile_coords
+from .cpu import fp8_linear_cpu, fp8_lowrank_matmul_cpu
 from .naive import check_call, fp8_linear_reference, fp8_lowrank_matmul_reference
 
 # Form (b) multiplies t by u_scale * 2^8 and y by 2^-8: t then has the size of t * max|U[:, j]| * 0.57
@@ -314,6 +315,8 @@ def fp8_linear(x: torch.Tensor, packed: dict[str, torch.Tensor], bias: Optional[
                *, backend: str = "auto") -> torch.Tensor:
     """y = x W_hat^T + b for W stored by ``quantize_fp8_dense``; y in x's dtype."""
     in_features, out_features = check_call(x, packed, bias, "dense", "fp8_linear")
+    if cpu_fast_path(backend, x) and 0 not in (x.numel(), in_features, out_features):
+        return fp8_linear_cpu(x, packed, bias)
     if resolve_backend(backend, x, *packed.values()) == "torch" or 0 in (x.numel(), in_features, out_features):
         return fp8_linear_reference(x, packed, bias)
     _triton.ready(__name__)
@@ -326,6 +329,8 @@ def fp8_lowrank_matmul(x: torch.Tensor, packed: dict[str, torch.Tensor], bias: O
     """y = (x V_hat) U_hat^T + b for factors stored by ``pack_fp8_lowrank``; y in x's dtype."""
     in_features, out_features = check_call(x, packed, bias, "lowrank", "fp8_lowrank_matmul")
     empty = 0 in (x.numel(), in_features, packed["u_fp8"].shape[1], out_features)
+    if cpu_fast_path(backend, x) and not empty:
+        return fp8_lowrank_matmul_cpu(x, packed, bias)
     if resolve_backend(backend, x, *packed.values()) == "torch" or empty:
         return fp8_lowrank_matmul_reference(x, packed, bias)
     _triton.ready(__name__)

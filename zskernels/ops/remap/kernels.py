@@ -27,10 +27,11 @@ from typing import Optional
 import torch
 
 from ... import _device, _triton
-from ..._backend import resolve_backend
+from ..._backend import cpu_fast_path, resolve_backend
 from ..._configs import pick_config
 from ..._triton import cdiv, e4m3_codes_as_f16, empty, jit_later, launch, tile_coords
 from ...formats.remap import PACKED_KEYS
+from .cpu import remap_matmul_cpu
 from .naive import check_call, remap_matmul_reference
 
 Tensor = torch.Tensor
@@ -285,6 +286,8 @@ def remap_matmul(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor] = 
     The Triton path dequantises in registers only (neither W nor the full factors are built).
     """
     lay = check_call(x, packed, bias, "remap_matmul")
+    if cpu_fast_path(backend, x) and x.numel():
+        return remap_matmul_cpu(x, packed, bias)
     if resolve_backend(backend, x) == "torch":
         return remap_matmul_reference(x, packed, bias)
     x2d = x.reshape(-1, lay.in_features)

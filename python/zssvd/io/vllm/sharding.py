@@ -1,0 +1,195 @@
+"""Tensor-parallel slices of zssvd's packed layouts, and the forward of one slice (plain torch, no vLLM).
+
+A vLLM linear layer holds, on each rank, a contiguous slice of the output rows (column-parallel:
+q/k/v, gate/up) or of the input columns (row-parallel: o, down) of every checkpoint module it
+fuses. For a factor pair W ~= U V^T this is exact without touching the numbers:
+
+* column-parallel: the rows [a, b) of U, all of V (V replicated);
+* row-parallel: the rows [a, b) of V, all of U (U replicated); vLLM all-reduces the partial outputs.
+
+Per-component scales (remap, fp8) belong to the replicated rank dimension, so they are kept whole;
+HQ's dense fp8 matrices keep one scale per output row, which is sliced with the rows. remap's
+8-bit head covers rows [0, s) of each factor and its 16-bit tail rows [s, L): a slice keeps the
+head rows it contains, then the tail rows it contains. Such a slice is generally no longer a
+layout ``zskernels.remap_matmul`` accepts (it wants both factors' heads of length min(out, in));
+``Part.forward`` then de-quantises the slice in torch, exactly as the op's reference does.
+
+``slice_module`` returns a ``Part``; ``Part.forward(x)`` computes the slice's output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ...nn.packed_linear import FLOAT_STORAGES, STORAGES
+
+Tensors = dict[str, torch.Tensor]
+COLUMN, ROW, WHOLE = "column", "row", "whole"
+
+
+class ShardingError(ValueError):
+    """A checkpoint module cannot be split the way the vLLM layer asks for."""
+
+
+@dataclass
+class Part:
+    """One checkpoint module's slice on this rank.
+
+    ``kind``: "weight" (an ordinary matrix, ``tensors["weight"]``), "dense" (HQ's fp8 matrix),
+    "lowrank" (a factor pair in ``storage``); ``exact_layout``: the slice is a layout the storage's
+    own op accepts (always true at tp 1), otherwise the torch path of ``_remap_slice_forward``.
+    """
+
+    kind: str
+    storage: str | None
+    tensors: Tensors
+    out_features: int
+    in_features: int
+    exact_layout: bool = True
+    rank: int = 0
+    meta: dict = field(default_factory=dict)
+
+    def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        if self.kind == "weight":
+            return F.linear(x, self.tensors["weight"])
+        if self.kind == "dense":
+            from zskernels import fp8_linear
+
+            return fp8_linear(x, self.tensors, None, backend=backend)
+        if not self.exact_layout:
+            return _remap_slice_forward(x, self.tensors)
+        return STORAGES[self.storage].forward(x, self.tensors, None, backend)
+
+    def is_float_lowrank(self) -> bool:
+        return self.kind == "lowrank" and self.storage in FLOAT_STORAGES
+
+
+def _rows(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    return t[a:b].contiguous()
+
+
+def _cols(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    return t[:, a:b].contiguous()
+
+
+def _split_head_tail(a: int, b: int, s: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Rows [a, b) of a factor whose head is rows [0, s): (head range, tail range relative to s)."""
+    head = (min(a, s), min(b, s))
+    tail = (max(a, s) - s, max(b, s) - s)
+    return head, tail
+
+
+def _slice_remap(t: Tensors, role: str, a: int, b: int) -> Tensors:
+    out = dict(t)
+    if role == COLUMN:  # rows of U: u_q (s, k), u_tail (out - s, k)
+        (h0, h1), (t0, t1) = _split_head_tail(a, b, t["u_q"].shape[0])
+        out["u_q"], out["u_tail"] = _rows(t["u_q"], h0, h1), _rows(t["u_tail"], t0, t1)
+    elif role == ROW:  # rows of V, stored transposed: v_q (k, s), v_tail (k, in - s)
+        (h0, h1), (t0, t1) = _split_head_tail(a, b, t["v_q"].shape[1])
+        out["v_q"], out["v_tail"] = _cols(t["v_q"], h0, h1), _cols(t["v_tail"], t0, t1)
+    return out
+
+
+def _remap_is_exact(t: Tensors) -> bool:
+    """Whether a (sliced) remap dict is still a layout ``zskernels.remap_matmul`` accepts."""
+    from zskernels.formats.remap import packed_layout
+
+    try:
+        lay = packed_layout(t)
+    except ValueError:
+        return False
+    return lay.head == min(lay.out_features, lay.in_features)
+
+
+# How each storage's tensors are sliced: {role: {tensor name: "rows" | "cols"}}; names not listed stay whole.
+_SLICES = {
+    "weight": {COLUMN: {"weight": "rows"}, ROW: {"weight": "cols"}},
+    "float": {COLUMN: {"weight_u": "rows"}, ROW: {"weight_v": "cols"}},
+    "fp8": {COLUMN: {"u_fp8": "rows"}, ROW: {"vt_fp8": "cols"}},
+    "dense-fp8": {COLUMN: {"weight_fp8": "rows", "weight_scale": "rows"}, ROW: {"weight_fp8": "cols"}},
+}
+
+
+def _slice_plain(t: Tensors, rule: dict[str, str], a: int, b: int) -> Tensors:
+    cut = {"rows": _rows, "cols": _cols}
+    return {name: cut[rule[name]](x, a, b) if name in rule else x for name, x in t.items()}
+
+
+def slice_module(desc: dict | None, tensors: Tensors, role: str, start: int, size: int,
+                 name: str = "") -> Part:
+    """This rank's ``Part`` of one checkpoint module.
+
+    ``desc``: its description from the checkpoint (``None`` for an ordinary ``weight``);
+    ``role``: COLUMN (output rows [start, start + size)), ROW (input columns) or WHOLE.
+    """
+    if desc is None:
+        weight = tensors["weight"]
+        out_f, in_f = weight.shape
+        kind, storage, key = "weight", None, "weight"
+    else:
+        out_f, in_f = desc["out_features"], desc["in_features"]
+        kind, storage = desc["kind"], desc["storage"]
+        key = "dense-fp8" if kind == "dense" else ("float" if storage in FLOAT_STORAGES else storage)
+    full = out_f if role == COLUMN else in_f
+    if role != WHOLE and (start < 0 or size < 1 or start + size > full):
+        raise ShardingError(f"{name}: rank slice [{start}, {start + size}) of its {full} "
+                            f"{'output' if role == COLUMN else 'input'} features is out of range; the "
+                            "checkpoint does not fit this model's layer sizes at this tensor-parallel size")
+    a, b = start, start + size
+    if role == WHOLE:
+        sliced = dict(tensors)
+    elif key == "remap":
+        sliced = _slice_remap(tensors, role, a, b)
+    else:
+        sliced = _slice_plain(tensors, _SLICES[key][role], a, b)
+    out_s, in_s = (size, in_f) if role == COLUMN else (out_f, size) if role == ROW else (out_f, in_f)
+    exact = key != "remap" or _remap_is_exact(sliced)
+    return Part(kind, storage, sliced, out_s, in_s, exact, desc.get("rank", 0) if desc else 0)
+
+
+def _remap_slice_forward(x: torch.Tensor, t: Tensors) -> torch.Tensor:
+    """y = x V_hat U_hat^T over a remap slice whose heads differ in length; fp32 like the op's reference."""
+    v_hat = torch.cat([t["v_q"].float() * t["v_scale"][:, None], t["v_tail"].float()], dim=1)  # (k, in)
+    u_hat = torch.cat([t["u_q"].float() * t["u_scale"][None, :], t["u_tail"].float()], dim=0)  # (out, k)
+    return F.linear(F.linear(x.float(), v_hat), u_hat).to(x.dtype)
+
+
+class FusedParts:
+    """The ``Part``s of one vLLM layer (q/k/v, gate/up, or a single module), output = their concatenation.
+
+    Float factor pairs that read the same input share the first product: t = x [V_1 ... V_n] is one
+    GEMM, then one second product per part. Other parts (remap, fp8, dense) each run their own op.
+    Float factors and ordinary weights are cast once to the serving dtype (what vLLM does to an
+    unquantised weight), so no call converts them again.
+    """
+
+    def __init__(self, parts: list[Part], dtype: torch.dtype):
+        for part in parts:
+            if part.is_float_lowrank() or part.kind == "weight":
+                part.tensors = {k: v.to(dtype) for k, v in part.tensors.items()}
+        self.parts = parts
+        self.shared = [i for i, p in enumerate(parts) if p.is_float_lowrank()]
+        self.v_cat = torch.cat([parts[i].tensors["weight_v"] for i in self.shared]) if self.shared else None
+        self.ranks = [parts[i].tensors["weight_v"].shape[0] for i in self.shared]
+
+    def tensors(self) -> Tensors:
+        """Every tensor held, by a unique name (to register them as the layer's buffers)."""
+        named = {f"part{i}_{k}": v for i, p in enumerate(self.parts) for k, v in p.tensors.items()
+                 if not (i in self.shared and k == "weight_v")}
+        if self.v_cat is not None:
+            named["shared_weight_v"] = self.v_cat
+        return named
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+        outputs: list[torch.Tensor | None] = [None] * len(self.parts)
+        if self.shared:
+            t = F.linear(x, self.v_cat).split(self.ranks, dim=-1)
+            for i, ti in zip(self.shared, t):
+                outputs[i] = F.linear(ti, self.parts[i].tensors["weight_u"])
+        for i, part in enumerate(self.parts):
+            if outputs[i] is None:
+                outputs[i] = part.forward(x, backend)
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+        return y + bias if bias is not None else y

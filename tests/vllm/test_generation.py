@@ -1,0 +1,38 @@
+"""vLLM (CPU build, fp32) serves zssvd checkpoints exactly like ``zssvd.load`` + Hugging Face.
+
+For each storage (dense factors at 0.8, remap at 0.8, hq at 0.4) and tensor-parallel size 1 and 3:
+greedy decoding of 64 new tokens for several prompts gives the same tokens, and each token's
+log-probability agrees within LOGPROB_ATOL (fp32 on both sides; the difference is summation order).
+"""
+import pytest
+
+from serving_helpers import CHECKPOINTS, NEW_TOKENS, PROMPTS, need_vllm
+from zssvd.io.vllm.check import compare, hf_greedy, vllm_greedy
+
+need_vllm()
+
+LOGPROB_ATOL = 2e-3
+_HF = {}
+
+
+def _reference(directory):
+    if directory not in _HF:  # once per checkpoint: tp 1 and 3 compare with the same run
+        _HF[directory] = hf_greedy(directory, PROMPTS, NEW_TOKENS)
+    return _HF[directory]
+
+
+# Known defect (issue 13): on the CPU, fp8 weights are re-encoded to int8 with one scale per row of the
+# tensor the op is given; a row-parallel slice has shorter rows, hence other scales and slightly other
+# numbers than the whole matrix Hugging Face multiplies by. Fix: re-encode whole rows, then slice.
+HQ_TP3 = pytest.mark.xfail(reason="CPU fp8 re-encoding is per row slice under row parallelism (issue 13)")
+CASES = [pytest.param(name, tp, marks=HQ_TP3 if (name, tp) == ("hq", 3) else (), id=f"{name}-{tp}")
+         for name in CHECKPOINTS for tp in (1, 3)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, tp", CASES)
+def test_vllm_greedy_equals_hf(name, tp, checkpoints, engines):
+    result = compare(_reference(checkpoints[name]), vllm_greedy(engines.get(checkpoints[name], tp), PROMPTS,
+                                                                NEW_TOKENS))
+    assert result["same_tokens"], f"{name} tp={tp}: vLLM's greedy tokens differ from Hugging Face's ({result})"
+    assert result["max_logprob_diff"] < LOGPROB_ATOL, f"{name} tp={tp}: {result}"

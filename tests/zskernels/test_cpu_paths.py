@@ -1,0 +1,142 @@
+"""The fast CPU paths (zskernels/_cpu.py, ops/remap/cpu.py, ops/fp8/cpu.py) against float64.
+
+backend="auto" on CPU tensors takes them; backend="torch" keeps the plain reference. int8 heads and
+16-bit tails are exact inputs, so the only error is the activation dtype's (per-dtype tolerance).
+fp8 weights are re-encoded once to int8 rows: that rounding is measured here against the fp8
+quantisation error itself.
+"""
+import pytest
+import torch
+
+import zskernels
+from zskernels import _cpu
+from zskernels.formats.remap import unpack_remap
+
+SHAPES = [(37, 23, 9), (23, 37, 9), (48, 48, 48), (37, 23, 1), (64, 32, 16)]  # out>in, in>out, square, k=1, K%16=0
+ROWS = [1, 3, 17]
+RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+shape_id = lambda s: "x".join(map(str, s))  # noqa: E731
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rel_err(a, b):
+    return float(torch.linalg.norm((a.double() - b).flatten()) / torch.linalg.norm(b.flatten()))
+
+
+def factors(out, in_, k, gen):
+    return torch.randn(out, k, generator=gen) * 0.3, torch.randn(in_, k, generator=gen) * 0.3
+
+
+@pytest.mark.parametrize("tail", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", ROWS, ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("dtype", list(RTOL), ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_remap_int8_matches_float64(shape, dtype, m, tail, rng):
+    out, in_, k = shape
+    packed = zskernels.pack_remap(*factors(out, in_, k, rng), fmt="int8", tail_dtype=tail)
+    u_hat, v_hat = unpack_remap(packed)
+    x, bias = torch.randn(m, in_, generator=rng).to(dtype), torch.randn(out, generator=rng)
+    y = zskernels.remap_matmul(x, packed, bias)
+    assert y.shape == (m, out) and y.dtype == dtype
+    assert rel_err(y, (x.double() @ v_hat.double()) @ u_hat.double().t() + bias.double()) < RTOL[dtype]
+
+
+def fp8_reencoding_budget(w_fp8_values: torch.Tensor) -> float:
+    """Relative error int8 re-encoding may add: half a step (absmax/254) per element, RMS over the matrix."""
+    step = w_fp8_values.abs().amax(dim=1, keepdim=True) / 127
+    return float((step / 12 ** 0.5).expand_as(w_fp8_values).norm() / w_fp8_values.norm())
+
+
+@pytest.mark.parametrize("m", ROWS, ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("dtype", list(RTOL), ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_fp8_paths_stay_within_the_reencoding_error(shape, dtype, m, rng):
+    out, in_, k = shape
+    U, V = factors(out, in_, k, rng)
+    lowrank, dense = zskernels.pack_fp8_lowrank(U, V), zskernels.quantize_fp8_dense(U @ V.T)
+    x = torch.randn(m, in_, generator=rng).to(dtype)
+    u_hat, v_hat = zskernels.dequantize_fp8(lowrank)
+    w_hat = zskernels.dequantize_fp8(dense)
+    # Budget: the re-encoding's RMS rounding of each factor, times 4 (x's direction is random), plus the dtype's.
+    budget_lr = 4 * (fp8_reencoding_budget(v_hat.T) + fp8_reencoding_budget(u_hat)) + RTOL[dtype]
+    budget_dense = 4 * fp8_reencoding_budget(w_hat) + RTOL[dtype]
+    y = zskernels.fp8_lowrank_matmul(x, lowrank)
+    assert y.dtype == dtype and rel_err(y, (x.double() @ v_hat.double()) @ u_hat.double().T) < budget_lr
+    y = zskernels.fp8_linear(x, dense)
+    assert y.dtype == dtype and rel_err(y, x.double() @ w_hat.double().T) < budget_dense
+
+
+def test_reencoding_costs_little_next_to_fp8_itself(rng):
+    """On a realistic (Gaussian) matrix, int8 re-encoding's error is a fraction of fp8's own error."""
+    W = torch.randn(256, 192, generator=rng, dtype=torch.float64)
+    packed = zskernels.quantize_fp8_dense(W)
+    fp8_values = zskernels.dequantize_fp8(packed).double()
+    q, scale = _cpu.fp8_rows_as_int8(packed["weight_fp8"], packed["weight_scale"])
+    reencoded = q.double() * scale.double()[:, None]
+    fp8_err = float((fp8_values - W).norm() / W.norm())
+    extra = float((reencoded - fp8_values).norm() / W.norm())
+    assert extra < 0.35 * fp8_err, (extra, fp8_err)  # measured: 0.27x (2.60% -> 2.68% in all)
+
+
+def test_remap_fp8_heads_are_reencoded_once(rng):
+    packed = zskernels.pack_remap(*factors(48, 32, 16, rng), fmt="fp8")
+    u_hat, v_hat = unpack_remap(packed)
+    x = torch.randn(3, 32, generator=rng)
+    y = zskernels.remap_matmul(x, packed)
+    reference = (x.double() @ v_hat.double()) @ u_hat.double().t()
+    assert rel_err(y, reference) < 4 * (fp8_reencoding_budget(v_hat.T) + fp8_reencoding_budget(u_hat))
+    entries = _cpu.cache_entries()
+    zskernels.remap_matmul(x, packed)
+    assert _cpu.cache_entries() == entries  # the second call re-encodes nothing
+
+
+def test_torch_backend_is_still_the_reference(rng):
+    packed = zskernels.pack_fp8_lowrank(*factors(37, 23, 9, rng))
+    x = torch.randn(3, 23, generator=rng)
+    assert torch.equal(zskernels.fp8_lowrank_matmul(x, packed, backend="torch"),
+                       zskernels.fp8_lowrank_matmul_reference(x, packed))
+
+
+def test_derived_cache_follows_its_source(rng):
+    source = torch.randn(8, generator=rng)
+    first = _cpu.derived(source, "double", lambda: source * 2)
+    assert _cpu.derived(source, "double", lambda: source * 3) is first  # cached
+    source.add_(1)  # in-place change: rebuilt
+    assert torch.equal(_cpu.derived(source, "double", lambda: source * 2), source * 2)
+    entries = _cpu.cache_entries()
+    del source, first
+    assert _cpu.cache_entries() < entries  # dropped with its source
+
+
+@pytest.mark.parametrize("k", [8, 9, 23, 32])
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_int8_linear_any_reduction_length(k, m, rng):
+    """int8pack needs K % 16 == 0 on the CPU (wrong results or a crash otherwise): other K take the chunked path."""
+    w = torch.randint(-127, 128, (12, k), generator=rng, dtype=torch.int8)
+    scale = torch.rand(12, generator=rng) + 0.5
+    x = torch.randn(m, k, generator=rng).to(torch.bfloat16)
+    expected = x.double() @ (w.double() * scale.double()[:, None]).T
+    assert rel_err(_cpu.int8_linear(x, w, scale), expected) < RTOL[torch.bfloat16]
+
+
+def test_chunked_path_covers_every_row(monkeypatch, rng):
+    monkeypatch.setattr(_cpu, "CHUNK_BYTES", 64)  # several chunks, the last one short
+    w = torch.randint(-127, 128, (37, 16), generator=rng, dtype=torch.int8)
+    x = torch.randn(40, 16, generator=rng)
+    assert rel_err(_cpu.int8_linear(x, w, None), x.double() @ w.double().T) < RTOL[torch.float32]
+
+
+@pytest.mark.parametrize("offset", [0, 1, 8, 16])
+def test_misaligned_weights_as_loaded_from_a_mapped_checkpoint(offset, rng):
+    """int8pack crashes on weights that are not 16-byte aligned; such views come from mmap'd safetensors."""
+    buffer = torch.randint(-127, 128, (offset + 48 * 32,), generator=rng, dtype=torch.int8)
+    w = buffer[offset:].view(48, 32)
+    x = torch.randn(2, 32, generator=rng).to(torch.bfloat16)
+    assert rel_err(_cpu.int8_linear(x, w, None), x.double() @ w.double().T) < RTOL[torch.bfloat16]
