@@ -62,7 +62,8 @@ def test_vllm_serve_completions(checkpoints, tmp_path):
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen(
         [*VLLM_CLI, "serve", str(directory), "--host", "127.0.0.1",
-         "--port", str(port), "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN)],
+         "--port", str(port), "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
+         "--enforce-eager"],  # torch.compile's warm-up alone takes many minutes on a 2-core CI machine
         stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
