@@ -25,19 +25,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..io.checkpoint import file_sha256
+
 log = logging.getLogger(__name__)
 
 
 def cache_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _meta_digest(meta: dict) -> str:
@@ -56,7 +50,7 @@ def _check_entry(entry: Path, meta: dict) -> None:
     if meta["meta_sha256"] != _meta_digest(meta):
         raise _BadEntry("meta.json does not match its checksum")
     for name in meta["files"]:
-        if _sha256(entry / f"{name}.safetensors") != meta["sha256"].get(name):
+        if file_sha256(entry / f"{name}.safetensors") != meta["sha256"].get(name):
             raise _BadEntry(f"{name}.safetensors does not match its checksum")
 
 
@@ -130,7 +124,7 @@ class StageCache:
             for name, tensors in files.items():
                 save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
             meta = {**meta, "files": list(files),
-                    "sha256": {name: _sha256(tmp / f"{name}.safetensors") for name in files}}
+                    "sha256": {name: file_sha256(tmp / f"{name}.safetensors") for name in files}}
             meta["meta_sha256"] = _meta_digest(meta)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         except OSError as error:

@@ -87,10 +87,10 @@ def from_rank0(tensor: torch.Tensor) -> torch.Tensor:
 def window_share(windows: int) -> tuple[int, int]:
     """``(start, stop)`` of this rank's windows among ``windows``: contiguous, the first
     ``windows % world_size`` ranks take one more. ``(0, windows)`` in a single process."""
-    rank, size = world()
-    base, extra = divmod(windows, size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (rank < extra)
+    rank = world()[0]
+    shares = windows_per_rank(windows)
+    start = sum(shares[:rank])
+    return start, start + shares[rank]
 
 
 def windows_per_rank(windows: int) -> list[int]:

@@ -154,12 +154,11 @@ def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torc
     sinks = grads if order == "batch" else {}
     was_training = model.training
     model.eval()
-    loss_total = 0.0
     try:
         with weight_gradient_sinks(model, targets, sinks), \
                 streamed_blocks(model, targets.blocks_path, device, offload):
-            if input_ids.shape[0] == 0:
-                pass  # more ranks than windows: this one contributes zeros
+            if input_ids.shape[0] == 0:  # more ranks than windows: this one contributes zeros
+                loss_total = 0.0
             elif order == "block":
                 loss_total = block_order_pass(model, targets, input_ids, micro_batch=micro_batch, device=device,
                                               grad_device=grad_device, sinks=sinks, grads=grads,
