@@ -3,6 +3,7 @@
     python bench/aot_check.py               # H100 (sm_90): every op, LLaMA-7B shapes, M = 1 ... 2048
     python bench/aot_check.py --arch 80     # A100 (sm_80): the fp8 ops take their byte-decoding path
     python bench/aot_check.py --quick       # fp16 activations, M = 1 and 2048 only (what the tests run)
+    python bench/aot_check.py --only int4   # compile only the kernels whose name contains "int4"
 
 1. Record. With TRITON_INTERPRET=1, each op runs at LLaMA-7B shapes and the benchmarks' token
    counts, but every kernel launch is intercepted and nothing executes. The launchers' questions
@@ -157,6 +158,9 @@ def record_all(gpu: GPU, x_dtypes: tuple, tokens: tuple) -> list[Launch]:
                 torch.randn(out, hq_rank, generator=gen), torch.randn(in_, hq_rank, generator=gen)))
             dense = torch.randn(out, in_, generator=gen)
             stores["fp8-dense"] = (zskernels.fp8_linear, zskernels.quantize_fp8_dense(dense))
+            stores["int4-dense"] = (zskernels.int4_linear, zskernels.quantize_int4(dense, 64))
+            stores["int4-lowrank"] = (zskernels.int4_lowrank_matmul, zskernels.pack_int4_lowrank(
+                torch.randn(out, hq_rank, generator=gen), torch.randn(in_, hq_rank, generator=gen), 64))
             for dtype, m, (storage, (op, packed)) in itertools.product(x_dtypes, tokens, stores.items()):
                 x = torch.randn(m, in_, generator=gen).to(dtype)
                 for bias in (None, torch.zeros(out, dtype=dtype)) if m == 1 else (None,):
@@ -278,6 +282,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, choices=sorted(GPUS), default=90)
     parser.add_argument("--quick", action="store_true", help="fp16 activations, M = 1 and 2048 only")
+    parser.add_argument("--only", metavar="TEXT", default="",
+                        help="compile only the kernels whose name contains TEXT (e.g. int4, fp8, remap)")
     parser.add_argument("--record", metavar="PATH", help=argparse.SUPPRESS)  # the child's job
     args = parser.parse_args(argv)
     gpu = GPUS[args.arch]
@@ -286,7 +292,7 @@ def main(argv=None) -> int:
         with open(args.record, "wb") as f:
             pickle.dump(record_all(gpu, x_dtypes, (1, 2048) if args.quick else TOKENS), f)
         return 0
-    launches = record_in_child(args)
+    launches = [la for la in record_in_child(args) if args.only in la.kernel]
     print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{gpu.arch} ({gpu.name}): "
           f"{len(launches)} distinct launches")
     failures, results = 0, []
@@ -309,7 +315,7 @@ def wants_tensor_cores(launch: Launch) -> bool:
     c = launch.constexprs
     if launch.kernel.endswith(("_remap_stage1_kernel", "_remap_stage2_kernel")):
         return c.get("INPUT_PRECISION") != "ieee"
-    if launch.kernel.endswith(":_matmul_kernel"):
+    if launch.kernel.endswith((":_matmul_kernel", ":_int4_matmul_kernel")):
         return bool(c.get("USE_DOT")) and c.get("CDT") != 2
     if launch.kernel.endswith(("_score_kernel", "_batched_score_kernel")) and "reduce" not in launch.kernel:
         return not (c.get("UPCAST") and c.get("PRECISION") == 0)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
+import math
 import statistics
 import sys
 import time
@@ -28,6 +30,7 @@ import zssvd
 from zssvd.config import AnalysisOptions, CompressionConfig
 from zssvd.evaluation.demo import stdlib_docstrings
 from zssvd.evaluation.evaluate import perplexity
+from zssvd.io.models import find_targets
 from zssvd.pipeline import analyze, compress_, rescore
 from zssvd.stages import calibration
 from zssvd.stages.scores import sign_flips
@@ -35,6 +38,89 @@ from zssvd.stages.selection import select
 
 LICENSES = ("GPL-3", "Apache-2.0", "MPL-2.0", "LGPL-2.1", "GFDL-1.3", "Artistic", "CC0-1.0")
 ABLATION = ("zero-sum", "most-negative", "abs-dl", "sigma")
+
+# Weight-only quantisation of the same target linears, the alternative a user weighs ZS-SVD against
+# (issue 15): name -> (quantiser, bits, group along the input dim; None = one symmetric scale per row).
+BASELINES = {
+    "rtn-int8-row": ("rtn", 8, None),
+    "rtn-int4-g64": ("rtn", 4, 64),
+    "rtn-int3-g64": ("rtn", 3, 64),
+    "hqq-int4-g64": ("hqq", 4, 64),
+    "hqq-int3-g64": ("hqq", 3, 64),
+}
+
+
+def as_16bit(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to float16, as a format stores its scales and zero points."""
+    return x.to(torch.float16).to(x.dtype)
+
+
+def rtn_rows(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric round-to-nearest, one 16-bit scale per output row; codes in [-(2^(b-1) - 1), 2^(b-1) - 1]."""
+    top = 2 ** (bits - 1) - 1
+    scale = as_16bit(w.abs().amax(dim=1, keepdim=True) / top)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
+    return torch.clamp(torch.round(w / scale), -top, top) * scale
+
+
+def rtn_groups(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Asymmetric round-to-nearest per ``group`` consecutive inputs of a row: w ~ scale * q + offset, q in
+    [0, 2^b - 1], scale and offset (the zero point, -offset / scale, left unrounded) in 16 bits each."""
+    rows, cols = w.shape
+    g = w.reshape(rows, cols // group, group)
+    offset = as_16bit(g.amin(dim=-1, keepdim=True))
+    top = 2 ** bits - 1
+    scale = as_16bit((g.amax(dim=-1, keepdim=True) - offset) / top)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group is its offset
+    q = torch.clamp(torch.round((g - offset) / scale), 0, top)
+    return (q * scale + offset).reshape(rows, cols)
+
+
+def hqq_groups(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """HQQ (calibration-free, optimises each group's zero point): the same layout and bytes as
+    ``rtn_groups``, its scales and zero points rounded to 16 bits as HQQ stores them."""
+    try:
+        from hqq.core.quantize import Quantizer
+    except ImportError as err:
+        raise ImportError("HQQ baselines need the hqq package: pip install --no-deps hqq termcolor") from err
+
+    q, meta = Quantizer.quantize(w.float(), nbits=bits, group_size=group, axis=1, optimize=True,
+                                 round_zero=False, bitpack=False, device=str(w.device))
+    meta.update(scale=as_16bit(meta["scale"]), zero=as_16bit(meta["zero"]), compute_dtype=torch.float32)
+    return Quantizer.dequantize(q, meta).to(w.dtype)
+
+
+def quantised_bytes(shape: tuple[int, int], bits: int, group: int | None) -> int:
+    """Bytes of one quantised matrix: packed codes, plus a 16-bit scale per row (group None) or a
+    16-bit scale and a 16-bit zero point per group."""
+    rows, cols = shape
+    if group is not None and cols % group:
+        raise ValueError(f"a {rows}x{cols} matrix does not split into groups of {group} inputs; pick a divisor")
+    metadata = 2 * rows if group is None else 4 * rows * (cols // group)
+    return math.ceil(rows * cols * bits / 8) + metadata
+
+
+def fake_quantise_(model, name: str) -> float:
+    """Quantise then de-quantise every target weight of ``model`` in place with baseline ``name``;
+    returns the targets' quantised bytes over their 16-bit bytes."""
+    method, bits, group = BASELINES[name]
+    stored = dense = 0
+    for target in find_targets(model):
+        w = target.module.weight
+        stored += quantised_bytes(tuple(w.shape), bits, group)
+        dense += 2 * w.numel()
+        with torch.no_grad():
+            if method == "hqq":
+                w.copy_(hqq_groups(w.double(), bits, group))
+            else:
+                w.copy_(rtn_rows(w.double(), bits) if group is None else rtn_groups(w.double(), bits, group))
+    return stored / dense
+
+
+def available_baselines() -> list[str]:
+    """The baselines that can run here: HQQ rows need the ``hqq`` package (pip install --no-deps hqq)."""
+    have_hqq = importlib.util.find_spec("hqq") is not None
+    return [name for name, (method, _, _) in BASELINES.items() if method != "hqq" or have_hqq]
 
 
 def builtin_text(name: str) -> str:
@@ -78,10 +164,12 @@ def run(args) -> None:
         name, _, path = spec.partition("=")
         evals[name] = calibration.tokenize_stream(tokenizer, builtin_text(path))
     windows = dict(pair.split("=") for pair in args.eval_windows) if args.eval_windows else {}
+    bos = _bos(tokenizer, args)
+    bos_key = {"bos": True} if bos is not None else {}  # in the keys only when used: older rows keep theirs
 
     def evaluate(m) -> dict:
         return {name: round(perplexity(m, ids, args.seq_len, max_windows=int(windows.get(name, args.windows)),
-                                       desc=f"ppl {name}")["perplexity"], 3)
+                                       desc=f"ppl {name}", bos_id=bos)["perplexity"], 3)
                 for name, ids in evals.items()}
 
     def record(entry: dict) -> None:
@@ -89,12 +177,23 @@ def run(args) -> None:
             f.write(json.dumps(entry) + "\n")
         print(json.dumps(entry), flush=True)
 
-    dense_key = json.dumps({"dense": True, "evals": sorted(evals)})
+    dense_key = json.dumps({"dense": True, "evals": sorted(evals), **bos_key})
     if dense_key not in done:
-        record({"key": dense_key, "dense": True, "ppl": evaluate(model)})
+        record({"key": dense_key, "dense": True, **bos_key, "ppl": evaluate(model)})
+    for name in (args.baselines or available_baselines()) if args.suite == "baselines" else []:
+        key = json.dumps({"baseline": name, **bos_key})
+        if key not in done:
+            start = time.perf_counter()
+            quantised = copy.deepcopy(model)
+            stored = fake_quantise_(quantised, name)
+            method, bits, group = BASELINES[name]
+            record({"key": key, "baseline": name, "method": method, "bits": bits, "group": group, **bos_key,
+                    "bytes_ratio": round(stored, 5), "ppl": evaluate(quantised),
+                    "seconds": round(time.perf_counter() - start, 1)})
     for seed in args.seeds:
-        configs = [c for c in suite_configs(args.suite, args.ratios, args.corrections)
-                   if config_key(seed, c) not in done and (not args.strategies or c["strategy"] in args.strategies)
+        configs = [{**c, **bos_key} for c in suite_configs(args.suite, args.ratios, args.corrections)]
+        configs = [c for c in configs if config_key(seed, c) not in done
+                   and (not args.strategies or c["strategy"] in args.strategies)
                    and not (args.ordered_only and c.get("ordered") is False)]
         flips = [other for other in args.sign_flip or [] if _sign_flip_key(other, seed, args) not in done]
         if not configs and not flips:
@@ -106,13 +205,20 @@ def run(args) -> None:
                     "signflip": _sign_flip_rows(model, analysis, tokenizer, other, args, seed)})
         for config in configs:
             start = time.perf_counter()
-            compressed, report = compress_(copy.deepcopy(model), calib, CompressionConfig(**config), analysis=analysis)
+            settings = CompressionConfig(**{k: v for k, v in config.items() if k != "bos"})
+            compressed, report = compress_(copy.deepcopy(model), calib, settings, analysis=analysis)
             record({"key": config_key(seed, config), "seed": seed, **json.loads(config_key(seed, config)),
                     "achieved_ratio": round(report["achieved_ratio"], 5),
                     "achieved_bytes_ratio": round(report["achieved_bytes_ratio"], 5),
+                    "bytes_ratio": round(report["achieved_bytes_ratio"], 5),
                     "calib_source": calib.source, "ppl": evaluate(compressed),
                     "correction_losses": report["correction_losses"],
                     "seconds": round(time.perf_counter() - start, 1)})
+
+
+def _bos(tokenizer, args) -> int | None:
+    """The BOS id every evaluation and calibration window starts with (None: the tokenizer adds none)."""
+    return None if args.no_bos else calibration.bos_token_id(tokenizer)
 
 
 def _sign_flip_key(other: str, seed: int, args) -> str:
@@ -123,8 +229,9 @@ def _sign_flip_rows(model, analysis, tokenizer, other: str, args, seed: int) -> 
     """Sign agreement of dL between the calibration corpus and ``other`` (same components), over all
     components and over those zero-sum removes at each ratio."""
     ids = calibration.tokenize_stream(tokenizer, builtin_text(other))
-    windows = calibration.sample_windows(ids, args.calib_samples, args.seq_len, seed, what=other)
-    other_scores = rescore(model, analysis, calibration.CalibrationSet(windows, other))
+    bos = _bos(tokenizer, args)
+    windows = calibration.sample_windows(ids, args.calib_samples, args.seq_len, seed, what=other, bos=bos)
+    other_scores = rescore(model, analysis, calibration.CalibrationSet(windows, other, bos=bos is not None))
     rows = {"all": sign_flips(analysis.scores, other_scores)}
     sigmas = {n: f.sigma for n, f in analysis.factors.items()}
     for ratio in args.ratios:
@@ -142,11 +249,14 @@ def _calibration(tokenizer, args, seed: int) -> calibration.CalibrationSet:
     --calib-contiguous, the first N x L tokens of the first text cut into N windows (no seed)."""
     if args.calib_contiguous:
         ids = calibration.tokenize_stream(tokenizer, builtin_text(args.calib_file[0]))
+        bos = _bos(tokenizer, args)
         windows = calibration.sample_windows(ids, args.calib_samples, args.seq_len, 0, args.calib_file[0],
-                                             contiguous=True)
-        return calibration.CalibrationSet(windows, f"{Path(args.calib_file[0]).name}[:{windows.numel()}]")
+                                             contiguous=True, bos=bos)
+        return calibration.CalibrationSet(windows, f"{Path(args.calib_file[0]).name}[:{windows.numel()}]",
+                                          bos=bos is not None)
     texts = {Path(s).name: builtin_text(s) for s in args.calib_file}
-    return calibration.from_texts(tokenizer, texts, args.calib_samples, args.seq_len, seed)
+    return calibration.from_texts(tokenizer, texts, args.calib_samples, args.seq_len, seed,
+                                  use_bos=not args.no_bos)
 
 
 def markdown(results_path: Path) -> str:
@@ -156,23 +266,25 @@ def markdown(results_path: Path) -> str:
     rows = [r for r in rows if "signflip" not in r]
     dense = next((r for r in rows if r.get("dense")), None)
     evals = list(dense["ppl"]) if dense else sorted({k for r in rows for k in r["ppl"]})
+    baselines = [r for r in rows if "baseline" in r]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        if not r.get("dense"):
+        if not r.get("dense") and "baseline" not in r:
             groups.setdefault((r["ratio"], r["storage"], r["strategy"], r["ordered"], r["corrections"]), []).append(r)
-    lines = ["| ratio | storage | strategy | order | corrections | achieved | " + " | ".join(evals) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(evals)]
+    lines = ["| ratio | storage | strategy | order | corrections | achieved | bytes | " + " | ".join(evals) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(evals)]
     if dense:
-        lines.append("| 1.0 | (dense model) | | | | 1.0 | " + " | ".join(f"{dense['ppl'][e]:.2f}" for e in evals) + " |")
+        lines.append("| 1.0 | (dense model) | | | | 1.0 | 1.0 | "
+                     + " | ".join(f"{dense['ppl'][e]:.2f}" for e in evals) + " |")
+    for r in sorted(baselines, key=lambda r: -r["bytes_ratio"]):
+        lines.append(f"| | {r['baseline']} | (weight quantisation) | | | | {r['bytes_ratio']:.4f} | "
+                     + " | ".join(_cell([r], e) for e in evals) + " |")
     for (ratio, storage, strategy, ordered, corr), group in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0])):
-        cells = []
-        for e in evals:
-            values = [g["ppl"][e] for g in sorted(group, key=lambda g: g["seed"])]
-            mean = statistics.mean(values)
-            cells.append(f"{mean:.2f}" + (f" ({', '.join(f'{v:.1f}' for v in values)})" if len(values) > 1 else ""))
         achieved = statistics.mean(g["achieved_ratio"] for g in group)
         lines.append(f"| {ratio} | {storage} | {strategy} | {'yes' if ordered else 'no'} | {corr} | "
-                     f"{achieved:.4f} | " + " | ".join(cells) + " |")
+                     f"{achieved:.4f} | {statistics.mean(bytes_ratio(g) for g in group):.4f} | "
+                     + " | ".join(_cell(group, e) for e in evals) + " |")
+    lines += ["", frontier(groups, baselines, evals)]
     if flips:
         lines += ["", "| calibration | scored on | seed | components | sign flips | \\|dL\\|-weighted flips | pearson |",
                   "|---|---|---|---|---|---|---|"]
@@ -188,12 +300,42 @@ def markdown(results_path: Path) -> str:
     return "\n".join(lines)
 
 
+def bytes_ratio(row: dict) -> float:
+    """Stored bytes of the targets over their 16-bit bytes. Rows recorded before ``bytes_ratio`` existed:
+    dense factors carry no scales, so at 16 bits their bytes are the achieved ratio (those rows'
+    ``achieved_bytes_ratio`` counted the float32 model dtype); remap / hq rows counted their real bytes."""
+    if "bytes_ratio" in row:
+        return row["bytes_ratio"]
+    return row["achieved_ratio"] if row["storage"] == "dense" else row["achieved_bytes_ratio"]
+
+
+def frontier(groups: dict[tuple, list[dict]], baselines: list[dict], evals: list[str]) -> str:
+    """Every method's perplexity against its bytes (fraction of the targets' 16-bit bytes), fewest bytes first."""
+    points = [(r["bytes_ratio"], f"{r['baseline']}", [r]) for r in baselines]
+    for (ratio, storage, strategy, ordered, corr), group in groups.items():
+        name = f"ZS-SVD {storage} {strategy} {ratio}" + ("" if ordered else " unordered")
+        name += f" x{corr}" if corr else ""
+        points.append((statistics.mean(bytes_ratio(g) for g in group), name, group))
+    lines = ["| bytes | method | " + " | ".join(evals) + " |", "|---|---|" + "---|" * len(evals)]
+    for stored, name, group in sorted(points, key=lambda p: (p[0], p[1])):
+        lines.append(f"| {stored:.4f} | {name} | " + " | ".join(_cell(group, e) for e in evals) + " |")
+    return "\n".join(lines)
+
+
+def _cell(group: list[dict], evaluation: str) -> str:
+    """Mean perplexity over the group's seeds, each seed's value in brackets when there are several."""
+    values = [g["ppl"][evaluation] for g in sorted(group, key=lambda g: g.get("seed", 0))]
+    mean = statistics.mean(values)
+    return f"{mean:.2f}" + (f" ({', '.join(f'{v:.1f}' for v in values)})" if len(values) > 1 else "")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
     p.add_argument("--calib-file", action="append", required=True, help="path, @licenses or @pydoc (repeatable)")
     p.add_argument("--eval", action="append", required=True, metavar="NAME=PATH", help="PATH, @licenses or @pydoc")
-    p.add_argument("--suite", choices=("issue2", "main", "ablation"), default="main")
+    p.add_argument("--suite", choices=("issue2", "main", "ablation", "baselines"), default="main",
+                   help="baselines: round-to-nearest int8/int4/int3 and HQQ of the same targets (no calibration)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.6, 0.4])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--strategies", nargs="+", default=None, help="run only these strategies of the suite")
@@ -207,6 +349,10 @@ def main(argv=None) -> int:
     p.add_argument("--eval-windows", nargs="*", metavar="NAME=N", help="per-text override of --windows")
     p.add_argument("--sign-flip", action="append", metavar="PATH",
                    help="also report how often dL changes sign when scored on this corpus (path, @licenses, @pydoc)")
+    p.add_argument("--baselines", nargs="+", choices=list(BASELINES), metavar="NAME",
+                   help=f"run only these baselines, in this order (default: all that can run; {', '.join(BASELINES)})")
+    p.add_argument("--no-bos", action="store_true",
+                   help="windows without the BOS token even when the tokenizer adds one (default: with it)")
     p.add_argument("--cache-dir", default=str(zssvd.io.models.cache_root() / "stages"))
     p.add_argument("--results", default="bench/results/quality.jsonl")
     p.add_argument("--tables-only", action="store_true", help="print the markdown tables from --results and exit")

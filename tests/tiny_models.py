@@ -58,16 +58,22 @@ def random_windows(num: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (num, length), generator=g)
 
 
-def tiny_tokenizer():
-    """A character-level fast tokenizer over printable ASCII (VOCAB ids), built offline."""
+def tiny_tokenizer(bos: bool = False):
+    """A character-level fast tokenizer over printable ASCII (VOCAB ids), built offline.
+
+    ``bos=True``: the last character's id becomes ``<s>``, a BOS token it adds to every encoding
+    (``add_bos_token``, as LLaMA-family tokenizers do)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    chars = [chr(c) for c in range(32, 32 + VOCAB - 2)]
+    chars = [chr(c) for c in range(32, 32 + VOCAB - 2 - bos)]
     vocab = {"<unk>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    if bos:
+        vocab["<s>"] = VOCAB - 1
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>")
+    special = dict(bos_token="<s>", add_bos_token=True) if bos else {}
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>", **special)
 
 
 def save_tiny_model_dir(path, arch: str = "llama"):

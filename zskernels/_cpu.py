@@ -2,19 +2,23 @@
 
 Nothing here de-quantises a whole factor per call:
 
-* ``int8_linear(x, w, scale)``: y = x (w * scale[:, None])^T for an int8 weight ``w`` (N, K) with one
-  scale per output row. For bf16/fp16 activations and few rows it is ``torch._weight_int8pack_mm``
-  (vectorised int8 weight-only kernel: reads 1 byte per weight); otherwise (fp32 activations, whose
-  int8pack kernel is scalar on the CPU, or prefill-sized M, where int8pack does not block for the
-  cache) the weight is converted in row chunks of about ``CHUNK_BYTES`` (cache-sized, reused) and
-  multiplied by plain GEMMs, so the conversion costs O(chunk) memory and is amortised over M rows.
+* ``int8_rows`` / ``int8_apply``: y = x (w * scale[:, None])^T for an 8-bit weight ``w`` (N, K) with one
+  scale per output row, prepared once (``Int8Rows``) and applied per call. For bf16/fp16 activations
+  and few rows it is ``torch._weight_int8pack_mm`` (vectorised int8 weight-only kernel: reads 1 byte
+  per weight; K zero-padded to a multiple of 16 in a copy where needed); otherwise (fp32 activations, whose int8pack kernel is scalar on the CPU,
+  or prefill-sized M, where int8pack does not block for the cache) the weight is converted in row
+  chunks of about ``CHUNK_BYTES`` (cache-sized, reused) and multiplied by plain GEMMs, so the
+  conversion costs O(chunk) memory and is amortised over M rows. ``int8_linear`` is both in one call.
 * ``float_linear(x, w)``: F.linear with a 16-bit weight in another dtype, converted in chunks.
 * ``fp8_rows_as_int8(w_fp8)``: a one-time re-encoding of fp8 e4m3 rows to int8 (torch's fp8 -> float
   conversion is scalar on the CPU, ~30 ns/element), cached by ``derived``.
-* ``derived(source, key, make)``: a cache of tensors derived from a stored tensor (the cast scales,
-  the re-encoded weights). It never touches the module's buffers, state_dict or byte counts; an
-  entry is dropped with its source tensor and rebuilt when the source changes (in-place write,
-  ``.to(device)``, a checkpoint loaded into it), so it is always that tensor's current derivative.
+* ``derived(source, key, make, also)``: a cache of values derived from stored tensors (the cast
+  scales, the re-encoded weights, an op's prepared ``plan``). It never touches the module's buffers,
+  state_dict or byte counts; an entry is dropped with its source tensor and rebuilt when the source or
+  one of ``also`` changes (in-place write, ``.to(device)``, a checkpoint loaded into it), so it is
+  always those tensors' current derivative.
+* ``plan(op, dtype, packed, bias, make)``: an op's checked, prepared operands, so that a call on
+  unchanged tensors skips the layout checks and casts (per-call overhead was ~50 us a layer).
 
 Thresholds were measured on the development machine (bench/RESULTS.md, /work/notes/results-C.md).
 """
@@ -22,12 +26,13 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Callable
+from typing import Callable, NamedTuple, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
+T = TypeVar("T")
 
 # torch._weight_int8pack_mm is vectorised for these activation dtypes (its fp32 kernel is scalar).
 INT8PACK_DTYPES = (torch.bfloat16, torch.float16)
@@ -38,22 +43,38 @@ INT8PACK_MAX_ROWS = 16
 INT8PACK_K_MULTIPLE = 16
 CHUNK_BYTES = 1 << 20  # converted weight rows per chunk: about half an L2 of the machine measured
 
-_CACHE: dict[tuple[int, str], tuple[weakref.ref, int, Tensor]] = {}
+_CACHE: dict[tuple[int, str], tuple[tuple[weakref.ref, ...], tuple[int, ...], object]] = {}
 _LOCK = threading.RLock()  # re-entrant: a source freed while the lock is held runs _forget in this thread
 
 
-def derived(source: Tensor, key: str, make: Callable[[], Tensor]) -> Tensor:
-    """``make()``, computed once per (source tensor, key) while ``source`` lives unchanged."""
+def derived(source: Tensor, key: str, make: Callable[[], T], also: tuple[Tensor, ...] = ()) -> T:
+    """``make()``, computed once per (source tensor, key) while ``source`` and ``also`` live unchanged.
+
+    ``make`` must not return (or hold) ``source`` or ``also`` themselves: the cache would keep them alive.
+    """
     slot = (id(source), key)
+    tensors = (source, *also)
     entry = _CACHE.get(slot)
-    if entry is not None and entry[0]() is source and entry[1] == source._version:
+    if entry is not None and _current(entry, tensors):
         return entry[2]
     value = make()
     with _LOCK:
         if slot not in _CACHE:  # first entry of this source: drop its entries when it dies
             weakref.finalize(source, _forget, id(source))
-        _CACHE[slot] = (weakref.ref(source), source._version, value)
+        _CACHE[slot] = (tuple(weakref.ref(t) for t in tensors), _state(tensors), value)
     return value
+
+
+def _state(tensors: tuple[Tensor, ...]) -> tuple:
+    # In-place writes bump _version; ``t.data = other`` (nn.Module casts do it to parameters) does
+    # not, but moves the data: both are part of the state an entry was derived from.
+    return tuple((t._version, t.data_ptr()) for t in tensors)
+
+
+def _current(entry, tensors: tuple[Tensor, ...]) -> bool:
+    refs, state, _ = entry
+    return (len(refs) == len(tensors) and all(r() is t for r, t in zip(refs, tensors))
+            and state == _state(tensors))
 
 
 def _forget(source_id: int) -> None:
@@ -72,9 +93,31 @@ def as_dtype(t: Tensor, dtype: torch.dtype, key: str = "as") -> Tensor:
     return t if t.dtype == dtype else derived(t, f"{key}:{dtype}", lambda: t.to(dtype))
 
 
-def ones(like: Tensor, n: int, dtype: torch.dtype) -> Tensor:
-    """A cached vector of n ones (int8pack needs a scale per row even when the scale sits elsewhere)."""
-    return derived(like, f"ones:{dtype}", lambda: torch.ones(n, dtype=dtype, device=like.device))
+def plan(op: str, dtype: torch.dtype, packed: dict, make: Callable[[], T]) -> T:
+    """An op's operands prepared once per (packed dict, x dtype): ``make()`` checks the arguments
+    and builds them from copies only (the cache must not hold the stored tensors themselves).
+
+    Later calls with the same tensors, unchanged, find it here: the per-call cost is a few dict
+    lookups and version reads instead of re-checking the layout and re-casting scales. The bias is
+    not part of it: nn.Module casts replace a parameter's data in place, which no cache can see
+    (``finish`` adds it per call).
+    """
+    tensors = tuple(packed.values()) if isinstance(packed, dict) else ()
+    if not tensors or not all(isinstance(t, Tensor) for t in tensors):
+        return make()  # malformed arguments: make() raises the op's message
+    return derived(tensors[0], f"plan:{op}:{dtype}", make, also=tensors[1:])
+
+
+def bias_fits(bias: Optional[Tensor], out_features: int) -> bool:
+    return bias is None or (isinstance(bias, Tensor) and bias.is_floating_point() and bias.dim() == 1
+                            and bias.shape[0] == out_features and bias.device.type == "cpu")
+
+
+def finish(y: Tensor, x: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """y (M, out) + bias, shaped like x's leading dimensions."""
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _chunk_rows(w: Tensor, dtype: torch.dtype) -> int:
@@ -91,12 +134,53 @@ def _chunked_linear(x: Tensor, w: Tensor, scale: Tensor | None) -> Tensor:
     return y if scale is None else y.mul_(scale)
 
 
+class Int8Rows(NamedTuple):
+    """One GEMM's 8-bit weight prepared for activations of one dtype: y = x (rows * scale[:, None])^T.
+
+    ``rows`` is None when the stored int8 tensor serves as it is, else an int8 copy (fp8 re-encoded,
+    realigned, or zero-padded to K % 16 == 0); ``scale`` is a copy in x's dtype; ``packable``: int8pack
+    applies to these rows; ``pad``: zero columns appended to the rows (x gets as many per call).
+    """
+
+    rows: Optional[Tensor]
+    scale: Tensor
+    packable: bool
+    pad: int = 0
+
+
+def int8_rows(w: Tensor, row_scale: Optional[Tensor], dtype: torch.dtype, *, normalised: bool = False) -> Int8Rows:
+    """Prepare a stored 8-bit weight (int8, or fp8 e4m3 re-encoded once) with an optional per-row scale.
+
+    ``normalised``: the stored rows were scaled to the format's full range when packed (see
+    ``fp8_rows_as_int8``).
+    """
+    if w.dtype == torch.int8:
+        rows, scale = (None if w.data_ptr() % ALIGN == 0 else w.clone()), row_scale
+    else:
+        rows, scale = fp8_rows_as_int8(w, row_scale, normalised=normalised)
+    scale = torch.ones(w.shape[0], dtype=dtype, device=w.device) if scale is None else scale.to(dtype, copy=True)
+    pad = -w.shape[1] % INT8PACK_K_MULTIPLE
+    if dtype not in INT8PACK_DTYPES or not pad:
+        return Int8Rows(rows, scale, dtype in INT8PACK_DTYPES)
+    # int8pack reads K in steps of 16: zero columns make any K fit (a rank of 460 -> 464), at the
+    # cost of this padded copy (stored int8 heads; fp8 ones are re-encoded into a copy anyway).
+    return Int8Rows(F.pad(w if rows is None else rows, (0, pad)).contiguous(), scale, True, pad)
+
+
+def int8_apply(x: Tensor, stored: Tensor, prepared: Int8Rows) -> Tensor:
+    """y = x (w * scale)^T for x (M, K) in the dtype ``prepared`` was made for."""
+    w = stored if prepared.rows is None else prepared.rows
+    if prepared.packable and x.shape[0] <= INT8PACK_MAX_ROWS:
+        x = F.pad(x, (0, prepared.pad)) if prepared.pad else _aligned(x.contiguous())
+        return torch._weight_int8pack_mm(x, w, prepared.scale)
+    return _chunked_linear(x, w if not prepared.pad else w[:, :w.shape[1] - prepared.pad], prepared.scale)
+
+
 def int8_linear(x: Tensor, w: Tensor, scale: Tensor | None) -> Tensor:
     """y = x (w * scale[:, None])^T in x's dtype: x (M, K) float, w (N, K) int8 contiguous, scale (N,) or None."""
-    if x.dtype in INT8PACK_DTYPES and x.shape[0] <= INT8PACK_MAX_ROWS and w.shape[1] % INT8PACK_K_MULTIPLE == 0:
-        scale = ones(w, w.shape[0], x.dtype) if scale is None else as_dtype(scale, x.dtype)
-        return torch._weight_int8pack_mm(_aligned(x.contiguous()), _aligned_weight(w), _aligned(scale))
-    return _chunked_linear(x, w, None if scale is None else as_dtype(scale, x.dtype))
+    also = () if scale is None else (scale,)
+    prepared = derived(w, f"rows:{x.dtype}:{scale is None}", lambda: int8_rows(w, scale, x.dtype), also=also)
+    return int8_apply(x, w, prepared)
 
 
 # int8pack's vector loads need 16-byte aligned operands: a tensor viewed at an odd offset of a
@@ -106,11 +190,6 @@ ALIGN = 64
 
 def _aligned(t: Tensor) -> Tensor:
     return t if t.data_ptr() % ALIGN == 0 else t.clone()
-
-
-def _aligned_weight(w: Tensor) -> Tensor:
-    """``w``, or a cached aligned copy when it sits misaligned (extra memory: load aligned checkpoints)."""
-    return w if w.data_ptr() % ALIGN == 0 else derived(w, "aligned", w.clone)
 
 
 def float_linear(x: Tensor, w: Tensor) -> Tensor:
@@ -124,24 +203,28 @@ def _fp8_values(w: Tensor) -> Tensor:
     return table[w.view(torch.uint8).long()]
 
 
-def fp8_rows_as_int8(w: Tensor, row_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+FP8_MAX = 448.0  # the largest finite e4m3 value: a normalised row's absmax
+
+
+def fp8_rows_as_int8(w: Tensor, row_scale: Tensor | None = None, *,
+                     normalised: bool = False) -> tuple[Tensor, Tensor]:
     """Re-encode fp8 e4m3 rows as int8, w * row_scale[:, None] ~= q * scale[:, None] (cached).
 
     The one rounding (to 1/254 of each row's absmax) is the only change; its effect on accuracy is
-    measured in tests/zskernels/test_cpu_paths.py and noted in zskernels/README.md.
+    measured in tests/zskernels/test_cpu_paths.py and noted in zskernels/README.md. Rows that were
+    ``normalised`` when packed (a per-row scale mapped each row's absmax to 448) get the fixed step
+    448/127 -- what their absmax gives, but also for any column slice of them, so a tensor-parallel
+    shard re-encodes to exactly the columns of the whole matrix's re-encoding.
     """
     def make() -> tuple[Tensor, Tensor]:
         values = _fp8_values(w)
-        absmax = values.abs().amax(dim=1)
+        if normalised:
+            absmax = torch.full((w.shape[0],), FP8_MAX, device=w.device)
+        else:
+            absmax = values.abs().amax(dim=1)
         scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
         q = (values / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         return q.contiguous(), scale if row_scale is None else scale * row_scale.float()
 
-    key = "int8rows" if row_scale is None else f"int8rows:{id(row_scale)}:{row_scale._version}"
-    return derived(w, key, make)
-
-
-def rows_int8(w: Tensor, row_scale: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """An 8-bit row-major weight as (int8 rows, per-row scale or None): int8 as stored, fp8 re-encoded
-    with ``row_scale`` folded into the new per-row scale."""
-    return (w, row_scale) if w.dtype == torch.int8 else fp8_rows_as_int8(w, row_scale)
+    also = () if row_scale is None else (row_scale,)
+    return derived(w, f"int8rows:{normalised}:{row_scale is None}", make, also=also)

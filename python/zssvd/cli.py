@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .stages.selection import STORAGES, STRATEGIES
+from .validate import int_at_least, int_list_at_least, require_text
 
 log = logging.getLogger("zssvd")
 
@@ -25,10 +26,11 @@ def _add_calibration_args(p: argparse.ArgumentParser, samples: int, seq_len: int
                        "(needs the Hugging Face hub)")
     group.add_argument("--calib-self", action="store_true",
                        help="data-free: calibrate on text sampled from the model itself")
-    p.add_argument("--calib-samples", type=int, default=samples, metavar="N",
+    p.add_argument("--calib-samples", type=int_at_least(1), default=samples, metavar="N",
                    help=f"number of calibration windows (default {samples})")
-    p.add_argument("--seq-len", type=int, default=seq_len, metavar="L",
-                   help=f"tokens per calibration window (default {seq_len})")
+    p.add_argument("--seq-len", type=int_at_least(2), default=None, metavar="L",
+                   help=f"tokens per calibration window (default {seq_len}, or the model's context when shorter; "
+                        "a longer window than the context is refused)")
     p.add_argument("--seed", type=int, default=0, help="seed for window positions / sampling (default 0)")
 
 
@@ -40,10 +42,11 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _add_int_args(p: argparse.ArgumentParser, defaults: dict[str, int]) -> None:
-    """Integer options with their defaults, e.g. ``{"--repeats": 3}``."""
-    for flag, default in defaults.items():
-        p.add_argument(flag, type=int, default=default)
+def _add_int_args(p: argparse.ArgumentParser, defaults: dict[str, tuple[int, int]]) -> None:
+    """Integer options with their defaults and least values, e.g. ``{"--repeats": (3, 1)}``."""
+    for flag, (default, minimum) in defaults.items():
+        p.add_argument(flag, type=int_at_least(minimum), default=default,
+                       help=f"an integer >= {minimum} (default {default})")
 
 
 def _add_demo_parser(sub) -> None:
@@ -69,14 +72,18 @@ def _add_demo_parser(sub) -> None:
                         "sampled from the model (data-free, slower)")
     d.add_argument("--calib-file", action="append", metavar="PATH", help="calibrate on this text instead")
     d.add_argument("--eval-file", action="append", metavar="PATH", help="evaluate on this text instead")
-    _add_int_args(d, {"--calib-samples": 16, "--seq-len": 256, "--eval-windows": 8, "--eval-seq-len": 512,
-                      "--corrections": 0, "--prompt-len": 64, "--new-tokens": 32, "--repeats": 3})
-    d.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    _add_int_args(d, {"--calib-samples": (16, 1), "--seq-len": (256, 2), "--eval-windows": (8, 1),
+                      "--eval-seq-len": (512, 2), "--corrections": (0, 0), "--prompt-len": (64, 1),
+                      "--new-tokens": (32, 2), "--repeats": (3, 1)})
+    d.add_argument("--threads", type=int_at_least(0), default=0, help="torch CPU threads (default: torch's choice)")
+    d.add_argument("--speed-dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                   help="dtype of the speed measurement (auto: bfloat16 on a CPU with native bf16, else the "
+                        "model's); perplexity is measured in the model's dtype")
     _add_runtime_args(d)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zssvd", description="Zero-Sum SVD compression of causal language models.")
+    parser = _Parser(prog="zssvd", description="Zero-Sum SVD compression of causal language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="compress a model to a storage ratio",
@@ -90,17 +97,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dense: factor pairs in 16 bits (bf16, or fp16 for an fp16 source), a matrix above "
                         "rank mn/(m+n) stays dense; "
                         "remap: 8-bit head + 16-bit tail, max(m,n) per kept component; "
-                        "hq: keep twice the parameters, all in fp8 (ratio <= 0.5)")
+                        "hq: keep twice the parameters, all in fp8 (ratio <= 0.5); "
+                        "int4: factors and matrices kept dense in 4 bits, asymmetric, a 16-bit scale and zero point "
+                        "per --group-size values (ratio <= (4 + 32/g)/16: 0.28125 for g = 64, where nothing is "
+                        "factorised and the result is int4 round-to-nearest)")
+    c.add_argument("--group-size", type=int, default=64, metavar="G",
+                   help="int4 storage: values per scale and zero point, a multiple of 16 (default 64); other storages "
+                        "ignore it")
+    c.add_argument("--rank-multiple", type=int_at_least(1), default=1, metavar="G",
+                   help="factorised ranks are multiples of G (matrices of rank >= 8G): aligned ranks for the "
+                        "kernels, at some cost in quality (default 1)")
     c.add_argument("--strategy", choices=STRATEGIES, default="zero-sum",
                    help="zero-sum (the paper's rule), zero-sum-2nd (the same rule with a second-order term in the "
                         "scores: one more gradient pass, better on every ratio we measured), uniform (SVD-LLM ranks), "
                         "or the ablations most-negative, abs-dl, sigma")
     c.add_argument("--no-order", action="store_true",
                    help="ablation: let components leave a matrix in any order, not smallest-sigma first")
-    c.add_argument("--corrections", type=int, default=0, metavar="N",
+    c.add_argument("--corrections", type=int_at_least(0), default=0, metavar="N",
                    help="truncate-correct-re-truncate rounds (one backward pass each; default 0)")
     _add_calibration_args(c, samples=256, seq_len=2048, required=True)
-    c.add_argument("--micro-batch", type=int, default=4, help="windows per forward/backward (default 4)")
+    c.add_argument("--micro-batch", type=int_at_least(1), default=4, help="windows per forward/backward (default 4)")
     c.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the gradient pass")
     c.add_argument("--offload", default=None, metavar="cpu|DIR",
                    help="for models larger than the GPU: keep the weights in CPU memory (cpu) or in files in DIR "
@@ -129,31 +145,34 @@ def build_parser() -> argparse.ArgumentParser:
     source = e.add_mutually_exclusive_group(required=True)
     source.add_argument("--text-file", action="append", metavar="PATH", help="local text file (repeatable)")
     source.add_argument("--dataset", metavar="NAME", help="wikitext2, ptb or c4 test split (needs the hub)")
-    e.add_argument("--seq-len", type=int, default=None, metavar="L",
-                   help="window length (default 2048, or the model's limit)")
-    e.add_argument("--max-windows", type=int, default=None, metavar="N", help="evaluate only the first N windows")
-    e.add_argument("--batch-size", type=int, default=1, help="windows per forward (default 1)")
+    e.add_argument("--seq-len", type=int_at_least(2), default=None, metavar="L",
+                   help="window length (default 2048, or the model's context when shorter; a longer window than "
+                        "the context is refused)")
+    e.add_argument("--max-windows", type=int_at_least(1), default=None, metavar="N",
+                   help="evaluate only the first N windows")
+    e.add_argument("--batch-size", type=int_at_least(1), default=1, help="windows per forward (default 1)")
     _add_runtime_args(e)
 
     g = sub.add_parser("generate", help="generate text with a compressed checkpoint (or any model)")
     g.add_argument("model", metavar="DIR", help="zssvd checkpoint directory (or any model zssvd can load)")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     _add_runtime_args(g)
 
     b = sub.add_parser("bench-serve", help="prefill/decode throughput and peak memory vs the dense original",
-                       description="Times the compressed checkpoint and its dense original in one run: prefill "
-                                   "tokens/s, decode tokens/s (greedy, KV cache) and peak GPU memory. The two "
+                       description="Times compressed checkpoints and their dense original in one run: prefill "
+                                   "tokens/s, decode tokens/s (greedy, KV cache) and peak GPU memory. The "
                                    "models' repeats are interleaved and medians reported; --dtype sets the compute "
-                                   "dtype of both (auto: the checkpoint's stored dtype).")
-    b.add_argument("--dense", default="auto", help="the dense original: auto (the path in report.json), a "
+                                   "dtype of all (auto: the first checkpoint's stored dtype).")
+    b.add_argument("--dense", default="auto", help="the dense original: auto (the path in the first report.json), a "
                    "model path, or 'random' (random weights of the same shapes: same speed)")
-    b.add_argument("model", metavar="DIR", help="zssvd checkpoint directory")
-    b.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
-    _add_int_args(b, {"--prompt-len": 64, "--new-tokens": 32, "--repeats": 5})
+    b.add_argument("model", metavar="DIR", nargs="+", help="zssvd checkpoint directories (of one source model)")
+    b.add_argument("--batch", type=int_list_at_least(1), default=[1, 8],
+                   help="comma-separated batch sizes (default 1,8)")
+    _add_int_args(b, {"--prompt-len": (64, 1), "--new-tokens": (32, 2), "--repeats": (5, 1)})
     b.add_argument("--static", action="store_true", help="CUDA: static KV cache + torch.compile (CUDA graphs)")
     b.add_argument("--json", action="store_true", help="print JSON rows instead of a markdown table")
     _add_runtime_args(b)
@@ -163,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     h.add_argument("--include-path", metavar="DIR", help="folder of extra task YAML files (e.g. with local data "
                    "paths, for offline machines)")
-    h.add_argument("--limit", type=int, default=None, help="evaluate at most N examples per task")
-    _add_int_args(h, {"--num-fewshot": 0, "--batch-size": 8})
+    h.add_argument("--limit", type=int_at_least(1), default=None, help="evaluate at most N examples per task")
+    _add_int_args(h, {"--num-fewshot": (0, 0), "--batch-size": (8, 1)})
     _add_runtime_args(h)
 
     _add_demo_parser(sub)
@@ -179,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 EXIT_USAGE = 2  # bad options or input, and every other error the message explains
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors in one line (the option, the problem, where the help is); exit code 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 def _check_device(device: str) -> None:
@@ -223,6 +249,19 @@ def main(argv: list[str] | None = None) -> int:
             torch.distributed.destroy_process_group()
 
 
+def check_output_directory(path: str) -> None:
+    """Create --out and write a probe file in it now, so that an unusable one fails before the work, not after."""
+    out = Path(path)
+    probe = out / f".probe{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"--out {out} cannot be written ({err.strerror or err}); choose another directory or fix its "
+                      "permissions") from err
+
+
 def _calibration(args, model, tokenizer):
     from .stages import calibration
 
@@ -235,24 +274,24 @@ def _calibration(args, model, tokenizer):
 
 def cmd_compress(args) -> int:
     from .runtime import distributed
-    from .io.checkpoint import save_compressed
-    from .io.models import cache_root, find_targets, load_model, resolve_dtype
+    from .io.checkpoint import save_compressed, write_json
+    from .io.models import cache_root, check_causal_lm, find_targets, load_model, resolve_dtype
     from .config import AnalysisOptions, CompressionConfig
     from .pipeline import compress_
+    from .evaluation.evaluate import default_seq_len
     from .stages.selection import MatrixSpec, check_ratio, check_ratio_range
 
-    check_ratio_range(args.ratio, args.storage)  # fail before any slow work
+    check_ratio_range(args.ratio, args.storage, args.group_size)  # fail before any slow work
+    check_output_directory(args.out)
     start = time.perf_counter()
     # Offloading: the model stays in CPU memory and its blocks visit --device one at a time.
     dtype = resolve_dtype(args.dtype, args.device)
     model, tokenizer, source = load_model(args.model, dtype=dtype, device="cpu" if args.offload else args.device)
+    check_causal_lm(model)  # before calibration: an encoder is refused before any work
     specs = [MatrixSpec(t.name, *t.shape) for t in find_targets(model, args.blocks)]
-    check_ratio(specs, args.ratio, args.storage)
+    check_ratio(specs, args.ratio, args.storage, group_size=args.group_size)
     loaded = time.perf_counter()
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and args.seq_len > limit:
-        log.info("--seq-len %d exceeds the model's context %d; using %d", args.seq_len, limit, limit)
-        args.seq_len = limit
+    args.seq_len = default_seq_len(model, args.seq_len)  # 2048 capped at the context; longer is refused (as eval)
     calib = _calibration(args, model, tokenizer)
     calib.input_ids = distributed.from_rank0(calib.input_ids)  # several ranks: all calibrate on rank 0's windows
     calibrated = time.perf_counter()
@@ -262,7 +301,8 @@ def cmd_compress(args) -> int:
                               statistics_device=args.statistics_device, pass_order=args.pass_order,
                               device=args.device if args.offload else None)
     config = CompressionConfig(ratio=args.ratio, storage=args.storage, strategy=args.strategy,
-                               corrections=args.corrections, ordered=not args.no_order)
+                               corrections=args.corrections, ordered=not args.no_order, group_size=args.group_size,
+                               rank_multiple=args.rank_multiple)
     model, report = compress_(model, calib, config, options=options)
     if not distributed.is_main():
         return 0  # under torchrun, rank 0 writes the checkpoint and prints the summary
@@ -273,7 +313,7 @@ def cmd_compress(args) -> int:
     out = save_compressed(model, args.out, tokenizer=tokenizer, report=report)
     report["timings"]["save"] = round(time.perf_counter() - save_start, 3)
     report["timings"]["total"] = round(time.perf_counter() - start, 3)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    write_json(out / "report.json", report)  # atomically: a killed run never leaves half a report
     if not args.no_plots:
         from .evaluation.plots import write_plots
 
@@ -283,6 +323,7 @@ def cmd_compress(args) -> int:
             log.info("plots skipped: %s", err)
     print(json.dumps({"out": str(out), "target_ratio": report["target_ratio"],
                       "achieved_ratio": round(report["achieved_ratio"], 5), "storage": report["storage"],
+                      "achieved_bytes_ratio": round(report["achieved_bytes_ratio"], 5),
                       "strategy": report["strategy"], "seconds": report["timings"]["total"],
                       # the checkpoint's weight files against the source's files on disk and at 16 bits
                       "checkpoint_bytes": report["bytes"]["checkpoint"],
@@ -298,21 +339,23 @@ def load_any(path: str, dtype="auto", device="cpu"):
 
     from . import load  # zssvd.load: also registers the HF Auto classes (lm-eval asks AutoConfig)
     from .io.checkpoint import MANIFEST
-    from .io.models import load_model, resolve_dtype
+    from .io.models import check_causal_lm, load_model, resolve_dtype
 
     if (Path(path) / MANIFEST).is_file():  # stored in 16 bits: computes in --dtype (auto: float32 on the CPU)
         return load(path, device=device, dtype=resolve_dtype(dtype, device)), AutoTokenizer.from_pretrained(path)
     model, tokenizer, _ = load_model(path, dtype=dtype, device=device)
+    check_causal_lm(model)  # an encoder's "perplexity" or generations would be meaningless
     return model, tokenizer
 
 
 def cmd_eval(args) -> int:
     from .evaluation.evaluate import default_seq_len, evaluation_ids, perplexity
+    from .stages import calibration
 
     model, tokenizer = load_any(args.model, args.dtype, args.device)
     ids = evaluation_ids(tokenizer, text_files=args.text_file, dataset=args.dataset)
     result = perplexity(model, ids, default_seq_len(model, args.seq_len), max_windows=args.max_windows,
-                        batch_size=args.batch_size)
+                        batch_size=args.batch_size, bos_id=calibration.bos_token_id(tokenizer))
     print(json.dumps(result))
     return 0
 
@@ -320,6 +363,7 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     from .evaluation.serve import generate_text
 
+    require_text("--prompt", args.prompt)  # before loading the model
     model, tokenizer = load_any(args.model, args.dtype, args.device)
     print(generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                         seed=args.seed, chat=args.chat))
@@ -331,9 +375,8 @@ def cmd_bench_serve(args) -> int:
 
     from .io.models import resolve_dtype
 
-    batches = [int(b) for b in args.batch.split(",") if b]
     dtype = None if args.dtype == "auto" else resolve_dtype(args.dtype, args.device)  # auto: as stored
-    rows = bench_serve(args.model, batches=batches, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+    rows = bench_serve(args.model, batches=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                        device=args.device, dense=args.dense, repeats=args.repeats, static=args.static, dtype=dtype)
     print("\n".join(json.dumps(r) for r in rows) if args.json else rows_to_markdown(rows))
     return 0
@@ -359,6 +402,7 @@ def cmd_plot(args) -> int:
 def cmd_demo(args) -> int:
     from .evaluation.demo import run_demo
 
+    check_output_directory(args.out)
     return run_demo(args)
 
 

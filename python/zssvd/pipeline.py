@@ -157,7 +157,7 @@ def compress_(model: nn.Module, calib: CalibrationSet, config: CompressionConfig
         check_causal_lm(model)
         targets = find_targets(model, options.blocks_path, filter_fn=filter_fn)
         check_ratio([MatrixSpec(t.name, *t.shape) for t in targets], config.ratio, config.storage,
-                    config.min_rank)  # fail fast, before the slow stages
+                    config.min_rank, config.group_size)  # fail fast, before the slow stages
         analysis = analyze(model, calib, options, filter_fn=filter_fn)
     targets = analysis.targets.rebind(model)  # ``model`` may be a copy of the analysed one
     if config.strategy == "zero-sum-2nd":
@@ -288,7 +288,8 @@ def _select(analysis: Analysis, config: CompressionConfig) -> Selection:
     sigmas = {name: f.sigma for name, f in analysis.factors.items()}
     return select(analysis.specs, analysis.scores, sigmas, ratio=config.ratio, storage=config.storage,
                   strategy=config.strategy, ordered=config.ordered, min_rank=config.min_rank,
-                  curvature=analysis.curvature if config.strategy == "zero-sum-2nd" else None)
+                  curvature=analysis.curvature if config.strategy == "zero-sum-2nd" else None,
+                  group_size=config.group_size, rank_multiple=config.rank_multiple)
 
 
 _LEGACY = ("ratio", "storage", "strategy", "corrections")

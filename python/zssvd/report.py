@@ -88,6 +88,7 @@ def build_report(model: nn.Module, analysis, config: CompressionConfig, selectio
         "kept_dense": sorted(name for name, d in selection.dense.items() if d),
         "calibration": {"source": analysis.calibration.source, "samples": analysis.calibration.num_samples,
                         "seq_len": analysis.calibration.seq_len, "loss": analysis.loss,
+                        "bos": analysis.calibration.bos,  # windows start with the tokenizer's BOS
                         # data parallel calibration (torchrun): the world size and each rank's windows
                         "world_size": len(analysis.windows_per_rank or [0]),
                         "windows_per_rank": analysis.windows_per_rank},

@@ -49,10 +49,28 @@ def test_contiguous_calibration_takes_the_first_tokens(tmp_path):
     path = tmp_path / "calib.txt"
     path.write_text(english_text(400, seed=4))
     tokenizer = tiny_tokenizer()
-    args = argparse.Namespace(calib_file=[str(path)], calib_samples=3, seq_len=20, calib_contiguous=True)
+    args = argparse.Namespace(calib_file=[str(path)], calib_samples=3, seq_len=20, calib_contiguous=True, no_bos=False)
     calib = quality._calibration(tokenizer, args, seed=0)
     ids = calibration.tokenize_stream(tokenizer, path.read_text())
     assert calib.input_ids.tolist() == ids[:60].view(3, 20).tolist()
     args.calib_samples = 10**6
     with pytest.raises(ValueError, match="but 1000000 were asked for"):
         quality._calibration(tokenizer, args, seed=0)
+
+
+def test_contiguous_calibration_starts_each_window_with_bos_unless_told_not_to(tmp_path):
+    import argparse
+
+    from tiny_models import tiny_tokenizer
+    from zssvd.stages import calibration
+    path = tmp_path / "calib.txt"
+    path.write_text(english_text(400, seed=4))
+    tokenizer = tiny_tokenizer(bos=True)
+    args = argparse.Namespace(calib_file=[str(path)], calib_samples=3, seq_len=20, calib_contiguous=True, no_bos=False)
+    calib = quality._calibration(tokenizer, args, seed=0)
+    ids = calibration.tokenize_stream(tokenizer, path.read_text())
+    assert calib.bos and calib.input_ids[:, 0].tolist() == [95] * 3
+    assert calib.input_ids[:, 1:].tolist() == ids[:57].view(3, 19).tolist()
+    args.no_bos = True
+    plain = quality._calibration(tokenizer, args, seed=0)
+    assert not plain.bos and plain.input_ids.tolist() == ids[:60].view(3, 20).tolist()

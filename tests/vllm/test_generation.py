@@ -21,12 +21,7 @@ def _reference(directory):
     return _HF[directory]
 
 
-# Known defect (issue 13): on the CPU, fp8 weights are re-encoded to int8 with one scale per row of the
-# tensor the op is given; a row-parallel slice has shorter rows, hence other scales and slightly other
-# numbers than the whole matrix Hugging Face multiplies by. Fix: re-encode whole rows, then slice.
-HQ_TP3 = pytest.mark.xfail(reason="CPU fp8 re-encoding is per row slice under row parallelism (issue 13)")
-CASES = [pytest.param(name, tp, marks=HQ_TP3 if (name, tp) == ("hq", 3) else (), id=f"{name}-{tp}")
-         for name in CHECKPOINTS for tp in (1, 3)]
+CASES = [pytest.param(name, tp, id=f"{name}-{tp}") for name in CHECKPOINTS for tp in (1, 3)]
 
 
 @pytest.mark.slow

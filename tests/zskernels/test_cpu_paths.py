@@ -19,11 +19,8 @@ shape_id = lambda s: "x".join(map(str, s))  # noqa: E731
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 def rel_err(a, b):
@@ -140,3 +137,66 @@ def test_misaligned_weights_as_loaded_from_a_mapped_checkpoint(offset, rng):
     w = buffer[offset:].view(48, 32)
     x = torch.randn(2, 32, generator=rng).to(torch.bfloat16)
     assert rel_err(_cpu.int8_linear(x, w, None), x.double() @ w.double().T) < RTOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_row_parallel_fp8_slices_reencode_like_the_whole(parts, rng):
+    """Tensor parallelism slices an fp8 weight by columns (row-parallel layers); each slice's int8
+    re-encoding must be the corresponding columns of the whole matrix's, so the shards' partial sums
+    add up to the unsharded result."""
+    W = torch.randn(24, 48, generator=rng)
+    packed = zskernels.quantize_fp8_dense(W)
+    x = torch.randn(3, 48, generator=rng).to(torch.bfloat16)
+    whole_q, whole_scale = _cpu.fp8_rows_as_int8(packed["weight_fp8"], packed["weight_scale"], normalised=True)
+    partial = []
+    for cols in torch.arange(48).chunk(parts):
+        shard = {"weight_fp8": packed["weight_fp8"][:, cols].contiguous(), "weight_scale": packed["weight_scale"]}
+        q, scale = _cpu.fp8_rows_as_int8(shard["weight_fp8"], shard["weight_scale"], normalised=True)
+        assert torch.equal(q, whole_q[:, cols]) and torch.equal(scale, whole_scale)
+        partial.append(zskernels.fp8_linear(x[:, cols].contiguous(), shard).float())
+    whole = zskernels.fp8_linear(x, packed).float()
+    assert torch.allclose(sum(partial), whole, rtol=2e-2, atol=2e-2)  # bf16 outputs of each shard
+
+
+def test_module_casts_keep_the_packed_bytes(rng):
+    """Hugging Face idioms cast whole models: packed buffers keep their bytes, a changed bias is seen."""
+    from zssvd.nn import PackedLowRankLinear
+
+    U, V = factors(37, 23, 9, rng)
+    for storage in ("remap", "fp8", "bf16"):
+        module = PackedLowRankLinear.from_factors(U, V, torch.randn(37, generator=rng), storage=storage)
+        before = {k: v.clone() for k, v in module.packed().items()}
+        x = torch.randn(2, 23, generator=rng)
+        module(x)  # builds the CPU plan for float32 x
+        module.half().to(torch.bfloat16).float()
+        for key, value in module.packed().items():
+            bits = value.contiguous().reshape(-1).view(torch.uint8)
+            assert value.dtype == before[key].dtype and torch.equal(bits, before[key].reshape(-1).view(torch.uint8))
+        expected = x.double() @ module.dense_weight().double().T + module.bias.double()  # bias went through fp16
+        assert rel_err(module(x), expected) < 1e-2
+
+
+@pytest.mark.parametrize("m", ROWS, ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("dtype", list(RTOL), ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_int4_paths_match_float64(shape, dtype, m, rng):
+    """int4 codes, scales and mins are exact inputs: only the activation dtype's error remains
+    (bf16 also rounds int4pack's per-group scale and zero to bf16, within the bf16 tolerance)."""
+    out, in_, k = shape
+    U, V = factors(out, in_, k, rng)
+    lowrank, dense = zskernels.pack_int4_lowrank(U, V, 32), zskernels.quantize_int4(U @ V.T, 32)
+    x, bias = torch.randn(m, in_, generator=rng).to(dtype), torch.randn(out, generator=rng)
+    u_hat, v_hat = zskernels.unpack_int4_lowrank(lowrank)
+    y = zskernels.int4_lowrank_matmul(x, lowrank, bias)
+    expected = (x.double() @ v_hat.double()) @ u_hat.double().T + bias.double()
+    assert y.dtype == dtype and rel_err(y, expected) < RTOL[dtype]
+    y = zskernels.int4_linear(x, dense)
+    assert y.dtype == dtype and rel_err(y, x.double() @ zskernels.dequantize_int4(dense).double().T) < RTOL[dtype]
+
+
+@pytest.mark.parametrize("offset", [1, 3, 8])
+def test_int4pack_takes_misaligned_activations(offset, rng):
+    packed = zskernels.quantize_int4(torch.randn(48, 64, generator=rng), 64)
+    x = torch.randn(offset + 5 * 64, generator=rng).to(torch.bfloat16)[offset:].view(5, 64)
+    expected = x.double() @ zskernels.dequantize_int4(packed).double().T
+    assert rel_err(zskernels.int4_linear(x, packed), expected) < RTOL[torch.bfloat16]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import zskernels as zk
-from zskernels import _configs, _device, _triton
+from zskernels import _configs, _device
 from zskernels._backend import triton_available
 from zskernels.ops.fp8 import kernels as fm
 
@@ -79,10 +79,6 @@ def _force(monkeypatch, cfg: dict):
     monkeypatch.setitem(_configs._FORCED, "fp8_matmul", full)  # what _configs.use_config does
 
 
-@pytest.fixture
-def poison_empty(monkeypatch):
-    """Every buffer the launchers allocate starts as NaN, so any output element a kernel skips shows up."""
-    monkeypatch.setattr(_triton, "POISON", True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ def _op_cases():
     remap = {k: t.to(DEVICE) for k, t in zk.pack_remap(r(37, 9).cpu(), r(23, 9).cpu()).items()}
     low = {k: t.to(DEVICE) for k, t in zk.pack_fp8_lowrank(r(37, 9).cpu(), r(23, 9).cpu()).items()}
     dense = {k: t.to(DEVICE) for k, t in zk.quantize_fp8_dense(r(37, 23).cpu()).items()}
+    i4 = {k: t.to(DEVICE) for k, t in zk.quantize_int4(r(37, 23).cpu(), 16).items()}
+    i4low = {k: t.to(DEVICE) for k, t in zk.pack_int4_lowrank(r(37, 9).cpu(), r(23, 9).cpu(), 16).items()}
     # (op, its module (to register it), arguments, whether it is a triton_op)
     return {
         "sigma_scores": ("zskernels.ops.scores.kernels", (U, H, V, 3), True),
@@ -39,6 +41,9 @@ def _op_cases():
         "fp8_linear": ("zskernels.ops.fp8.kernels", (x, dense["weight_fp8"], dense["weight_scale"], r(37)), True),
         "fp8_lowrank_matmul": ("zskernels.ops.fp8.kernels",
                                (x, low["u_fp8"], low["u_scale"], low["vt_fp8"], low["v_scale"], None), True),
+        "int4_linear": ("zskernels.ops.int4.kernels", (x, i4["codes"], i4["scales"], i4["mins"], r(37)), True),
+        "int4_lowrank_matmul": ("zskernels.ops.int4.kernels", (x, *(i4low[p + k] for p in ("v_", "u_") for k in
+                                                                    ("codes", "scales", "mins")), None), True),
     }
 
 

@@ -128,14 +128,15 @@ def test_remap_matmul_matches_float64_or_refuses(backend, fmt, out, in_, k_frac,
     _check_rows(y, want, bad, dtype, _rtol(backend, fmt == "fp8", dtype))
 
 
-@pytest.mark.parametrize("pack", ["remap", "fp8"])
+@pytest.mark.parametrize("pack", ["remap", "fp8", "int4"])
 @pytest.mark.parametrize("where", ["U", "V"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_packing_non_finite_factors_is_refused(pack, where, value):
     U, V = torch.randn(9, 4), torch.randn(7, 4)
     (U if where == "U" else V)[2, 1] = value
+    packers = {"remap": zskernels.pack_remap, "fp8": zskernels.pack_fp8_lowrank, "int4": zskernels.pack_int4_lowrank}
     with pytest.raises((ValueError, TypeError), match=r"(?i)nan|inf|finite"):
-        zskernels.pack_remap(U, V) if pack == "remap" else zskernels.pack_fp8_lowrank(U, V)
+        packers[pack](U, V)
 
 
 def test_dense_fp8_of_a_non_finite_matrix_is_refused():
@@ -178,7 +179,42 @@ def test_fp8_ops_match_float64_or_refuse(backend, form, out, in_, k, m, dtype, l
     _check_rows(y, want, bad, dtype, _rtol(backend, True, dtype))
 
 
-@pytest.mark.parametrize("op", ["remap", "fp8_dense", "fp8_lowrank"])
+# ----------------------------------------------------------------------------------------------
+# int4_linear / int4_lowrank_matmul
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", ["dense", "lowrank"])
+@PROFILE
+@given(out=st.integers(1, 40), in_=st.integers(1, 80), k=st.integers(1, 24), group=st.sampled_from([16, 32, 64]),
+       **CALL)
+def test_int4_ops_match_float64_or_refuse(backend, form, out, in_, k, group, m, dtype, layout, poison, with_bias,
+                                          seed):
+    dtype = DTYPES[dtype]
+    if not _usable(backend, dtype):
+        return
+    gen = torch.Generator().manual_seed(seed)
+    U, V = _factors(out, in_, k, gen)
+    if form == "dense":
+        packed, op = zskernels.quantize_int4((U @ V.T).float(), group), zskernels.int4_linear
+    else:
+        packed, op = zskernels.pack_int4_lowrank(U.float(), V.float(), group), zskernels.int4_lowrank_matmul
+    x = _x(m, in_, dtype, layout, gen)
+    bad = _poison(x, poison, gen)
+    bias = torch.randn(out, generator=gen).to(dtype).to(DEVICE) if with_bias else None
+    y = op(x, {n: t.to(DEVICE) for n, t in packed.items()}, bias, backend=backend)
+    assert y.dtype == dtype and y.shape == (*m, out)
+    if form == "dense":
+        w_hat = zskernels.dequantize_int4(packed)
+    else:
+        u_hat, v_hat = zskernels.unpack_int4_lowrank(packed)
+        w_hat = u_hat @ v_hat.T
+    want = x.double().cpu() @ w_hat.double().T
+    if bias is not None:
+        want = want + bias.double().cpu()
+    _check_rows(y, want, bad, dtype)
+
+
+@pytest.mark.parametrize("op", ["remap", "fp8_dense", "fp8_lowrank", "int4_dense", "int4_lowrank"])
 @pytest.mark.parametrize("bad_x", ["int64", "wrong-width", "float64"])
 def test_bad_inputs_get_clear_errors(op, bad_x):
     U, V = torch.randn(6, 3), torch.randn(5, 3)
@@ -186,8 +222,12 @@ def test_bad_inputs_get_clear_errors(op, bad_x):
         call, packed = zskernels.remap_matmul, zskernels.pack_remap(U, V)
     elif op == "fp8_dense":
         call, packed = zskernels.fp8_linear, zskernels.quantize_fp8_dense(U @ V.T)
-    else:
+    elif op == "fp8_lowrank":
         call, packed = zskernels.fp8_lowrank_matmul, zskernels.pack_fp8_lowrank(U, V)
+    elif op == "int4_dense":
+        call, packed = zskernels.int4_linear, zskernels.quantize_int4(U @ V.T)
+    else:
+        call, packed = zskernels.int4_lowrank_matmul, zskernels.pack_int4_lowrank(U, V)
     x = {"int64": torch.ones(2, 5, dtype=torch.int64), "wrong-width": torch.randn(2, 4),
          "float64": torch.randn(2, 5, dtype=torch.float64)}[bad_x]
     with pytest.raises((TypeError, ValueError), match=r"x must|x has shape"):

@@ -11,6 +11,7 @@ standard library and evaluates on the second half, prose found on every machine 
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import json
@@ -66,9 +67,11 @@ def demo_calibration(model, tokenizer, kind: str, samples: int, seq_len: int, se
     if kind == "self":
         return calibration.from_model(model, tokenizer, samples, seq_len, seed)
     if kind == "pydoc":
+        bos = calibration.bos_token_id(tokenizer)
         windows = calibration.sample_windows((split or docstring_split(tokenizer))[0], samples, seq_len, seed,
-                                             what="the first half of the docstrings")
-        return calibration.CalibrationSet(windows, "docstrings of Python's standard library (first half)")
+                                             what="the first half of the docstrings", bos=bos)
+        return calibration.CalibrationSet(windows, "docstrings of Python's standard library (first half)",
+                                          bos=bos is not None)
     raise ValueError(f"unknown calibration {kind!r}; use {' or '.join(CALIBRATIONS)}, or --calib-file")
 
 
@@ -121,16 +124,18 @@ def demo(args, config) -> dict:
         split = docstring_split(tokenizer) if needed else None
         eval_ids, eval_name = _evaluation_text(args, tokenizer, split)
 
-    def measure_model(m, label: str) -> dict:
+    def measure_perplexity(m, label: str) -> dict:
         with clock.stage(f"{label}_perplexity"):
             result = perplexity(m, eval_ids, args.eval_seq_len, max_windows=args.eval_windows,
+                                bos_id=calibration.bos_token_id(tokenizer),
                                 desc=f"perplexity ({label})")
-        with clock.stage(f"{label}_speed"):
-            speed = _speed(m, args)
-        return {"perplexity": round(result["perplexity"], 3), **speed}
+        return {"perplexity": round(result["perplexity"], 3)}
 
-    dense = measure_model(model, "dense")
+    dense = measure_perplexity(model, "dense")
     dense_params = _unique_numel(model)
+    speed_dtype = serving_dtype(args, model)
+    with clock.stage("dense_copy"):  # timed later, beside the compressed model, in the dtype one serves in
+        dense_serving = copy.deepcopy(model).to(speed_dtype)
     with clock.stage("calibration_data"):
         kind = "files" if args.calib_file else args.calib
         calib = demo_calibration(model, tokenizer, kind, args.calib_samples, args.seq_len, seed=0,
@@ -144,7 +149,11 @@ def demo(args, config) -> dict:
     del model
     with clock.stage("reload"):  # computing in the dense model's dtype, so that the comparison is fair
         reloaded = load(out, device=args.device, dtype=compute_dtype)
-    compressed = measure_model(reloaded, "compressed")
+    compressed = measure_perplexity(reloaded, "compressed")
+    with clock.stage("speed"):  # both models, repeats interleaved: a change of machine load hits both
+        dense_speed, compressed_speed = _speeds([dense_serving, reloaded.to(speed_dtype)], args)
+    dense.update(dense_speed)
+    compressed.update(compressed_speed)
 
     dense_bytes, compressed_bytes = _bytes(report, out, source, dense_params)
     return {
@@ -153,8 +162,9 @@ def demo(args, config) -> dict:
         "calibration": f"{calib.source}: {calib.num_samples} x {calib.seq_len} tokens",
         "evaluation": f"{eval_name}: {args.eval_windows} x {args.eval_seq_len} tokens",
         "speed_setup": f"batch 1, {args.prompt_len}-token prompt, {args.new_tokens} new tokens, "
-                       f"median of {args.repeats}, {torch.get_num_threads()} threads, {args.device}, "
-                       f"{str(compute_dtype).replace('torch.', '')}",
+                       f"median of {args.repeats}, interleaved, {torch.get_num_threads()} threads, {args.device}, "
+                       f"{str(speed_dtype).replace('torch.', '')} (perplexity: "
+                       f"{str(compute_dtype).replace('torch.', '')})",
         "achieved_ratio": round(report["achieved_ratio"], 4),
         "dense": {**dense, **dense_bytes},
         "compressed": {**compressed, **compressed_bytes},
@@ -175,13 +185,35 @@ def _evaluation_text(args, tokenizer, split) -> tuple[torch.Tensor, str]:
     return split[1], f"docstrings of Python's standard library, second half ({held_out})"
 
 
-def _speed(model, args) -> dict:
-    """Prefill and decode tokens/s at batch 1, through ``zssvd bench-serve``'s own measurement."""
-    from .serve import measure
+def serving_dtype(args, model) -> torch.dtype:
+    """The dtype the speed is measured in: ``--speed-dtype``, else bf16 on a CPU with native bf16
+    arithmetic (the 16-bit type the checkpoint stores, and where the int8 weight-only kernels are
+    vectorised), else the model's own."""
+    choice = getattr(args, "speed_dtype", "auto")
+    if choice != "auto":
+        return getattr(torch, choice)
+    own = next(model.parameters()).dtype
+    if torch.device(args.device).type == "cpu" and _cpu_has_bf16():
+        return torch.bfloat16
+    return own
 
-    row = measure(model, 1, args.prompt_len, args.new_tokens, repeats=args.repeats)
-    return {"prefill_tokens_per_s": round(row["prefill_tokens_per_s"], 1),
-            "decode_tokens_per_s": round(row["decode_tokens_per_s"], 1)}
+
+def _cpu_has_bf16() -> bool:
+    """Native bf16 dot products (AVX512-BF16 or AMX): without them bf16 GEMMs are emulated, slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _speeds(models: list, args) -> list[dict]:
+    """Prefill and decode tokens/s at batch 1, through ``zssvd bench-serve``'s own measurement."""
+    from .serve import measure_interleaved
+
+    rows = measure_interleaved(models, 1, args.prompt_len, args.new_tokens, repeats=args.repeats)
+    return [{"prefill_tokens_per_s": round(row["prefill_tokens_per_s"], 1),
+             "decode_tokens_per_s": round(row["decode_tokens_per_s"], 1)} for row in rows]
 
 
 def _unique_numel(model) -> int:

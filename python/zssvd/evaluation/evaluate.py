@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ..stages.calibration import load_dataset_text, read_texts, tokenize_stream
+from ..stages.calibration import load_dataset_text, read_texts, tokenize_stream, with_bos
 from ..stages.gradients import next_token_loss_sum
 from ..runtime.progress import progress
 from ..validate import optional_int, require_int
@@ -43,34 +43,37 @@ def check_window(seq_len: int, limit: int | None) -> int:
 
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, seq_len: int, *, max_windows: int | None = None,
-               batch_size: int = 1, desc: str = "perplexity") -> dict:
+               batch_size: int = 1, desc: str = "perplexity", bos_id: int | None = None) -> dict:
     """Perplexity of ``model`` on the token stream ``ids`` cut into windows of ``seq_len``.
 
-    ``max_windows``: None for every window, else at least 1.
+    ``max_windows``: None for every window, else at least 1. ``bos_id`` (``bos_token_id(tokenizer)``):
+    every window is that token followed by ``seq_len - 1`` text tokens, as the model saw in training;
+    the BOS itself is never a prediction target, so each window still scores ``seq_len - 1`` tokens.
     """
     check_window(seq_len, context_length(model))
     optional_int("max_windows", max_windows, 1)
     require_int("batch_size", batch_size, 1)
-    windows = ids.numel() // seq_len
+    text_len = seq_len - (bos_id is not None)
+    windows = ids.numel() // text_len
     if windows == 0:
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}; "
                          "use a longer text or a smaller --seq-len")
     if max_windows is not None:
         windows = min(windows, max_windows)
     device = next(model.parameters()).device
-    stream = ids[: windows * seq_len].view(windows, seq_len)
+    stream = with_bos(ids[: windows * text_len].view(windows, text_len), bos_id)
     total_nll, total_tokens = 0.0, 0
     for start in progress(range(0, windows, batch_size), desc=desc, unit="window"):
         batch = stream[start:start + batch_size].to(device)
         nll = next_token_loss_sum(model(batch, use_cache=False).logits, batch).item()
         if not math.isfinite(nll):
-            raise NonFiniteLossError(f"non-finite loss in window {start} (tokens {start * seq_len}.."
-                                     f"{(start + len(batch)) * seq_len - 1}): the model produces NaN/Inf")
+            raise NonFiniteLossError(f"non-finite loss in window {start} (tokens {start * text_len}.."
+                                     f"{(start + len(batch)) * text_len - 1}): the model produces NaN/Inf")
         total_nll += nll
         total_tokens += batch.shape[0] * (seq_len - 1)
     mean = total_nll / total_tokens
     return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens, "windows": windows,
-            "seq_len": seq_len}
+            "seq_len": seq_len, "bos": bos_id is not None}
 
 
 def evaluation_ids(tokenizer, *, text_files=None, dataset: str | None = None) -> torch.Tensor:

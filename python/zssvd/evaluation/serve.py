@@ -17,11 +17,14 @@ from pathlib import Path
 import torch
 
 from ..io.checkpoint import load
+from ..validate import require_int, require_text
 
 
 def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, do_sample: bool = False,
                   seed: int = 0, chat: bool = False) -> str:
     """Continue ``prompt`` (greedy by default, so the output is deterministic)."""
+    require_text("prompt", prompt)
+    require_int("max_new_tokens", max_new_tokens, 1)
     device = next(model.parameters()).device
     if chat:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
@@ -106,11 +109,22 @@ class _Timings:
         return row
 
 
+def check_timing(batches, prompt_len: int, new_tokens: int, repeats: int) -> None:
+    """The numbers of a throughput measurement; ``new_tokens`` >= 2, since the decode rate is the time of
+    N tokens less that of one."""
+    for batch in batches:
+        require_int("batch", batch, 1)
+    require_int("prompt_len", prompt_len, 1)
+    require_int("new_tokens", new_tokens, 2)
+    require_int("repeats", repeats, 1)
+
+
 @torch.no_grad()
 def measure_interleaved(models: list, batch: int, prompt_len: int, new_tokens: int, *, repeats: int = 3,
                         static: bool = False) -> list[dict]:
     """Prefill and decode throughput of several models at one batch size, their repeats interleaved
     (A B A B ...), so that a change of machine load hits every model alike; medians of ``repeats``."""
+    check_timing([batch], prompt_len, new_tokens, repeats)
     timings = [_Timings(model, batch, prompt_len, new_tokens, static) for model in models]
     for t in timings:
         t.warm_up()
@@ -163,24 +177,32 @@ def load_and_measure_memory(directory: str | Path, device: str | torch.device = 
     return model, memory
 
 
-def bench_serve(directory: str | Path, *, batches=(1, 8), prompt_len: int = 64, new_tokens: int = 32,
+def bench_serve(directory: str | Path | list, *, batches=(1, 8), prompt_len: int = 64, new_tokens: int = 32,
                 device: str = "cpu", dense: str = "auto", repeats: int = 5, static: bool = False,
                 dtype: torch.dtype | None = None) -> list[dict]:
-    """Rows for the compressed checkpoint and its dense original, side by side, timed interleaved.
+    """Rows for compressed checkpoints (one directory or a list, of one source model) and their dense
+    original, side by side, every model's repeats interleaved.
 
-    ``dtype``: the compute dtype of both models (default: the checkpoint's stored dtype). The
+    ``dtype``: the compute dtype of all models (default: the first checkpoint's stored dtype). The
     compressed rows also say how much device memory the loaded checkpoint took against the
     report's ``model_bytes`` (``memory_vs_report``: relative difference).
     """
-    compressed, memory = load_and_measure_memory(directory, device, dtype=dtype)
-    original, label = dense_original(directory, dense, device, dtype=dtype)
+    check_timing(batches, prompt_len, new_tokens, repeats)  # before loading anything
+    directories = [Path(directory)] if isinstance(directory, (str, Path)) else [Path(d) for d in directory]
+    if dtype is None:  # one dtype for all: the first checkpoint's
+        from ..io.checkpoint import read_manifest
+
+        dtype = getattr(torch, read_manifest(directories[0])["dtype"])
+    loaded = [load_and_measure_memory(d, device, dtype=dtype) for d in directories]
+    original, label = dense_original(directories[0], dense, device, dtype=dtype)
     rows = []
     for batch in batches:
-        pair = measure_interleaved([compressed, original], batch, prompt_len, new_tokens, repeats=repeats,
-                                   static=static)
+        timed = measure_interleaved([model for model, _ in loaded] + [original], batch, prompt_len, new_tokens,
+                                    repeats=repeats, static=static)
         compute = {"dtype": str(next(original.parameters()).dtype).removeprefix("torch.")}
-        rows.append({"model": "compressed", **pair[0], **compute, **memory})
-        rows.append({"model": f"dense ({label})", **pair[1], **compute})
+        for d, (_, memory), row in zip(directories, loaded, timed):
+            rows.append({"model": "compressed", "checkpoint": _describe(d), **row, **compute, **memory})
+        rows.append({"model": f"dense ({label})", **timed[-1], **compute})
     for row in rows:
         dense_row = next(r for r in rows if r["batch"] == row["batch"] and r["model"] != "compressed")
         row["decode_vs_dense"] = row["decode_tokens_per_s"] / dense_row["decode_tokens_per_s"]
@@ -188,10 +210,21 @@ def bench_serve(directory: str | Path, *, batches=(1, 8), prompt_len: int = 64, 
     return rows
 
 
+def _describe(directory: Path) -> str:
+    """'<storage> <ratio> (<directory name>)' from the checkpoint's report, else the directory name."""
+    report = directory / "report.json"
+    if not report.is_file():
+        return directory.name
+    values = json.loads(report.read_text())
+    config = values.get("config", {})
+    return f"{config.get('storage', '?')} {config.get('ratio', '?')} ({directory.name})"
+
+
 def rows_to_markdown(rows: list[dict]) -> str:
     keys = [k for k in rows[0] if k != "model"]
     lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for r in rows:
-        cells = [f"{r[k]:.1f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys]
+        cells = [f"{r[k]:.{2 if 'vs' in k or 'gib' in k else 1}f}" if isinstance(r.get(k), float)
+                 else str(r.get(k, "")) for k in keys]
         lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

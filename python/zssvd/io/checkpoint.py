@@ -17,18 +17,24 @@ A checkpoint directory (format version 2, written by ``save_compressed``) holds
 
 Storage dtype: float factors, biases and every untouched float weight are stored in 16 bits whatever
 dtype the computation used: float16 if the source model was float16, bfloat16 otherwise
-(``storage_dtype``). int8 / fp8 tensors, remap's 16-bit tails and the fp32 per-component (per-row)
-scales are stored as packed.
+(``storage_dtype``); remap's 16-bit tails too. int8 / fp8 tensors, the fp32 per-component (per-row)
+scales and int4's codes with their float16 scales and minimums are stored as packed.
 
 Format version 1 (config.json ``model_type: "zssvd"`` around the base config, remote code; see
 ``hf_config.py``) is still read by ``load``. ``verify_checkpoint`` is the check every loader runs
 first: a missing, truncated, altered or edited checkpoint is refused with ``CheckpointError``.
+
+Every file is written to a temporary and renamed into place (``write_atomically``), and ``zssvd.json``
+is removed before the other files are written and written after them: a killed save leaves a
+directory that every loader refuses, never a half-written file or a mix of two saves.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -96,11 +102,16 @@ def storage_dtype(config) -> torch.dtype:
     return torch.float16 if source_dtype(config) == "float16" else torch.bfloat16
 
 
+REMAP_TAILS = ("v_tail", "u_tail")
+REMAP_TAIL_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def retyped_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """``module`` with its float factors and bias in ``dtype`` (a new module; ``module`` is unchanged).
 
-    A float-storage low-rank module changes storage (fp32 -> bf16, ...); remap / fp8 modules keep their
-    8-bit tensors, 16-bit tails and fp32 scales as packed, only the bias changes.
+    A float-storage low-rank module changes storage (fp32 -> bf16, ...); a remap module's 16-bit tails
+    take a 16-bit ``dtype`` (they are float factors: a bf16 checkpoint stores them in bf16, and a bf16
+    computation reads them without a per-call conversion); 8-bit tensors and scales stay as packed.
     """
     bias = module.bias.detach().to(dtype) if module.bias is not None else None
     tensors = module.packed()
@@ -109,6 +120,8 @@ def retyped_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
         if storage in FLOAT_STORAGES:
             storage = storage_for_dtype(dtype)
             tensors = {name: t.to(dtype) for name, t in tensors.items()}
+        elif storage == "remap" and dtype in REMAP_TAIL_DTYPES:
+            tensors = {name: t.to(dtype) if name in REMAP_TAILS else t for name, t in tensors.items()}
         return PackedLowRankLinear(module.in_features, module.out_features, module.rank, storage, tensors, bias)
     if isinstance(module, PackedDenseLinear):
         return PackedDenseLinear(module.in_features, module.out_features, module.storage, tensors, bias)
@@ -124,7 +137,8 @@ def retype_packed(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast a loaded model to a compute ``dtype`` in place: float weights, float factors and biases;
-    never int8 / fp8 tensors, remap tails or scales (``nn.Module.to(dtype)`` would cast fp8 too)."""
+    remap tails when ``dtype`` is 16-bit; never int8 / fp8 tensors or scales (``nn.Module.to(dtype)``
+    would cast fp8 too)."""
     retype_packed(model, dtype)
     packed = set(packed_modules(model).values())
     for module in model.modules():
@@ -250,6 +264,10 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=N
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    # zssvd.json goes first and comes back last: a directory caught between the two (a killed run, a full
+    # disk) is "not a zssvd checkpoint" to every loader, never a mix of old and new files.
+    (out / MANIFEST).unlink(missing_ok=True)
     dtype = dtype or storage_dtype(model.config)
     state, aliases, modules = stored_state(model, dtype)
     if manifest is not None:
@@ -259,9 +277,11 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=N
     _write_json(out / CONFIG, config)
     for stale in ("configuration_zssvd.py", "modeling_zssvd.py"):  # a format-1 checkpoint's remote code
         (out / stale).unlink(missing_ok=True)
-    tmp = out / (WEIGHTS + ".tmp")
-    save_file(state, tmp, metadata={"format": "pt", "zssvd_format": str(FORMAT_VERSION)})
-    os.replace(tmp, out / WEIGHTS)
+    # One metadata key: safetensors writes the metadata map in hash order, so with two keys the same tensors
+    # gave different bytes from run to run. The format version is in zssvd.json and config.json.
+    write_atomically(out / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    if tokenizer is not None:
+        _save_tokenizer(tokenizer, out)
     description = {
         "format_version": FORMAT_VERSION,
         "zssvd_version": __version__,
@@ -273,9 +293,8 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=N
         "quantization_config_sha256": block_sha256(block),
         "config_sha256": block_sha256(config),  # any other edit (architecture, sizes, rope...) is refused too
     }
+    description[MANIFEST_SHA256] = manifest_sha256(description)
     _write_json(out / MANIFEST, description)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
     if report is not None:
         report["bytes"] = checkpoint_bytes(model, description, state, report.get("model"))
         _write_json(out / "report.json", report)
@@ -283,7 +302,67 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=N
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n"))
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """``data`` as indented JSON, written atomically (``write_atomically``)."""
+    _write_json(Path(path), data)
+
+
+TEMPORARY = re.compile(r"\.tmp(\d+)$")  # what write_atomically and the stage cache name their partial files
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f"{path.name}.tmp{os.getpid()}")
+
+
+def write_atomically(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary beside ``path``, then rename it into place: a reader sees the old file or
+    the new one, never half of one, even when the writer is killed (the temporary is named by the writer's
+    process id, so two writers never share one)."""
+    tmp = _temporary(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_tokenizer(tokenizer, out: Path) -> None:
+    """``tokenizer.save_pretrained(out)``, each file renamed into place whole."""
+    staging = _temporary(out / ".tokenizer")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        tokenizer.save_pretrained(staging)
+        for item in sorted(staging.iterdir()):
+            if item.is_dir():
+                shutil.rmtree(out / item.name, ignore_errors=True)
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Remove the partial files and folders (``<name>.tmp<pid>``) that killed writers left in ``directory``;
+    those of live processes are theirs to finish."""
+    for item in directory.iterdir() if directory.is_dir() else ():
+        match = TEMPORARY.search(item.name)
+        if match and int(match.group(1)) != os.getpid() and not _process_alive(int(match.group(1))):
+            if item.is_dir():
+                shutil.rmtree(item, ignore_errors=True)
+            else:
+                item.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- verifying
@@ -321,6 +400,23 @@ def verify_files(directory: Path, manifest: dict, checksums: bool = True) -> Non
                                   "or corrupted; copy or re-create it")
 
 
+MANIFEST_SHA256 = "manifest_sha256"
+
+
+def manifest_sha256(manifest: dict) -> str:
+    """The manifest's checksum of itself: canonical JSON of every other field (dtype, tied aliases, ...)."""
+    return block_sha256({k: v for k, v in manifest.items() if k != MANIFEST_SHA256})
+
+
+def _verify_manifest(directory: Path, manifest: dict) -> None:
+    # Checkpoints written before zssvd.json carried its own checksum lack the field; their module
+    # descriptions are still checked against config.json's block.
+    recorded = manifest.get(MANIFEST_SHA256)
+    if recorded is not None and recorded != manifest_sha256(manifest):
+        raise CheckpointError(f"{directory / MANIFEST} does not match its own SHA-256: zssvd.json was edited after "
+                              "saving; restore it or re-create the checkpoint")
+
+
 def _verify_config(directory: Path, manifest: dict) -> dict:
     """config.json of a format-2 checkpoint against its manifest; returns the config."""
     config = _read_json(directory / CONFIG, "copy it from the original checkpoint")
@@ -349,6 +445,7 @@ def verify_checkpoint(directory: str | os.PathLike, *, checksums: bool = True) -
     verify_files(directory, manifest, checksums=checksums)
     if manifest["format_version"] >= 2:
         _verify_config(directory, manifest)
+        _verify_manifest(directory, manifest)
     return manifest
 
 

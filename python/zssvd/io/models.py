@@ -141,12 +141,19 @@ def load_model(source: str | os.PathLike, *, dtype="auto", device="cpu"):
     path = Path(source)
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
+            raise FileNotFoundError(f"GGUF file not found: {path}; check the path")
         local = _gguf_as_safetensors(path)
+    elif path.is_file():
+        raise ValueError(f"{path} is a file, not a model: pass a Hugging Face model directory, a zssvd checkpoint "
+                         "directory or a .gguf file")
     elif path.exists():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+            raise FileNotFoundError(f"{path} is not a Hugging Face model directory or a zssvd checkpoint (no "
+                                    "config.json); pass the directory that holds config.json and the weights")
         local = path
+    elif _looks_like_path(source):
+        raise FileNotFoundError(f"model directory not found: {path}; check the path (a hub id has the form "
+                                "owner/name)")
     else:
         local = None  # a hub id
     where = str(local) if local is not None else source
@@ -154,12 +161,16 @@ def load_model(source: str | os.PathLike, *, dtype="auto", device="cpu"):
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(where)
     except OSError as err:
-        raise OSError(
-            f"could not load {source!r}: {err}\nIf this machine is offline, pass a local model directory "
-            "or a .gguf file instead of a hub id."
-        ) from err
+        reason = " ".join(str(err).split())  # one line, whatever transformers wrote
+        raise OSError(f"could not load {source!r}: {reason}; if this machine is offline, pass a local model "
+                      "directory or a .gguf file instead of a hub id") from err
     model.to(device).eval()
     return model, tokenizer, source
+
+
+def _looks_like_path(source: str) -> bool:
+    """A local path rather than a hub id (``owner/name``): absolute, relative to . or ~, or deeper than one slash."""
+    return source.startswith(("/", "./", "../", "~")) or source.count("/") > 1 or "\\" in source
 
 
 def _gguf_as_safetensors(gguf_path: Path) -> Path:

@@ -4,9 +4,12 @@
 
 * ``fp32`` / ``fp16`` / ``bf16``: both factors in that dtype (k (out + in) values);
 * ``remap``: 8-bit head and 16-bit tail, 2 k max(out, in) bytes plus scales (``zskernels.remap_matmul``);
-* ``fp8``: both factors in fp8 e4m3 with per-component scales, k (out + in) bytes (``zskernels.fp8_matmul``).
+* ``fp8``: both factors in fp8 e4m3 with per-component scales, k (out + in) bytes (``zskernels.fp8_matmul``);
+* ``int4``: both factors in 4 bits with a float16 scale and min per group along the reduced dimension
+  (``zskernels.int4_lowrank_matmul``).
 
-``PackedDenseLinear`` keeps a full matrix in fp8 e4m3 with per-row scales (HQ mode's dense matrices).
+``PackedDenseLinear`` keeps a full matrix in fp8 e4m3 with per-row scales (HQ mode's dense matrices) or
+in int4 with per-group scales and mins (int4 mode's; ``DENSE_STORAGES``).
 
 Each low-rank storage is one ``LowRankStorage`` entry in ``STORAGES`` (pack, forward, unpack,
 nbytes): a new storage is one ``register_storage`` call, not a branch in every method.
@@ -68,6 +71,9 @@ def register_storage(storage: LowRankStorage) -> LowRankStorage:
 def _float_storage(name: str, dtype: torch.dtype) -> LowRankStorage:
     def forward(x, t, bias, backend):
         bias = bias.to(x.dtype) if bias is not None else None
+        if x.device.type == "cpu":  # a factor in another dtype is converted in cache-sized chunks
+            y = _kernels()._cpu.float_linear(_kernels()._cpu.float_linear(x, t["weight_v"]), t["weight_u"])
+            return y if bias is None else y + bias
         return F.linear(F.linear(x, t["weight_v"].to(x.dtype)), t["weight_u"].to(x.dtype), bias)
 
     return LowRankStorage(
@@ -89,6 +95,12 @@ register_storage(LowRankStorage(
     pack=lambda U, V: _kernels().pack_fp8_lowrank(U, V),
     forward=lambda x, t, bias, backend: _kernels().fp8_lowrank_matmul(x, t, bias, backend=backend),
     unpack=lambda t: _kernels().dequantize_fp8(t)))
+register_storage(LowRankStorage(
+    "int4",  # both factors in 4 bits, float16 scale + min per group (zskernels.int4_lowrank_matmul); the group
+    # size is the codes' padded width over the groups per row, so a checkpoint's shapes carry it
+    pack=lambda U, V, group_size=64: _kernels().pack_int4_lowrank(U, V, group_size),
+    forward=lambda x, t, bias, backend: _kernels().int4_lowrank_matmul(x, t, bias, backend=backend),
+    unpack=lambda t: _kernels().unpack_int4_lowrank(t)))
 LOWRANK_STORAGES = tuple(STORAGES)  # the built-in ones
 DTYPE_NAMES = {
     torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int8: "int8",
@@ -112,9 +124,30 @@ def _storage(name: str) -> LowRankStorage:
 
 
 class _PackedBase(nn.Module):
-    """Buffers from a dict of named tensors, plus the JSON description of that layout."""
+    """Buffers from a dict of named tensors, plus the JSON description of that layout.
+
+    The packed buffers keep their stored dtypes through ``.float()``, ``.half()``, ``.to(dtype)``
+    (Hugging Face idioms that cast a whole model): those casts change the activations' dtype, which
+    every storage computes in, and the bias; a device move applies to everything.
+    """
 
     kind = ""
+
+    def _apply(self, fn, recurse=True):
+        stored = {name: self._buffers[name] for name in self._buffer_names}
+        super()._apply(fn, recurse)
+        for name, before in stored.items():
+            if self._buffers[name].dtype != before.dtype:  # a dtype cast: keep the stored values, take the device
+                self._buffers[name] = before.to(self._buffers[name].device)
+        return self
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"{type(self).__name__}: x must be a floating-point tensor, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__}: x has shape {tuple(x.shape)}; its last dimension must be "
+                             f"in_features = {self.in_features}")
 
     def _set_buffers(self, tensors: dict[str, torch.Tensor]) -> None:
         self._buffer_names = list(tensors)
@@ -141,6 +174,11 @@ class _PackedBase(nn.Module):
                 for name, spec in layout.items()}
 
     def _init_bias(self, bias: torch.Tensor | None) -> None:
+        if bias is not None and (not isinstance(bias, torch.Tensor) or not bias.is_floating_point()
+                                 or tuple(bias.shape) != (self.out_features,)):
+            raise ValueError(f"{type(self).__name__}: bias must be a floating-point tensor of shape "
+                             f"({self.out_features},), got {getattr(bias, 'dtype', type(bias).__name__)} "
+                             f"{tuple(getattr(bias, 'shape', ()))}")
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
 
     def dense_weight(self) -> torch.Tensor:
@@ -183,9 +221,13 @@ class PackedLowRankLinear(_PackedBase):
         out_features, rank = U.shape
         in_features = V.shape[0]
         tensors = _storage(storage).pack(U, V)
+        if storage in FLOAT_STORAGES and not all(torch.isfinite(t).all() for t in tensors.values()):
+            raise ValueError(f"factors overflow {storage} (largest |value| {max(U.abs().max(), V.abs().max()):.3g}); "
+                             f"pack them with storage='bf16' or 'fp32'")
         return cls(in_features, out_features, rank, storage, tensors, bias)
 
     def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        self._check_input(x)
         return _storage(self.storage).forward(x, self.packed(), self.bias, backend)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,32 +257,69 @@ class PackedLowRankLinear(_PackedBase):
                 f"storage={self.storage}, bias={self.bias is not None}, bytes={self.nbytes()}")
 
 
+# Storages of a full matrix: name -> the zskernels (quantize, linear, dequantize) functions, and the prefix
+# of its buffers (int4's "in_features" would clash with the module's attribute: stored as "weight_in_features").
+DENSE_STORAGES = {"fp8": ("quantize_fp8_dense", "fp8_linear", "dequantize_fp8", ""),
+                  "int4": ("quantize_int4", "int4_linear", "dequantize_int4", "weight_")}
+
+
+def _dense_op(storage: str, role: int):
+    return getattr(_kernels(), DENSE_STORAGES[storage][role])
+
+
+def dense_buffers(storage: str, tensors: Tensors) -> Tensors:
+    """A dense storage's quantiser output under the names a module (and a checkpoint) stores them."""
+    prefix = DENSE_STORAGES[storage][3]
+    return {prefix + name: t for name, t in tensors.items()}
+
+
+def dense_kernel_tensors(storage: str, buffers: Tensors) -> Tensors:
+    """The inverse of ``dense_buffers``: the dict the storage's zskernels ops take."""
+    prefix = DENSE_STORAGES[storage][3]
+    return {name[len(prefix):]: t for name, t in buffers.items()}
+
+
+def dense_forward(storage: str, x: torch.Tensor, buffers: Tensors, bias: torch.Tensor | None,
+                  backend: str = "auto") -> torch.Tensor:
+    """y = x W^T + b over a full matrix stored (under its module buffer names) in a dense storage."""
+    return _dense_op(storage, 1)(x, dense_kernel_tensors(storage, buffers), bias, backend=backend)
+
+
 class PackedDenseLinear(_PackedBase):
-    """A full matrix in fp8 e4m3 with per-row scales (HQ mode's matrices kept dense)."""
+    """A full matrix in fp8 e4m3 with per-row scales (HQ mode's matrices kept dense) or in int4 with a
+    float16 scale and min per group of inputs (int4 mode's)."""
 
     kind = "dense"
 
     def __init__(self, in_features: int, out_features: int, storage: str, tensors: dict[str, torch.Tensor],
                  bias: torch.Tensor | None = None):
         super().__init__()
-        if storage != "fp8":
-            raise ValueError(f"PackedDenseLinear supports storage 'fp8' only, got {storage!r}")
+        if storage not in DENSE_STORAGES:
+            raise ValueError(f"PackedDenseLinear storage must be one of {tuple(DENSE_STORAGES)}, got {storage!r}")
         self.in_features, self.out_features, self.storage = in_features, out_features, storage
         self._set_buffers(tensors)
         self._init_bias(bias)
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                    storage: str = "fp8") -> "PackedDenseLinear":
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, storage: str = "fp8",
+                    **options) -> "PackedDenseLinear":
+        """Quantise ``weight`` (out x in); ``options`` go to the quantiser (int4: ``group_size``)."""
         if weight.dim() != 2:
             raise ValueError(f"weight must be 2-D (out x in), got shape {tuple(weight.shape)}")
-        return cls(weight.shape[1], weight.shape[0], storage, _kernels().quantize_fp8_dense(weight), bias)
+        if storage not in DENSE_STORAGES:
+            raise ValueError(f"PackedDenseLinear storage must be one of {tuple(DENSE_STORAGES)}, got {storage!r}")
+        tensors = dense_buffers(storage, _dense_op(storage, 0)(weight, **options))
+        return cls(weight.shape[1], weight.shape[0], storage, tensors, bias)
 
     def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-        return _kernels().fp8_linear(x, self.packed(), self.bias, backend=backend)
+        return dense_forward(self.storage, x, self.packed(), self.bias, backend)
+
+    def kernel_tensors(self) -> Tensors:
+        """The packed tensors as the storage's zskernels ops name them."""
+        return dense_kernel_tensors(self.storage, self.packed())
 
     def dense_weight(self) -> torch.Tensor:
-        return _kernels().dequantize_fp8(self.packed())
+        return _dense_op(self.storage, 2)(self.kernel_tensors())
 
     def describe(self) -> dict:
         return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..io.checkpoint import file_sha256
+from ..io.checkpoint import file_sha256, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class StageCache:
             self.root.mkdir(parents=True, exist_ok=True)
             probe.write_bytes(b"")
             probe.unlink()
+            remove_stale_temporaries(self.root)  # entries half-written by killed runs
         except OSError as error:
             log.warning("the cache directory %s cannot be used (%s); running without a cache (--cache-dir "
                         "elsewhere, or 'none')", self.root, error)
@@ -131,7 +132,9 @@ class StageCache:
             shutil.rmtree(tmp, ignore_errors=True)
             log.warning("could not cache the %s stage in %s (%s); the run goes on without it", stage, self.root, error)
             return
-        if entry.exists():  # a concurrent run got there first; keep its complete entry
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
+        try:
             os.replace(tmp, entry)
+        except OSError:  # a concurrent run got there first (the rename of a folder onto a full one fails)
+            pass  # its complete entry stays
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 
 from ..runtime.progress import progress
+from ..validate import read_text_file, require_windows
 
 # name -> (dataset path, config, split, text column) for the calibration *and* evaluation suites
 DATASETS = {
@@ -33,6 +34,7 @@ class CalibrationSet:
 
     input_ids: torch.Tensor
     source: str
+    bos: bool = False  # every window starts with the tokenizer's BOS token (``bos_token_id``)
 
     @property
     def num_samples(self) -> int:
@@ -48,13 +50,8 @@ class CalibrationSet:
 
 
 def read_texts(paths: Sequence[str | Path]) -> str:
-    texts = []
-    for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise FileNotFoundError(f"text file not found: {path}")
-        texts.append(path.read_text(encoding="utf-8", errors="replace"))
-    return "\n\n".join(texts)
+    """The files' texts, joined; a directory, a binary or a non-UTF-8 file is refused (``read_text_file``)."""
+    return "\n\n".join(read_text_file(p) for p in paths)
 
 
 def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
@@ -66,49 +63,90 @@ def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
+def bos_token_id(tokenizer) -> int | None:
+    """The BOS id when ``tokenizer`` starts its sequences with one, else None.
+
+    It does when encoding with special tokens puts BOS first (``add_bos_token``, or a post-processor
+    such as LLaMA-3's), or when its chat template inserts ``bos_token`` at the start (Gemma, Mistral).
+    A template that merely begins with the same text (SmolLM2's ``<|im_start|>``, which is also its
+    bos_token) does not count: the template must name ``bos_token``.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    encoded = tokenizer("a", add_special_tokens=True)["input_ids"]
+    if encoded and encoded[0] == bos:
+        return int(bos)
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and "bos_token" in template:
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": "a"}], tokenize=False)
+        except Exception:  # a template that needs other roles or variables: it gives no answer, not an error
+            return None
+        if isinstance(text, str) and text.startswith(tokenizer.bos_token):
+            return int(bos)
+    return None
+
+
+def with_bos(chunks: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """``chunks`` (N x L-1 text tokens) with ``bos`` in front of each, or unchanged when ``bos`` is None."""
+    if bos is None:
+        return chunks
+    return torch.cat([torch.full((chunks.shape[0], 1), bos, dtype=chunks.dtype), chunks], dim=1)
+
+
 def sample_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int, what: str, *,
-                   contiguous: bool = False) -> torch.Tensor:
+                   contiguous: bool = False, bos: int | None = None) -> torch.Tensor:
     """``num_samples`` non-overlapping windows of ``seq_len`` tokens at seeded random positions.
 
-    ``contiguous=True`` takes the first ``num_samples * seq_len`` tokens instead (no seed).
+    ``contiguous=True`` takes the first windows instead (no seed). With a ``bos`` id every window is
+    that token followed by ``seq_len - 1`` text tokens, so windows keep their length.
     """
     if num_samples < 1 or seq_len < 2:
         raise ValueError(f"need at least 1 sample of at least 2 tokens, got {num_samples} x {seq_len}")
-    slots = ids.numel() // seq_len
+    text_len = seq_len - (bos is not None)
+    slots = ids.numel() // text_len
     if slots < num_samples:
         raise ValueError(
             f"{what} has {ids.numel()} tokens, enough for {slots} windows of {seq_len}, but {num_samples} "
             "were asked for: give more text, or lower --calib-samples or --seq-len"
         )
     if contiguous:
-        return ids[:num_samples * seq_len].reshape(num_samples, seq_len).clone()
+        return with_bos(ids[:num_samples * text_len].reshape(num_samples, text_len).clone(), bos)
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(slots, generator=generator)[:num_samples].sort().values
-    return torch.stack([ids[s * seq_len:(s + 1) * seq_len] for s in chosen.tolist()])
+    return with_bos(torch.stack([ids[s * text_len:(s + 1) * text_len] for s in chosen.tolist()]), bos)
 
 
-def from_files(tokenizer, paths: Sequence[str | Path], num_samples: int, seq_len: int, seed: int = 0) -> CalibrationSet:
+def from_files(tokenizer, paths: Sequence[str | Path], num_samples: int, seq_len: int, seed: int = 0, *,
+               use_bos: bool = True) -> CalibrationSet:
     """Windows from local text files; several files are separate corpora of equal weight."""
     if not paths:
         raise ValueError("no calibration files given")
-    return from_texts(tokenizer, {Path(p).name: read_texts([p]) for p in paths}, num_samples, seq_len, seed)
+    texts = {Path(p).name: read_texts([p]) for p in paths}
+    return from_texts(tokenizer, texts, num_samples, seq_len, seed, use_bos=use_bos)
 
 
-def from_texts(tokenizer, texts: dict[str, str], num_samples: int, seq_len: int, seed: int = 0) -> CalibrationSet:
+def from_texts(tokenizer, texts: dict[str, str], num_samples: int, seq_len: int, seed: int = 0, *,
+               use_bos: bool = True) -> CalibrationSet:
     """Windows from named texts, each an equally weighted corpus.
 
     With k texts, each contributes num_samples / k windows (the first ones one more when it does
     not divide), so a long corpus cannot drown a short one; the gradient, and hence every score,
-    is then the average of the corpora's own.
+    is then the average of the corpora's own. ``use_bos``: windows start with BOS when the
+    tokenizer adds one (``bos_token_id``); False keeps plain text windows.
     """
+    require_windows(num_samples, seq_len)  # 0 samples would leave no window to concatenate
     names = list(texts)
+    bos = bos_token_id(tokenizer) if use_bos else None
     shares = [num_samples // len(names) + (i < num_samples % len(names)) for i in range(len(names))]
     parts = []
     for i, (name, share) in enumerate(zip(names, shares)):
         if share:
             ids = tokenize_stream(tokenizer, texts[name])
-            parts.append(sample_windows(ids, share, seq_len, seed + i, what=f"the calibration text {name}"))
-    return CalibrationSet(torch.cat(parts), source=f"files:{', '.join(names)}")
+            what = f"the calibration text {name}"
+            parts.append(sample_windows(ids, share, seq_len, seed + i, what=what, bos=bos))
+    return CalibrationSet(torch.cat(parts), source=f"files:{', '.join(names)}", bos=bos is not None)
 
 
 def load_dataset_text(name: str, purpose: str) -> str:
@@ -136,35 +174,42 @@ def load_dataset_text(name: str, purpose: str) -> str:
     return "\n\n".join(row for row in data[column] if row)
 
 
-def from_dataset(tokenizer, name: str, num_samples: int, seq_len: int, seed: int = 0) -> CalibrationSet:
+def from_dataset(tokenizer, name: str, num_samples: int, seq_len: int, seed: int = 0, *,
+                 use_bos: bool = True) -> CalibrationSet:
     ids = tokenize_stream(tokenizer, load_dataset_text(name, "calib"))
-    windows = sample_windows(ids, num_samples, seq_len, seed, what=f"dataset {name}")
-    return CalibrationSet(windows, source=f"dataset:{name}")
+    bos = bos_token_id(tokenizer) if use_bos else None
+    windows = sample_windows(ids, num_samples, seq_len, seed, what=f"dataset {name}", bos=bos)
+    return CalibrationSet(windows, source=f"dataset:{name}", bos=bos is not None)
 
 
 @torch.no_grad()
 def from_model(model, tokenizer, num_samples: int, seq_len: int, seed: int = 0,
-               batch_size: int = 32, temperature: float = 1.0) -> CalibrationSet:
+               batch_size: int = 32, temperature: float = 1.0, use_bos: bool = True) -> CalibrationSet:
     """Data-free calibration: sequences sampled from the model itself (seeded).
 
-    Each sequence starts from a random ordinary (non-special) token and is continued by plain
-    sampling at ``temperature``, ``batch_size`` sequences at a time (larger batches amortise the
-    per-step cost: on a 2-core CPU, 32 sequences take about 1.8x the time of 8).
+    Each sequence starts from a random ordinary (non-special) token, after BOS when the tokenizer
+    adds one, and is continued by plain sampling at ``temperature``, ``batch_size`` sequences at a
+    time (larger batches amortise the per-step cost: on a 2-core CPU, 32 sequences take about 1.8x
+    the time of 8).
     """
+    require_windows(num_samples, seq_len)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     vocab = model.get_input_embeddings().num_embeddings
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    bos = bos_token_id(tokenizer) if use_bos else None
     rows = []
-    with progress(total=num_samples * (seq_len - 1), desc="sampling calibration text", unit="tok") as bar:
+    sampled = seq_len - 1 - (bos is not None)  # tokens drawn per sequence
+    with progress(total=num_samples * sampled, desc="sampling calibration text", unit="tok") as bar:
         for start in range(0, num_samples, batch_size):
             n = min(batch_size, num_samples - start)
             first = torch.randint(0, vocab, (n, 1), generator=generator)
             for i in range(n):  # avoid special tokens as seeds
                 while int(first[i, 0]) in special:
                     first[i, 0] = torch.randint(0, vocab, (1,), generator=generator)
-            rows.append(_sample(model, first.to(device), seq_len, generator, temperature, bar).cpu())
-    return CalibrationSet(torch.cat(rows), source=f"self-sampled(t={temperature})")
+            prompt = with_bos(first, bos).to(device)
+            rows.append(_sample(model, prompt, seq_len, generator, temperature, bar).cpu())
+    return CalibrationSet(torch.cat(rows), source=f"self-sampled(t={temperature})", bos=bos is not None)
 
 
 def _sample(model, ids: torch.Tensor, seq_len: int, generator: torch.Generator, temperature: float,

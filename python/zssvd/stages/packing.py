@@ -2,9 +2,10 @@
 
 A factorised matrix becomes a ``PackedLowRankLinear`` holding U_k sqrt(Sigma_k) and
 Z_k sqrt(Sigma_k) (= (sqrt(Sigma_k) V_k^T S^{-1})^T), in the storage the budget paid for:
-the model's own float dtype for ``dense``, remap-packed 8/16-bit for ``remap``, fp8 for ``hq``.
-A matrix the selection keeps dense stays the original ``nn.Linear`` -- or, in ``hq`` mode,
-becomes a ``PackedDenseLinear`` in fp8.
+the model's own float dtype for ``dense``, remap-packed 8/16-bit for ``remap``, fp8 for ``hq``,
+4-bit groups for ``int4``. A matrix the selection keeps dense stays the original ``nn.Linear`` --
+or, in ``hq`` and ``int4`` mode, becomes a ``PackedDenseLinear`` in fp8 / int4 (round-to-nearest
+of the original weight, in groups of the selection's ``group_size``).
 """
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from torch import nn
 
 from .decompose import Factors
 from ..io.models import TargetSet
-from ..nn import PackedDenseLinear, PackedLowRankLinear, storage_for_dtype
+from ..nn import STORAGES, PackedDenseLinear, PackedLowRankLinear, storage_for_dtype
 from .selection import Selection
 
-MODULE_STORAGE = {"remap": "remap", "hq": "fp8"}  # "dense" uses the model's dtype
+MODULE_STORAGE = {"remap": "remap", "hq": "fp8", "int4": "int4"}  # "dense" uses the model's dtype
+DENSE_STORAGE = {"hq": "fp8", "int4": "int4"}  # matrices kept dense; the other modes keep the nn.Linear
 
 
 def module_storage(storage: str, model_dtype: torch.dtype) -> str:
@@ -31,17 +33,17 @@ def pack_model(model: nn.Module, targets: TargetSet, truncated: dict[str, Factor
     model is still needed.
     """
     manifest = {}
+    options = _options(selection)
     for target in targets:
         linear = target.module
         weight, bias = linear.weight, linear.bias
         if selection.dense[target.name]:
-            if selection.storage != "hq":
+            if selection.storage not in DENSE_STORAGE:
                 continue  # the original Linear stays
-            new = PackedDenseLinear.from_weight(weight.float(), bias)
+            new = PackedDenseLinear.from_weight(weight.float(), bias, DENSE_STORAGE[selection.storage], **options)
         else:
             U, V = truncated[target.name].to(device=weight.device).balanced_factors()  # pack where it will run
-            new = PackedLowRankLinear.from_factors(U.float(), V.float(), bias,
-                                                   storage=module_storage(selection.storage, weight.dtype))
+            new = pack_lowrank(U.float(), V.float(), bias, module_storage(selection.storage, weight.dtype), options)
         new.to(weight.device)
         model.set_submodule(target.name, new)
         # The replaced Linear gives up its weight at once (references to the module, e.g. in a TargetSet,
@@ -49,6 +51,19 @@ def pack_model(model: nn.Module, targets: TargetSet, truncated: dict[str, Factor
         linear.weight = nn.Parameter(weight.new_empty(0), requires_grad=False)
         manifest[target.name] = new.describe()
     return manifest
+
+
+def _options(selection: Selection) -> dict:
+    """Keyword options of the storage's packers: int4's group size."""
+    return {"group_size": selection.group_size} if selection.storage == "int4" else {}
+
+
+def pack_lowrank(U: torch.Tensor, V: torch.Tensor, bias, storage: str, options: dict) -> PackedLowRankLinear:
+    """W ~= U V^T as a ``PackedLowRankLinear`` in ``storage``, with the packer's ``options`` (int4: group_size)."""
+    if not options:
+        return PackedLowRankLinear.from_factors(U, V, bias, storage=storage)
+    tensors = STORAGES[storage].pack(U, V, **options)  # the packer checks shapes and values
+    return PackedLowRankLinear(V.shape[0], U.shape[0], U.shape[1], storage, tensors, bias)
 
 
 def unpack_model(model: nn.Module) -> nn.Module:

@@ -15,14 +15,29 @@ Components leave the model one at a time until the stored size meets the budget:
 
 With ``ordered=True`` (the default and the paper's rule) a matrix gives up its components
 strictly from the smallest singular value upward: only each matrix's current tail is a
-candidate. ``ordered=False`` lets any component of any matrix go at any time.
+candidate. ``ordered=False`` lets any component of any matrix go at any time. With a
+``rank_multiple`` g > 1 (ordered only) a matrix of rank >= 8g gives up its tail in blocks that
+leave its rank a multiple of g, each block one candidate scored by its summed dL (aligned ranks for
+kernels; it costs some quality, so the default is g = 1: bench/RESULTS.md, "Rank multiples").
 
 Storage accounting, in 16-bit-parameter units, for a matrix m x n keeping k components:
 
 * ``dense``: min(mn, k(m+n)) -- a factor pair pays off only below r* = mn/(m+n); above it
   the original matrix is kept dense;
 * ``remap``: k max(m, n) -- both factors' overlapping part in 8 bits, two to a 16-bit slot;
-* ``hq``: half of dense's cost -- every stored parameter in 8 bits (fp8).
+* ``hq``: half of dense's cost -- every stored parameter in 8 bits (fp8);
+* ``int4``: every stored matrix in 4 bits, asymmetric round-to-nearest in groups of g values
+  along the dimension its product reduces over, with a float16 scale and a float16 zero point
+  (the group's minimum) per group (``zskernels.formats.int4``). A rows x K matrix costs its exact
+  bytes / 2: rows (Kp/2 + 4 Kp/g) + 8 bytes, Kp = K rounded up to a multiple of g (the padding is
+  stored), i.e. rows K b/16 16-bit units with b = 4 + 32/g bits per weight (4.5 for g = 64) when
+  g divides K. A factor pair stores V^T (k x n, groups along n) and U (m x k, groups along k), so a
+  rank below g still pays a whole group per row of U; a matrix kept dense is the int4
+  round-to-nearest of the original weight. Plain int4 round-to-nearest (nothing factorised) costs
+  b/16 (0.28125 for g = 64, for dimensions that g divides) plus the 8-byte headers, so the ratios
+  accepted go up to b/16 + 1e-4 (``--ratio 0.2813`` gives round-to-nearest on SmolLM2); below it
+  components leave by the chosen rule, and a matrix is stored as factors once they cost less than
+  its dense int4 form (the headers make ratio b/16 itself factorise a matrix or two).
 
 The budget is ``ratio x`` the targets' dense parameters; the result is the first point where
 the stored size is at or below it, so the achieved ratio never exceeds the target and falls
@@ -36,7 +51,11 @@ from dataclasses import dataclass, field
 import torch
 
 STRATEGIES = ("zero-sum", "zero-sum-2nd", "uniform", "most-negative", "abs-dl", "sigma")
-STORAGES = ("dense", "remap", "hq")
+STORAGES = ("dense", "remap", "hq", "int4")
+DEFAULT_GROUP_SIZE = 64  # int4: values per scale / zero point (a CompressionConfig field)
+# Above b/16, int4 accepts ratios this much larger: plain round-to-nearest costs b/16 plus each matrix's
+# 8-byte header (the true K), 8e-6 of SmolLM2's targets, so ``--ratio 0.2813`` (g = 64) gives it exactly.
+INT4_HEADER_SLACK = 1e-4
 
 
 class RatioError(ValueError):
@@ -58,8 +77,33 @@ class MatrixSpec:
         return self.out_features * self.in_features
 
 
-def storage_cost(storage: str, m: int, n: int, k: int) -> float:
-    """Stored size, in 16-bit parameters, of an m x n matrix that keeps k components."""
+def int4_bits(group_size: int) -> float:
+    """Bits per int4 weight with group size g, its scale and zero point included (4 + 32/g); a
+    ValueError naming the rule for a group size the format does not take."""
+    from zskernels.formats.int4 import int4_bits_per_weight  # on first use: zssvd imports no zskernels
+
+    return float(int4_bits_per_weight(group_size))
+
+
+def int4_matrix_cost(rows: int, K: int, group_size: int) -> float:
+    """16-bit parameters of a rows x K matrix in int4 with groups of ``group_size`` along K: its exact bytes / 2."""
+    from zskernels.formats.int4 import int4_nbytes_for_shape
+
+    return int4_nbytes_for_shape(rows, K, group_size) / 2
+
+
+def _int4_lowrank_cost(m: int, n: int, k: int, group_size: int) -> float:
+    """V^T (k x n) grouped along n, U (m x k) grouped along k: the layout of ``pack_int4_lowrank``."""
+    return int4_matrix_cost(k, n, group_size) + int4_matrix_cost(m, k, group_size)
+
+
+def storage_cost(storage: str, m: int, n: int, k: int, group_size: int = DEFAULT_GROUP_SIZE) -> float:
+    """Stored size, in 16-bit parameters, of an m x n matrix that keeps k components.
+
+    ``group_size`` matters for ``int4`` only.
+    """
+    if storage == "int4":
+        return min(int4_matrix_cost(m, n, group_size), _int4_lowrank_cost(m, n, k, group_size))
     if storage == "dense":
         return float(min(m * n, k * (m + n)))
     if storage == "remap":
@@ -69,8 +113,10 @@ def storage_cost(storage: str, m: int, n: int, k: int) -> float:
     raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
 
 
-def stays_dense(storage: str, m: int, n: int, k: int) -> bool:
+def stays_dense(storage: str, m: int, n: int, k: int, group_size: int = DEFAULT_GROUP_SIZE) -> bool:
     """Whether a matrix keeping k components is cheaper (or no dearer) stored as a full matrix."""
+    if storage == "int4":
+        return _int4_lowrank_cost(m, n, k, group_size) >= int4_matrix_cost(m, n, group_size)
     if storage == "remap":
         return k >= min(m, n)
     return k * (m + n) >= m * n
@@ -89,14 +135,15 @@ class Selection:
     achieved_ratio: float
     running_sum: list[float] = field(default_factory=list)  # s after each removal (zero-sum and others)
     removed: list[tuple[str, int]] = field(default_factory=list)  # in removal order
+    group_size: int = DEFAULT_GROUP_SIZE  # int4: values per scale and zero point
 
     @property
     def ranks(self) -> dict[str, int]:
         return {name: int(idx.numel()) for name, idx in self.keep.items()}
 
 
-def check_ratio_range(ratio: float, storage: str) -> None:
-    """The checks that need no model: 0 < ratio < 1, a known storage, hq at most 0.5."""
+def check_ratio_range(ratio: float, storage: str, group_size: int = DEFAULT_GROUP_SIZE) -> None:
+    """The checks that need no model: 0 < ratio < 1, a known storage, hq at most 0.5, int4 at most b/16."""
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
     if not 0.0 < ratio < 1.0:
@@ -105,13 +152,22 @@ def check_ratio_range(ratio: float, storage: str) -> None:
     if storage == "hq" and ratio > 0.5:
         raise RatioError(f"hq storage keeps every parameter in 8 bits, so even uncompressed ranks reach ratio "
                          f"0.5; for ratio {ratio} use --storage remap or --storage dense")
+    if storage == "int4":
+        ceiling = int4_bits(group_size) / 16
+        if ratio > ceiling + INT4_HEADER_SLACK:
+            raise RatioError(f"int4 storage with group size {group_size} keeps every weight in "
+                             f"{int4_bits(group_size):g} bits (scales and zero points included), so it reaches at "
+                             f"most ratio {ceiling:.5f} (plain round-to-nearest, plus an 8-byte header per matrix); "
+                             f"for ratio {ratio} use --storage hq (<= 0.5), remap or dense, or a smaller --group-size")
 
 
-def check_ratio(specs: list[MatrixSpec], ratio: float, storage: str, min_rank: int = 1) -> None:
+def check_ratio(specs: list[MatrixSpec], ratio: float, storage: str, min_rank: int = 1,
+                group_size: int = DEFAULT_GROUP_SIZE) -> None:
     """Raise a RatioError naming the reachable range when ``ratio`` cannot be met."""
-    check_ratio_range(ratio, storage)
+    check_ratio_range(ratio, storage, group_size)
     total = sum(s.params for s in specs)
-    floor = sum(storage_cost(storage, s.out_features, s.in_features, min(min_rank, s.rank)) for s in specs) / total
+    floor = sum(storage_cost(storage, s.out_features, s.in_features, min(min_rank, s.rank), group_size)
+                for s in specs) / total
     if ratio < floor:
         raise RatioError(f"ratio {ratio} is below the smallest reachable with {storage} storage "
                          f"({floor:.4f}, every matrix at rank {min_rank}); choose a larger ratio")
@@ -119,28 +175,60 @@ def check_ratio(specs: list[MatrixSpec], ratio: float, storage: str, min_rank: i
 
 def select(specs: list[MatrixSpec], scores: dict[str, torch.Tensor], sigmas: dict[str, torch.Tensor], *,
            ratio: float, storage: str = "dense", strategy: str = "zero-sum", ordered: bool = True,
-           min_rank: int = 1, curvature: dict[str, torch.Tensor] | None = None) -> Selection:
+           min_rank: int = 1, curvature: dict[str, torch.Tensor] | None = None,
+           group_size: int = DEFAULT_GROUP_SIZE, rank_multiple: int = 1) -> Selection:
     """Choose kept components for every matrix so that the stored size meets ``ratio``.
 
-    ``curvature`` (second-order terms, per component) is required by ``zero-sum-2nd``.
+    ``curvature`` (second-order terms, per component) is required by ``zero-sum-2nd``;
+    ``group_size`` is int4's (values per scale and zero point); ``rank_multiple``: factorised
+    matrices (of rank >= 8x it, with ``ordered``) keep a multiple of it (``rank_step``).
     """
+    if not isinstance(rank_multiple, int) or rank_multiple < 1:
+        raise ValueError(f"rank_multiple must be a positive integer, got {rank_multiple!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    check_ratio(specs, ratio, storage, min_rank)
+    check_ratio(specs, ratio, storage, min_rank, group_size)
+    cost = _Cost(storage, group_size)
     if strategy == "zero-sum-2nd":
         if curvature is None:
             raise ValueError("strategy zero-sum-2nd needs the second-order terms (zssvd.stages.curvature)")
         scores = {name: scores[name].double() + curvature[name].double() for name in scores}
     if strategy == "uniform":
-        kept = {s.name: _uniform_rank(s, ratio, storage) for s in specs}
-        return _finish(specs, kept, None, storage, strategy, ordered, ratio, [], [])
-    return _greedy(specs, scores, sigmas, ratio, storage, strategy, ordered, min_rank)
+        kept = {s.name: _round_down(_uniform_rank(s, ratio, cost), s, rank_multiple) for s in specs}
+        return _finish(specs, kept, None, storage, strategy, ordered, ratio, [], [], group_size)
+    return _greedy(specs, scores, sigmas, ratio, cost, strategy, ordered, min_rank, rank_multiple)
 
 
-def _uniform_rank(spec: MatrixSpec, ratio: float, storage: str) -> int:
+def _round_down(k: int, spec: MatrixSpec, rank_multiple: int) -> int:
+    """A factorised rank rounded down to the matrix's step (a full rank stays: the matrix stays dense)."""
+    return k if k >= spec.rank else k - k % rank_step(spec, rank_multiple)
+
+
+@dataclass(frozen=True)
+class _Cost:
+    """One storage's accounting (with int4's group size): ``cost(m, n, k)``, ``dense(m, n, k)``."""
+
+    storage: str
+    group_size: int
+
+    def __call__(self, m: int, n: int, k: int) -> float:
+        return storage_cost(self.storage, m, n, k, self.group_size)
+
+    def dense(self, m: int, n: int, k: int) -> bool:
+        return stays_dense(self.storage, m, n, k, self.group_size)
+
+
+def _uniform_rank(spec: MatrixSpec, ratio: float, cost: _Cost) -> int:
     """The largest k whose storage is at most ``ratio`` of the matrix's (SVD-LLM's rule for dense)."""
     m, n = spec.out_features, spec.in_features
     limit = ratio * m * n
+    storage = cost.storage
+    if storage == "int4":  # the cost grows with k: the largest k within the limit, by bisection
+        low, high = 0, spec.rank
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if cost(m, n, mid) <= limit else (low, mid - 1)
+        return low
     if storage == "dense":
         k = int(limit // (m + n))
     elif storage == "remap":
@@ -150,7 +238,14 @@ def _uniform_rank(spec: MatrixSpec, ratio: float, storage: str) -> int:
     return max(0, min(k, spec.rank))
 
 
-def _greedy(specs, scores, sigmas, ratio, storage, strategy, ordered, min_rank) -> Selection:
+def rank_step(spec: MatrixSpec, rank_multiple: int) -> int:
+    """Components one removal takes from this matrix: ``rank_multiple``, for matrices with at least 8
+    such blocks (the kernels' tiles and int8pack's K want ranks in multiples of 16); 1 otherwise."""
+    return rank_multiple if spec.rank >= 8 * rank_multiple else 1
+
+
+def _greedy(specs, scores, sigmas, ratio, cost_of: _Cost, strategy, ordered, min_rank,
+            rank_multiple: int = 1) -> Selection:
     total = sum(s.params for s in specs)
     budget = ratio * total
     dl = [scores[s.name].double().tolist() for s in specs]
@@ -159,11 +254,24 @@ def _greedy(specs, scores, sigmas, ratio, storage, strategy, ordered, min_rank) 
         if len(values) != s.rank:
             raise ValueError(f"{s.name}: {len(values)} scores for a rank-{s.rank} matrix")
     kept = [s.rank for s in specs]
-    cost = sum(storage_cost(storage, s.out_features, s.in_features, s.rank) for s in specs)
-    pools = _Pools(strategy, dl, sg)
+    # Ordered removal takes each matrix's tail in blocks that leave its rank a multiple of its step.
+    steps = [rank_step(s, rank_multiple) if ordered else 1 for s in specs]
+
+    def block(i: int) -> range:  # the components matrix i gives up next (ordered: its tail)
+        return range(((kept[i] - 1) // steps[i]) * steps[i], kept[i])
+
+    def push_tail(i: int) -> None:
+        tail = block(i)
+        pools.push(i, tail.stop - 1, sum(dl[i][j] for j in tail), sg[i][tail.start])
+
+    cost = sum(cost_of(s.out_features, s.in_features, s.rank) for s in specs)
+    pools = _Pools(strategy)
     for i, s in enumerate(specs):
-        for j in ([s.rank - 1] if ordered else range(s.rank)):
-            pools.push(i, j)
+        if ordered:
+            push_tail(i)
+        else:
+            for j in range(s.rank):
+                pools.push(i, j, dl[i][j], sg[i][j])
     running, trace, removed = 0.0, [], []
     # The rule stops at the first point at or below the budget (tiny slack for float sums).
     while cost > budget * (1 + 1e-12):
@@ -172,34 +280,34 @@ def _greedy(specs, scores, sigmas, ratio, storage, strategy, ordered, min_rank) 
             raise RatioError(f"ran out of components before reaching ratio {ratio} (min rank {min_rank})")
         i, j = entry
         s = specs[i]
-        if kept[i] <= min_rank:
+        gone = block(i) if ordered else range(j, j + 1)
+        if kept[i] - len(gone) < min_rank:
             continue  # this matrix is exhausted; discard its candidate
         m, n = s.out_features, s.in_features
-        cost += storage_cost(storage, m, n, kept[i] - 1) - storage_cost(storage, m, n, kept[i])
-        kept[i] -= 1
-        running += dl[i][j]
+        cost += cost_of(m, n, kept[i] - len(gone)) - cost_of(m, n, kept[i])
+        kept[i] -= len(gone)
+        running += sum(dl[i][g] for g in gone)
         trace.append(running)
-        removed.append((s.name, j))
+        removed.extend((s.name, g) for g in reversed(gone))
         if ordered and kept[i] > min_rank:
-            pools.push(i, j - 1)
+            push_tail(i)
     gone: dict[str, set[int]] = {}
     for name, j in removed:
         gone.setdefault(name, set()).add(j)
     keep_sets = {s.name: [j for j in range(s.rank) if j not in gone.get(s.name, ())] for s in specs}
-    return _finish(specs, {k: len(v) for k, v in keep_sets.items()}, keep_sets, storage, strategy, ordered,
-                   ratio, trace, removed)
+    return _finish(specs, {k: len(v) for k, v in keep_sets.items()}, keep_sets, cost_of.storage, strategy, ordered,
+                   ratio, trace, removed, cost_of.group_size)
 
 
 class _Pools:
     """The candidate heaps of one strategy, with deterministic tie-breaking by position."""
 
-    def __init__(self, strategy: str, dl: list[list[float]], sigma: list[list[float]]):
-        self.dl, self.sigma = dl, sigma
+    def __init__(self, strategy: str):
         self.strategy = "zero-sum" if strategy == "zero-sum-2nd" else strategy  # same rule, other scores
         self.heaps: tuple[list, ...] = ([], []) if self.strategy == "zero-sum" else ([],)
 
-    def push(self, i: int, j: int) -> None:
-        d = self.dl[i][j]
+    def push(self, i: int, j: int, d: float, sigma: float) -> None:
+        """Candidate (matrix i, component j) with score d (a block's: the sum) and singular value sigma."""
         if self.strategy == "zero-sum":
             heapq.heappush(self.heaps[0 if d >= 0 else 1], (abs(d), i, j))
         elif self.strategy == "most-negative":
@@ -207,7 +315,7 @@ class _Pools:
         elif self.strategy == "abs-dl":
             heapq.heappush(self.heaps[0], (abs(d), i, j))
         else:  # sigma
-            heapq.heappush(self.heaps[0], (self.sigma[i][j], i, j))
+            heapq.heappush(self.heaps[0], (sigma, i, j))
 
     def pop(self, running: float):
         if self.strategy == "zero-sum":
@@ -222,15 +330,17 @@ class _Pools:
         return i, j
 
 
-def _finish(specs, kept_counts, keep_sets, storage, strategy, ordered, ratio, trace, removed) -> Selection:
-    keep, dense, cost = {}, {}, 0.0
+def _finish(specs, kept_counts, keep_sets, storage, strategy, ordered, ratio, trace, removed,
+            group_size: int = DEFAULT_GROUP_SIZE) -> Selection:
+    keep, dense, cost, cost_of = {}, {}, 0.0, _Cost(storage, group_size)
     for s in specs:
         k = kept_counts[s.name]
         m, n = s.out_features, s.in_features
         indices = keep_sets[s.name] if keep_sets is not None else list(range(k))
         keep[s.name] = torch.tensor(indices, dtype=torch.long)
-        dense[s.name] = stays_dense(storage, m, n, k)
-        cost += storage_cost(storage, m, n, k)
+        dense[s.name] = cost_of.dense(m, n, k)
+        cost += cost_of(m, n, k)
     achieved = cost / sum(s.params for s in specs)
-    return Selection(storage=storage, strategy=strategy, ordered=ordered, target_ratio=ratio, keep=keep,
-                     dense=dense, achieved_ratio=achieved, running_sum=trace, removed=removed)
+    return Selection(storage=cost_of.storage, strategy=strategy, ordered=ordered, target_ratio=ratio, keep=keep,
+                     dense=dense, achieved_ratio=achieved, running_sum=trace, removed=removed,
+                     group_size=cost_of.group_size)

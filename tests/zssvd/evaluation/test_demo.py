@@ -38,10 +38,10 @@ def test_demo_summary_on_a_tiny_model(tmp_path, capsys):
     check_sides(summary)
     assert "held out" in summary["evaluation"] and "first half" in summary["calibration"]
     assert (tmp_path / "out" / "report.json").is_file()
-    for stage in ("load", "calibration_data", "compress", "save", "reload", "dense_perplexity",
-                  "compressed_speed"):
+    for stage in ("load", "calibration_data", "compress", "save", "reload", "dense_perplexity", "speed"):
         assert summary["seconds"][stage] >= 0 and summary["cpu_seconds"][stage] >= 0
     assert summary["seconds"]["total"] >= sum(summary["seconds"][s] for s in ("compress", "save", "reload"))
+    assert "interleaved" in summary["speed_setup"]  # dense and compressed timed side by side, one dtype
 
 
 def test_demo_options_pick_another_configuration(tmp_path, capsys):

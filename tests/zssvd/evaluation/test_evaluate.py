@@ -66,3 +66,27 @@ def test_default_window_checks_an_explicit_request():
     assert default_seq_len(model) == 128 and default_seq_len(model, 64) == 64
     with pytest.raises(ValueError, match="seq_len must be an integer >= 2, got 0"):
         default_seq_len(model, 0)
+
+
+def test_windows_start_with_bos_when_the_tokenizer_adds_one():
+    from tiny_models import english_text, tiny_tokenizer
+    from zssvd.stages.calibration import bos_token_id, tokenize_stream
+
+    model = tiny_model("llama")
+    tokenizer = tiny_tokenizer(bos=True)
+    bos = bos_token_id(tokenizer)
+    assert bos == tokenizer.bos_token_id == 95
+    ids = tokenize_stream(tokenizer, english_text(40, seed=2))
+    assert bos not in ids.tolist()  # the stream itself carries no BOS; windows get it
+    result = perplexity(model, ids, seq_len=32, max_windows=3, bos_id=bos)
+    assert result["bos"] and result["windows"] == 3 and result["tokens"] == 3 * 31
+    total = 0.0
+    with torch.no_grad():
+        for w in range(3):  # each window: BOS + the next 31 text tokens; BOS is never a target
+            window = torch.cat([torch.tensor([bos]), ids[w * 31:(w + 1) * 31]])
+            logp = torch.log_softmax(model(window[None]).logits[0].double(), dim=-1)
+            total -= sum(logp[t, window[t + 1]].item() for t in range(31))
+    assert result["perplexity"] == pytest.approx(math.exp(total / 93), rel=1e-5)
+    without = perplexity(model, ids, seq_len=32, max_windows=3)
+    assert not without["bos"] and without["perplexity"] != pytest.approx(result["perplexity"], rel=1e-6)
+    assert bos_token_id(tiny_tokenizer()) is None

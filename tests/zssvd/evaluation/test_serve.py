@@ -116,6 +116,16 @@ def test_generate_and_bench_serve_commands(trained, tmp_path, capsys):
     assert all(r["decode_vs_dense"] > 0 and r["prefill_vs_dense"] > 0 for r in rows)
     assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
 
+    # Several checkpoints of one model, side by side with one dense original, all interleaved.
+    out, report = zssvd.compress(copy.deepcopy(model), calib, CompressionConfig(ratio=0.4, storage="hq"),
+                                 analysis=analysis)
+    zssvd.save_compressed(out, tmp_path / "hq", tokenizer=tiny_tokenizer(), report=report)
+    assert main(["bench-serve", str(tmp_path / "ckpt"), str(tmp_path / "hq"), "--batch", "1", "--prompt-len", "8",
+                 "--new-tokens", "4", "--repeats", "1", "--dense", "random", "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "| compressed | dense 0.6 (ckpt) |" in table and "| compressed | hq 0.4 (hq) |" in table
+    assert "| dense (random weights, same shapes) |" in table
+
 
 def test_decode_rate_is_nan_with_a_warning_when_timing_noise_hides_it():
     from zssvd.evaluation.serve import _decode_rate

@@ -20,8 +20,10 @@ from zssvd.nn import describe_packed
 from zssvd.pipeline import AnalysisOptions
 from zssvd.stages.calibration import CalibrationSet
 
-STORAGES = ("dense", "remap", "hq")
-RATIOS = {"dense": 0.6, "remap": 0.6, "hq": 0.4}  # hq stores at most half the 16-bit size
+STORAGES = ("dense", "remap", "hq", "int4")
+RATIOS = {"dense": 0.6, "remap": 0.6, "hq": 0.4, "int4": 0.3}  # hq stores at most half the 16-bit size
+# int4: groups of 16 (the tiny models' 32-wide rows hold two; g = 64 would pad each row to 64), ratio <= 0.375
+OPTIONS = {"int4": {"group_size": 16}}
 _CACHE = {}
 
 
@@ -31,7 +33,8 @@ def compress_tiny(arch="llama", storage="dense", dtype=torch.float32, model=None
     if model is not None or key not in _CACHE:
         source = model if model is not None else tiny_model(arch, dtype=dtype)
         calib = CalibrationSet(random_windows(4, 16, seed=3), "random")
-        result = zssvd.compress(source, calib, CompressionConfig(ratio=RATIOS[storage], storage=storage),
+        result = zssvd.compress(source, calib, CompressionConfig(ratio=RATIOS[storage], storage=storage,
+                                                                 **OPTIONS.get(storage, {})),
                                 options=AnalysisOptions(score_backend="torch"))
         if model is not None:
             return result

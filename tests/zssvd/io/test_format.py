@@ -19,9 +19,9 @@ def test_config_is_the_source_architecture_with_a_quantization_config(storage, t
     assert {k: block[k] for k in ("quant_method", "format_version", "dtype")} == {
         "quant_method": "zssvd", "format_version": 2, "dtype": "bfloat16"}
     assert set(block["modules"]) == {name for name in report["ranks"] if name not in report["kept_dense"]
-                                     or storage == "hq"}
+                                     or storage in ("hq", "int4")}
     for desc in block["modules"].values():
-        expected = {"dense": "bf16", "remap": "remap", "hq": "fp8"}[storage]
+        expected = {"dense": "bf16", "remap": "remap", "hq": "fp8", "int4": "int4"}[storage]
         assert desc["storage"] == expected and desc["kind"] in ("lowrank", "dense")
     assert not list(tmp_path.glob("*.py"))  # no remote code
 

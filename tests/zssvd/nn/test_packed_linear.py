@@ -6,7 +6,7 @@ from torch import nn
 from zssvd.nn import (LOWRANK_STORAGES, STORAGES, LowRankStorage, PackedDenseLinear, PackedLowRankLinear,
                       describe_packed, module_from_description, register_storage)
 
-TOLERANCE = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 2e-2, "remap": 5e-2, "fp8": 1e-1}
+TOLERANCE = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 2e-2, "remap": 5e-2, "fp8": 1e-1, "int4": 2e-1}
 
 
 def _factors(rng, out=24, inp=40, rank=6):
@@ -82,3 +82,33 @@ def test_describe_packed_lists_every_packed_module(rng):
     manifest = describe_packed(model)
     assert list(manifest) == ["1", "2"]
     assert manifest["1"]["kind"] == "lowrank" and manifest["2"]["kind"] == "dense"
+
+
+@pytest.mark.parametrize("storage, options", [("fp8", {}), ("int4", {"group_size": 32}), ("int4", {})])
+def test_dense_storages_compute_with_the_weight_they_store(storage, options, rng):
+    weight, bias = torch.randn(24, 80, generator=rng), torch.randn(24, generator=rng)
+    module = PackedDenseLinear.from_weight(weight, bias, storage=storage, **options)
+    x = torch.randn(3, 80, generator=rng)
+    y = module(x, backend="torch")
+    torch.testing.assert_close(y, x @ module.dense_weight().T + bias, rtol=1e-4, atol=1e-4)
+    assert (module.dense_weight() - weight).abs().max() <= 0.1 * weight.abs().max()  # 4 bits: 1/30 of a range
+    desc = module.describe()
+    assert desc["storage"] == storage and desc["nbytes"] == module.nbytes()
+    empty = module_from_description(desc)
+    assert empty.describe() == desc
+    empty.load_state_dict(module.state_dict())
+    torch.testing.assert_close(empty(x, backend="torch"), y, rtol=0, atol=0)
+
+
+def test_int4_dense_bytes_are_the_formats_and_its_group_size_is_in_the_shapes(rng):
+    from zskernels.formats.int4 import check_int4, int4_nbytes_for_shape
+
+    module = PackedDenseLinear.from_weight(torch.randn(24, 80, generator=rng), storage="int4", group_size=32)
+    assert module.nbytes() == int4_nbytes_for_shape(24, 80, 32)  # 80 -> 96 padded: 3 groups per row
+    assert check_int4(module.kernel_tensors())[2] == 32  # a checkpoint's shapes give the group size back
+    assert module.weight_in_features.item() == 80 and module.in_features == 80
+
+
+def test_unknown_dense_storage_is_refused():
+    with pytest.raises(ValueError, match="storage must be one of"):
+        PackedDenseLinear.from_weight(torch.ones(4, 4), storage="int3")

@@ -83,3 +83,34 @@ def test_contiguous_windows_are_the_first_tokens_in_order():
     assert torch.equal(windows, torch.arange(30).view(3, 10))
     with pytest.raises(ValueError, match="enough for 10 windows of 10, but 11 were asked"):
         calibration.sample_windows(ids, 11, 10, seed=0, what="stream", contiguous=True)
+
+
+def test_calibration_windows_start_with_bos_only_when_the_tokenizer_adds_one(tmp_path):
+    from tiny_models import english_text, tiny_tokenizer
+    path = tmp_path / "calib.txt"
+    path.write_text(english_text(300, seed=5))
+    with_bos, plain = tiny_tokenizer(bos=True), tiny_tokenizer()
+    calib = calibration.from_files(with_bos, [path], num_samples=4, seq_len=20, seed=1)
+    assert calib.bos and calib.input_ids.shape == (4, 20)
+    assert (calib.input_ids[:, 0] == 95).all() and not (calib.input_ids[:, 1:] == 95).any()
+    stream = calibration.tokenize_stream(with_bos, path.read_text())
+    chunks = {tuple(stream[s:s + 19].tolist()) for s in range(0, stream.numel() - 18, 19)}
+    assert all(tuple(w[1:].tolist()) in chunks for w in calib.input_ids)  # aligned 19-token text chunks
+    no_bos = calibration.from_files(plain, [path], num_samples=4, seq_len=20, seed=1)
+    assert not no_bos.bos and no_bos.input_ids.shape == (4, 20) and 95 not in no_bos.input_ids.tolist()
+    sampled = calibration.from_model(tiny_model(), with_bos, num_samples=2, seq_len=8, seed=1)
+    assert sampled.bos and (sampled.input_ids[:, 0] == 95).all() and sampled.input_ids.shape == (2, 8)
+
+
+def test_bos_from_the_chat_template_only_when_it_names_bos_token():
+    from tiny_models import tiny_tokenizer
+    tokenizer = tiny_tokenizer(bos=True)
+    tokenizer.add_bos_token = False  # encodings no longer carry BOS: only the template can say so
+    assert tokenizer("ab")["input_ids"][0] != 95
+    tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert calibration.bos_token_id(tokenizer) == 95
+    # SmolLM2-style: the template's text begins with the bos_token's text as a role marker
+    tokenizer.chat_template = "{% for m in messages %}{{ '<s>' + m['content'] }}{% endfor %}"
+    assert calibration.bos_token_id(tokenizer) is None
+    tokenizer.chat_template = "{{ bos_token }}{{ raise_exception('needs a system turn') }}"
+    assert calibration.bos_token_id(tokenizer) is None

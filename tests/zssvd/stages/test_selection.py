@@ -7,9 +7,9 @@ from zssvd.stages.selection import STRATEGIES, MatrixSpec, RatioError, select, s
 SHAPES = [(192, 128), (128, 192), (160, 160), (320, 96), (96, 96), (240, 144)]
 
 
-def _problem(seed=0):
+def _problem(seed=0, shapes=SHAPES):
     g = torch.Generator().manual_seed(seed)
-    specs = [MatrixSpec(f"m{i}", m, n) for i, (m, n) in enumerate(SHAPES)]
+    specs = [MatrixSpec(f"m{i}", m, n) for i, (m, n) in enumerate(shapes)]
     scores = {s.name: torch.randn(s.rank, generator=g, dtype=torch.float64) * 1e-3 for s in specs}
     sigmas = {s.name: torch.rand(s.rank, generator=g, dtype=torch.float64).sort(descending=True).values
               for s in specs}
@@ -124,4 +124,34 @@ def test_unknown_strategy_and_storage():
     with pytest.raises(ValueError, match="strategy must be one of"):
         select(specs, scores, sigmas, ratio=0.5, strategy="greedy")
     with pytest.raises(ValueError, match="storage must be one of"):
-        select(specs, scores, sigmas, ratio=0.5, storage="int4")
+        select(specs, scores, sigmas, ratio=0.5, storage="int2")
+
+
+@pytest.mark.parametrize("strategy", ["zero-sum", "zero-sum-2nd", "uniform", "sigma"])
+@pytest.mark.parametrize("storage", ["remap", "hq"])
+def test_rank_multiple_keeps_factorised_ranks_in_blocks(storage, strategy):
+    """With rank_multiple 16, a matrix of rank >= 128 that is factorised keeps a multiple of 16 components
+    (its smallest ones leave first, in blocks); smaller matrices keep any rank; the budget still holds."""
+    specs, scores, sigmas = _problem(2)
+    ratio = 0.3 if storage == "hq" else 0.5
+    curvature = {n: v.abs() * 0.5 for n, v in scores.items()}
+    sel = select(specs, scores, sigmas, ratio=ratio, storage=storage, strategy=strategy, rank_multiple=16,
+                 curvature=curvature)
+    assert sel.achieved_ratio <= ratio + 1e-12 and ratio - sel.achieved_ratio < 0.05
+    for s in specs:
+        k = sel.ranks[s.name]
+        assert sel.keep[s.name].tolist() == list(range(k))  # still the largest sigmas
+        if s.rank >= 128 and not sel.dense[s.name]:
+            assert k % 16 == 0, (s, k)
+
+
+def test_rank_multiple_block_scores_are_the_sums_of_their_components():
+    """A block leaves as one candidate scored by its summed dL: a block whose components cancel goes first."""
+    specs = [MatrixSpec("a", 128, 128), MatrixSpec("b", 128, 128)]
+    scores = {"a": torch.full((128,), 1e-3, dtype=torch.float64), "b": torch.zeros(128, dtype=torch.float64)}
+    scores["b"][-16:] = torch.tensor([5e-3, -5e-3] * 8, dtype=torch.float64)  # large, but summing to zero
+    sigmas = {n: torch.linspace(1, 0.1, 128, dtype=torch.float64) for n in scores}
+    sel = select(specs, scores, sigmas, ratio=0.9, storage="remap", rank_multiple=16)
+    assert sel.removed[:16] == [("b", j) for j in range(127, 111, -1)]
+    with pytest.raises(ValueError, match="rank_multiple"):
+        select(specs, scores, sigmas, ratio=0.9, storage="remap", rank_multiple=0)

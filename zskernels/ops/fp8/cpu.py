@@ -12,30 +12,54 @@ the accuracy this costs is measured in tests/zskernels/test_cpu_paths.py and zsk
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from ... import _cpu
+from .naive import check_call
 
 Tensor = torch.Tensor
 
 
-def _finish(y: Tensor, x: Tensor, bias: Optional[Tensor]) -> Tensor:
-    if bias is not None:
-        y = y + _cpu.as_dtype(bias, y.dtype)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+class _Plan(NamedTuple):
+    in_features: int
+    first: _cpu.Int8Rows             # (a) the weight; (b) stage 1's vt with v_scale
+    second: Optional[_cpu.Int8Rows]  # (b) stage 2's u, re-encoded per row (None for (a))
+    u_scale: Optional[Tensor]        # (b) stage 2's per-component scale, in x's dtype
+    out_features: int
+
+
+def _plan(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor], form: str, op: str) -> _Plan:
+    def make() -> _Plan:
+        in_features, out_features = check_call(x, packed, bias, form, op)
+        if form == "dense":  # rows scaled to 448 when packed: TP column slices re-encode consistently
+            return _Plan(in_features, _cpu.int8_rows(packed["weight_fp8"], packed["weight_scale"], x.dtype,
+                                                     normalised=True), None, None, out_features)
+        return _Plan(in_features,
+                     _cpu.int8_rows(packed["vt_fp8"], packed["v_scale"], x.dtype, normalised=True),
+                     _cpu.int8_rows(packed["u_fp8"], None, x.dtype),
+                     packed["u_scale"].to(x.dtype, copy=True), out_features)
+
+    return _cpu.plan(op, x.dtype, packed, make)
+
+
+def _rows(x: Tensor, plan: _Plan, packed: dict[str, Tensor], bias: Optional[Tensor], form: str, op: str) -> Tensor:
+    if x.dim() < 1 or x.shape[-1] != plan.in_features or not _cpu.bias_fits(bias, plan.out_features):
+        check_call(x, packed, bias, form, op)  # raises, naming what it needs
+    return x.reshape(-1, x.shape[-1])
 
 
 def fp8_linear_cpu(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor] = None) -> Tensor:
     """y = x W_hat^T + bias for form (a), in x's dtype."""
-    q, scale = _cpu.fp8_rows_as_int8(packed["weight_fp8"], packed["weight_scale"])
-    return _finish(_cpu.int8_linear(x.reshape(-1, x.shape[-1]), q, scale), x, bias)
+    plan = _plan(x, packed, bias, "dense", "fp8_linear")
+    x2d = _rows(x, plan, packed, bias, "dense", "fp8_linear")
+    return _cpu.finish(_cpu.int8_apply(x2d, packed["weight_fp8"], plan.first), x, bias)
 
 
 def fp8_lowrank_matmul_cpu(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor] = None) -> Tensor:
     """y = (x V_hat) U_hat^T + bias for form (b), in x's dtype."""
-    vq, v_scale = _cpu.fp8_rows_as_int8(packed["vt_fp8"], packed["v_scale"])
-    uq, u_rows = _cpu.fp8_rows_as_int8(packed["u_fp8"])
-    t = _cpu.int8_linear(x.reshape(-1, x.shape[-1]), vq, v_scale)
-    return _finish(_cpu.int8_linear(t * _cpu.as_dtype(packed["u_scale"], t.dtype), uq, u_rows), x, bias)
+    plan = _plan(x, packed, bias, "lowrank", "fp8_lowrank_matmul")
+    x2d = _rows(x, plan, packed, bias, "lowrank", "fp8_lowrank_matmul")
+    t = _cpu.int8_apply(x2d, packed["vt_fp8"], plan.first)
+    return _cpu.finish(_cpu.int8_apply(t * plan.u_scale, packed["u_fp8"], plan.second), x, bias)

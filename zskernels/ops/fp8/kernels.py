@@ -311,12 +311,22 @@ _triton.triton_op("zskernels::fp8_linear")(_fp8_linear_triton)
 _triton.triton_op("zskernels::fp8_lowrank_matmul")(_fp8_lowrank_triton)
 
 
+def _cpu_eligible(backend: str, x, packed, first: str, last: str) -> bool:
+    """CPU fast path for non-empty operands (empty ones take the reference, which handles them)."""
+    if not (isinstance(x, torch.Tensor) and isinstance(packed, dict) and x.numel()):
+        return False
+    w_in, w_out = packed.get(first), packed.get(last)
+    if not (isinstance(w_in, torch.Tensor) and isinstance(w_out, torch.Tensor) and w_in.numel() and w_out.numel()):
+        return False
+    return cpu_fast_path(backend, x)
+
+
 def fp8_linear(x: torch.Tensor, packed: dict[str, torch.Tensor], bias: Optional[torch.Tensor] = None,
                *, backend: str = "auto") -> torch.Tensor:
     """y = x W_hat^T + b for W stored by ``quantize_fp8_dense``; y in x's dtype."""
+    if _cpu_eligible(backend, x, packed, "weight_fp8", "weight_fp8"):
+        return fp8_linear_cpu(x, packed, bias)  # checks once per packed dict (its plan)
     in_features, out_features = check_call(x, packed, bias, "dense", "fp8_linear")
-    if cpu_fast_path(backend, x) and 0 not in (x.numel(), in_features, out_features):
-        return fp8_linear_cpu(x, packed, bias)
     if resolve_backend(backend, x, *packed.values()) == "torch" or 0 in (x.numel(), in_features, out_features):
         return fp8_linear_reference(x, packed, bias)
     _triton.ready(__name__)
@@ -327,10 +337,10 @@ def fp8_linear(x: torch.Tensor, packed: dict[str, torch.Tensor], bias: Optional[
 def fp8_lowrank_matmul(x: torch.Tensor, packed: dict[str, torch.Tensor], bias: Optional[torch.Tensor] = None,
                        *, backend: str = "auto") -> torch.Tensor:
     """y = (x V_hat) U_hat^T + b for factors stored by ``pack_fp8_lowrank``; y in x's dtype."""
+    if _cpu_eligible(backend, x, packed, "vt_fp8", "u_fp8"):
+        return fp8_lowrank_matmul_cpu(x, packed, bias)  # checks once per packed dict (its plan)
     in_features, out_features = check_call(x, packed, bias, "lowrank", "fp8_lowrank_matmul")
     empty = 0 in (x.numel(), in_features, packed["u_fp8"].shape[1], out_features)
-    if cpu_fast_path(backend, x) and not empty:
-        return fp8_lowrank_matmul_cpu(x, packed, bias)
     if resolve_backend(backend, x, *packed.values()) == "torch" or empty:
         return fp8_lowrank_matmul_reference(x, packed, bias)
     _triton.ready(__name__)

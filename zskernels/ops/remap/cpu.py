@@ -7,32 +7,53 @@ through plain GEMMs, nothing de-quantised whole (``zskernels/_cpu.py`` has the b
 v_q is (k, s), row-major over the reduction, with one scale per row: exactly int8pack's weight.
 u_scale sits on stage 2's reduction index, so it is folded into the rank-k intermediate (M x k
 multiplies instead of s x k). fp8 heads are re-encoded once to int8 (``_cpu.fp8_rows_as_int8``).
-Arguments are not checked here: ``remap_matmul`` checks them (``naive.check_call``) before calling.
+The arguments are checked once per packed dict and x dtype, when the plan is built; a call on the
+same tensors checks only x's last dimension.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from ... import _cpu
+from .naive import check_call
 
 Tensor = torch.Tensor
 
 
+class _Plan(NamedTuple):
+    in_features: int
+    head: int               # s: the rows of each factor held in 8 bits
+    v: _cpu.Int8Rows        # stage 1's 8-bit weight v_q with v_scale
+    u: _cpu.Int8Rows        # stage 2's 8-bit weight u_q (per-row scale 1)
+    u_scale: Tensor         # stage 2's per-component scale, in x's dtype
+    out_features: int
+
+
+def _plan(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor]) -> _Plan:
+    def make() -> _Plan:
+        lay = check_call(x, packed, bias, "remap_matmul")
+        return _Plan(lay.in_features, lay.head,
+                     _cpu.int8_rows(packed["v_q"], packed["v_scale"], x.dtype, normalised=True),
+                     _cpu.int8_rows(packed["u_q"], None, x.dtype),
+                     packed["u_scale"].to(x.dtype, copy=True), lay.out_features)
+
+    return _cpu.plan("remap", x.dtype, packed, make)
+
+
 def remap_matmul_cpu(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor] = None) -> Tensor:
     """y = x V_hat U_hat^T + bias for x (..., in), in x's dtype."""
-    v_q, v_tail, u_q, u_tail = packed["v_q"], packed["v_tail"], packed["u_q"], packed["u_tail"]
-    s = v_q.shape[1]
+    plan = _plan(x, packed, bias)
+    if x.dim() < 1 or x.shape[-1] != plan.in_features or not _cpu.bias_fits(bias, plan.out_features):
+        check_call(x, packed, bias, "remap_matmul")  # raises, naming what it needs
+    v_tail, u_tail, s = packed["v_tail"], packed["u_tail"], plan.head
     x2d = x.reshape(-1, x.shape[-1])
-    head_v, scale_v = _cpu.rows_int8(v_q, packed["v_scale"])
-    t = _cpu.int8_linear(x2d[:, :s] if v_tail.shape[1] else x2d, head_v, scale_v)
     if v_tail.shape[1]:
-        t = t + _cpu.float_linear(x2d[:, s:], v_tail)
-    head_u, scale_u = _cpu.rows_int8(u_q, None)
-    y = _cpu.int8_linear(t * _cpu.as_dtype(packed["u_scale"], t.dtype), head_u, scale_u)
+        t = _cpu.int8_apply(x2d[:, :s], packed["v_q"], plan.v) + _cpu.float_linear(x2d[:, s:], v_tail)
+    else:
+        t = _cpu.int8_apply(x2d, packed["v_q"], plan.v)
+    y = _cpu.int8_apply(t * plan.u_scale, packed["u_q"], plan.u)
     if u_tail.shape[0]:
         y = torch.cat([y, _cpu.float_linear(t, u_tail)], dim=-1)
-    if bias is not None:
-        y = y + _cpu.as_dtype(bias, y.dtype)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return _cpu.finish(y, x, bias)

@@ -285,9 +285,9 @@ def remap_matmul(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor] = 
 
     The Triton path dequantises in registers only (neither W nor the full factors are built).
     """
+    if isinstance(x, Tensor) and x.numel() and cpu_fast_path(backend, x):
+        return remap_matmul_cpu(x, packed, bias)  # checks once per packed dict (its plan)
     lay = check_call(x, packed, bias, "remap_matmul")
-    if cpu_fast_path(backend, x) and x.numel():
-        return remap_matmul_cpu(x, packed, bias)
     if resolve_backend(backend, x) == "torch":
         return remap_matmul_reference(x, packed, bias)
     x2d = x.reshape(-1, lay.in_features)

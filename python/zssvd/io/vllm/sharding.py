@@ -8,7 +8,9 @@ fuses. For a factor pair W ~= U V^T this is exact without touching the numbers:
 * row-parallel: the rows [a, b) of V, all of U (U replicated); vLLM all-reduces the partial outputs.
 
 Per-component scales (remap, fp8) belong to the replicated rank dimension, so they are kept whole;
-HQ's dense fp8 matrices keep one scale per output row, which is sliced with the rows. remap's
+HQ's dense fp8 matrices keep one scale per output row, which is sliced with the rows. int4 keeps
+one scale and min per group of inputs of each row: output rows slice with their groups, and an
+input slice must consist of whole groups (its bounds multiples of the group size, or the end). remap's
 8-bit head covers rows [0, s) of each factor and its 16-bit tail rows [s, L): a slice keeps the
 head rows it contains, then the tail rows it contains. Such a slice is generally no longer a
 layout ``zskernels.remap_matmul`` accepts (it wants both factors' heads of length min(out, in));
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ...nn.packed_linear import FLOAT_STORAGES, STORAGES
+from ...nn.packed_linear import FLOAT_STORAGES, STORAGES, dense_forward
 
 Tensors = dict[str, torch.Tensor]
 COLUMN, ROW, WHOLE = "column", "row", "whole"
@@ -55,9 +57,7 @@ class Part:
         if self.kind == "weight":
             return F.linear(x, self.tensors["weight"])
         if self.kind == "dense":
-            from zskernels import fp8_linear
-
-            return fp8_linear(x, self.tensors, None, backend=backend)
+            return dense_forward(self.storage, x, self.tensors, None, backend)
         if not self.exact_layout:
             return _remap_slice_forward(x, self.tensors)
         return STORAGES[self.storage].forward(x, self.tensors, None, backend)
@@ -109,7 +109,28 @@ _SLICES = {
     "float": {COLUMN: {"weight_u": "rows"}, ROW: {"weight_v": "cols"}},
     "fp8": {COLUMN: {"u_fp8": "rows"}, ROW: {"vt_fp8": "cols"}},
     "dense-fp8": {COLUMN: {"weight_fp8": "rows", "weight_scale": "rows"}, ROW: {"weight_fp8": "cols"}},
+    "int4": {COLUMN: {"u_codes": "rows", "u_scales": "rows", "u_mins": "rows"}},  # ROW: _slice_int4_inputs
+    "dense-int4": {COLUMN: {"weight_codes": "rows", "weight_scales": "rows", "weight_mins": "rows"}},
 }
+INT4_INPUTS = {"int4": "v_", "dense-int4": "weight_"}  # the int4 matrix whose inputs a row slice cuts
+
+
+def _slice_int4_inputs(t: Tensors, prefix: str, a: int, b: int, name: str) -> Tensors:
+    """Input columns [a, b) of one int4 matrix (``prefix`` + codes / scales / mins / in_features): whole groups."""
+    codes, scales = t[prefix + "codes"], t[prefix + "scales"]
+    group = 2 * codes.shape[1] // max(scales.shape[1], 1)
+    true_in = int(t[prefix + "in_features"])
+    if a % group or (b % group and b != true_in):
+        raise ShardingError(f"{name}: int4 groups of {group} inputs cannot be split at [{a}, {b}); use a "
+                            f"tensor-parallel size whose slices are whole groups, or re-compress with a "
+                            f"--group-size dividing {b - a}")
+    g0, g1 = a // group, -(-b // group)
+    out = dict(t)
+    out[prefix + "codes"] = _cols(codes, g0 * group // 2, g1 * group // 2)
+    for key in ("scales", "mins"):
+        out[prefix + key] = _cols(t[prefix + key], g0, g1)
+    out[prefix + "in_features"] = torch.tensor(b - a, dtype=torch.int64, device=codes.device)
+    return out
 
 
 def _slice_plain(t: Tensors, rule: dict[str, str], a: int, b: int) -> Tensors:
@@ -131,7 +152,7 @@ def slice_module(desc: dict | None, tensors: Tensors, role: str, start: int, siz
     else:
         out_f, in_f = desc["out_features"], desc["in_features"]
         kind, storage = desc["kind"], desc["storage"]
-        key = "dense-fp8" if kind == "dense" else ("float" if storage in FLOAT_STORAGES else storage)
+        key = f"dense-{storage}" if kind == "dense" else ("float" if storage in FLOAT_STORAGES else storage)
     full = out_f if role == COLUMN else in_f
     if role != WHOLE and (start < 0 or size < 1 or start + size > full):
         raise ShardingError(f"{name}: rank slice [{start}, {start + size}) of its {full} "
@@ -142,6 +163,8 @@ def slice_module(desc: dict | None, tensors: Tensors, role: str, start: int, siz
         sliced = dict(tensors)
     elif key == "remap":
         sliced = _slice_remap(tensors, role, a, b)
+    elif role == ROW and key in INT4_INPUTS:
+        sliced = _slice_int4_inputs(tensors, INT4_INPUTS[key], a, b, name)
     else:
         sliced = _slice_plain(tensors, _SLICES[key][role], a, b)
     out_s, in_s = (size, in_f) if role == COLUMN else (out_f, size) if role == ROW else (out_f, in_f)

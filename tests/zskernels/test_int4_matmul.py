@@ -1,0 +1,237 @@
+"""Tests of the int4 ops (zskernels/ops/int4): the Triton kernel (interpreter without a GPU), the plain
+torch reference and the CPU fast path, each against float64 products of the *dequantised* weights.
+
+Every kernel path (GEMV, 16-row tl.dot, prefill tiles) is forced in turn through the config hook on
+odd shapes: K = 1, odd K, K not a multiple of the group, N = 1, groups whose size is not a power of
+two (the K tile shrinks to divide them). bf16 tl.dot does not run in the interpreter: the Triton
+cases use fp16 and fp32 there; the GPU tests add bf16.
+"""
+import pytest
+import torch
+
+import zskernels as zk
+from zskernels import _configs, _cpu, _device, _triton
+from zskernels._backend import triton_available
+from zskernels.ops.int4 import cpu as int4_cpu
+from zskernels.ops.int4 import kernels as im
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(not triton_available() or (DEVICE == "cpu" and not _device.interpreting()),
+                                  reason="needs triton (and TRITON_INTERPRET=1 without a GPU)")
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}  # relative Frobenius error
+TRITON_DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+# Kernel paths, forced through _configs._FORCED. BLOCK_K 32 / 16 so small K still takes several steps.
+PATHS = {
+    "gemv": dict(path="decode", USE_DOT=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=32, SPLIT_K=1),
+    "gemv-splitk": dict(path="decode", USE_DOT=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=16, SPLIT_K=2),
+    "dot": dict(path="decode", USE_DOT=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT_K=1),
+    "dot-splitk": dict(path="decode", USE_DOT=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT_K=3),
+    "prefill": dict(path="prefill", USE_DOT=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2),
+}
+# (out, in, rank, group, x shape without the last dim, bias)
+CASES = [
+    (37, 23, 9, 16, (1,), True),     # K odd, K % g != 0
+    (1, 1, 1, 64, (3,), False),       # N = 1, K = 1, rank 1
+    (23, 37, 17, 48, (17,), True),    # group 48: K tile 16
+    (40, 130, 33, 64, (1, 3), True),  # K spans three groups, the last one padded
+    (16, 64, 40, 32, (5,), False),    # exact multiples
+]
+
+
+def case_id(case) -> str:
+    out_f, in_f, k, g, lead, with_bias = case
+    return f"{out_f}x{in_f}k{k}g{g}-x{'x'.join(map(str, lead))}{'-bias' if with_bias else ''}"
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double().cpu() - ref.cpu()).norm() / ref.norm()).item()
+
+
+def _problem(gen, case, dtype, form):
+    """(x, packed, bias, float64 reference from the dequantised weights), on DEVICE."""
+    out_f, in_f, k, g, lead, with_bias = case
+    x = torch.randn(*lead, in_f, generator=gen).to(dtype)
+    bias = torch.randn(out_f, generator=gen) if with_bias else None
+    if form == "dense":
+        packed = zk.quantize_int4(torch.randn(out_f, in_f, generator=gen), g)
+        ref = x.double() @ zk.dequantize_int4(packed).double().T
+    else:
+        packed = zk.pack_int4_lowrank(torch.randn(out_f, k, generator=gen), torch.randn(in_f, k, generator=gen), g)
+        u_hat, v_hat = zk.unpack_int4_lowrank(packed)
+        ref = (x.double() @ v_hat.double()) @ u_hat.double().T
+    if bias is not None:
+        ref = ref + bias.double()
+    move = lambda t: t.to(DEVICE)  # noqa: E731
+    return move(x), {n: move(t) for n, t in packed.items()}, None if bias is None else move(bias), ref
+
+
+def _run(form, x, packed, bias, backend="triton"):
+    op = zk.int4_linear if form == "dense" else zk.int4_lowrank_matmul
+    return op(x, packed, bias, backend=backend)
+
+
+def _force(monkeypatch, cfg: dict):
+    full = dict(num_warps=4, num_stages=2, programs_per_sm=2, max_split=8, **cfg)
+    monkeypatch.setitem(_configs._FORCED, "int4_matmul", full)  # what _configs.use_config does
+
+
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton kernel against float64
+# ---------------------------------------------------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
+@pytest.mark.parametrize("form", ["dense", "lowrank"])
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_kernel_matches_float64(case, path, form, dtype, monkeypatch, rng, poison_empty):
+    x, packed, bias, ref = _problem(rng, case, dtype, form)
+    _force(monkeypatch, PATHS[path])
+    y = _run(form, x, packed, bias)
+    assert y.shape == (*case[4], case[0]) and y.dtype == dtype
+    assert torch.isfinite(y).all()
+    assert _rel_err(y, ref) < TOL[dtype]
+
+
+@needs_triton
+@pytest.mark.parametrize("form", ["dense", "lowrank"])
+@pytest.mark.parametrize("bucket", range(4), ids=lambda b: f"bucket{b}")
+def test_every_shipped_config_bucket(bucket, form, rng):
+    """Each shipped config (BLOCK_K lowered to the group) runs and matches float64."""
+    cfg = _configs.table("int4_matmul")["default"][bucket]
+    m = min(cfg["max_m"], 20)
+    x, packed, bias, ref = _problem(rng, (33, 70, 9, 64, (m,), True), torch.float16, form)
+    with _configs.use_config("int4_matmul", cfg):
+        assert _rel_err(_run(form, x, packed, bias), ref) < TOL[torch.float16]
+
+
+def test_split_k_covers_k_in_whole_steps(monkeypatch):
+    """Decode splits K in whole BLOCK_K steps until about programs_per_sm programs per SM exist."""
+    monkeypatch.setattr(_device, "num_sms", lambda device: 132)
+    cfg = dict(path="decode", BLOCK_K=64, SPLIT_K="auto", programs_per_sm=4, max_split=8)
+    assert im.fp8_kernels._split_k(cfg, 18, 1536, torch.device("cpu")) == (8, 192)  # 576 x 1536 at M = 1
+    assert im.fp8_kernels._split_k(cfg, 528, 4096, torch.device("cpu")) == (1, 4096)  # enough tiles already
+
+
+def test_block_k_divides_the_group():
+    assert [im._block_k({"BLOCK_K": 64}, g) for g in (16, 48, 64, 96, 128, 256)] == [16, 16, 64, 32, 64, 64]
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch reference and the CPU fast path against float64
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("form", ["dense", "lowrank"])
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_torch_and_cpu_paths_match_float64(case, backend, form, dtype, rng, one_thread):
+    x, packed, bias, ref = _problem(rng, case, dtype, form)
+    x, packed, bias = x.cpu(), {n: t.cpu() for n, t in packed.items()}, None if bias is None else bias.cpu()
+    y = _run(form, x, packed, bias, backend)
+    assert y.shape == (*case[4], case[0]) and y.dtype == dtype
+    assert _rel_err(y, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("m", [1, 8, 300])
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+def test_cpu_routes(m, dtype, rng, monkeypatch, one_thread):
+    """bf16 with a supported group and few rows goes through torch's int4pack kernel; the rest chunked."""
+    calls = []
+    real = torch._weight_int4pack_mm_for_cpu
+    monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(_cpu, "CHUNK_BYTES", 4096)  # several chunks even on this small weight
+    x, packed, bias, ref = _problem(rng, (50, 130, 9, 64, (m,), True), dtype, "dense")
+    y = zk.int4_linear(x.cpu(), {n: t.cpu() for n, t in packed.items()}, bias.cpu())
+    assert bool(calls) == (dtype == torch.bfloat16 and m <= int4_cpu.INT4PACK_MAX_ROWS[torch.bfloat16])
+    assert _rel_err(y, ref) < TOL[dtype]
+
+
+def test_cpu_conversion_is_cached_and_follows_writes(rng):
+    packed = zk.quantize_int4(torch.randn(20, 64, generator=rng), 64)
+    x = torch.randn(2, 64, generator=rng).bfloat16()
+    first = zk.int4_linear(x, packed)
+    assert int4_cpu._int4pack_weight(packed["codes"]) is int4_cpu._int4pack_weight(packed["codes"])
+    packed["mins"].add_(1.0)  # an in-place write (a checkpoint loaded into the buffer) rebuilds the cache
+    second = zk.int4_linear(x, packed)
+    assert torch.allclose(second.float() - first.float(), x.float().sum(1, keepdim=True).expand(2, 20), atol=0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch and errors
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "auto"] + (["triton"] if triton_available() else []))
+def test_empty_batch_and_rank_zero(backend, rng):
+    if backend == "triton" and DEVICE == "cpu" and not _device.interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    dense = {n: t.to(DEVICE) for n, t in zk.quantize_int4(torch.randn(7, 5, generator=rng), 16).items()}
+    assert zk.int4_linear(torch.randn(0, 5, device=DEVICE), dense, backend=backend).shape == (0, 7)
+    low = {n: t.to(DEVICE) for n, t in zk.pack_int4_lowrank(torch.randn(7, 0), torch.randn(5, 0), 16).items()}
+    bias = torch.randn(7, device=DEVICE)
+    y = zk.int4_lowrank_matmul(torch.randn(3, 5, device=DEVICE), low, bias, backend=backend)
+    assert torch.allclose(y, bias.expand(3, 7))
+
+
+def test_errors(rng):
+    dense = zk.quantize_int4(torch.randn(7, 5, generator=rng), 16)
+    low = zk.pack_int4_lowrank(torch.randn(7, 3, generator=rng), torch.randn(5, 3, generator=rng), 16)
+    x = torch.randn(2, 5, generator=rng)
+    cases = [
+        (lambda: zk.int4_linear(x, low), ValueError, "other form"),
+        (lambda: zk.int4_lowrank_matmul(x, dense), ValueError, "other form"),
+        (lambda: zk.int4_linear(torch.randn(2, 6), dense), ValueError, r"\(\.\.\., 5\)"),
+        (lambda: zk.int4_linear(x.double(), dense), TypeError, "float16/bfloat16/float32"),
+        (lambda: zk.int4_linear(x, dense, torch.randn(6)), ValueError, "bias"),
+        (lambda: zk.int4_linear(x, dense, backend="cuda"), ValueError, "backend"),
+        (lambda: zk.int4_linear(x, {"codes": dense["codes"]}), ValueError, "keys"),
+        (lambda: zk.int4_linear(x, [dense]), TypeError, "dict"),
+        (lambda: zk.int4_lowrank_matmul(x, {**low, "u_codes": low["u_codes"][:, :1].clone(),
+                                            "u_scales": low["u_scales"][:, :1].clone()}), ValueError, "groups"),
+    ]
+    for call, kind, words in cases:
+        with pytest.raises(kind, match=words) as err:
+            call()
+        assert "\n" not in str(err.value)
+
+
+def test_ops_are_registered_with_torch_library(rng):
+    if not triton_available():
+        pytest.skip("needs triton")
+    _triton.ready(im.__name__)
+    assert hasattr(torch.ops.zskernels, "int4_linear") and hasattr(torch.ops.zskernels, "int4_lowrank_matmul")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: large shapes, torch.compile, CUDA graphs
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("m", [1, 7, 16, 64, 300])
+@pytest.mark.parametrize("form", ["dense", "lowrank"])
+def test_gpu_large_shapes(form, m, dtype, poison_empty):
+    gen = torch.Generator().manual_seed(m)
+    for out_f, in_f, k in [(4096, 4096, 1024), (1536, 576, 200), (576, 1536, 131)]:
+        x, packed, bias, ref = _problem(gen, (out_f, in_f, k, 64, (m,), True), dtype, form)
+        assert _rel_err(_run(form, x, packed, bias), ref) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 512])
+@pytest.mark.parametrize("form", ["dense", "lowrank"])
+def test_gpu_torch_compile_and_cuda_graphs(form, m):
+    x, packed, bias, _ = _problem(torch.Generator().manual_seed(0), (1024, 768, 320, 64, (m,), True),
+                                  torch.float16, form)
+    eager = _run(form, x, packed, bias)
+    compiled = torch.compile(lambda x: _run(form, x, packed, bias), fullgraph=True)
+    assert torch.equal(compiled(x), eager)
+    graph = torch.cuda.CUDAGraph()
+    _run(form, x, packed, bias)
+    with torch.cuda.graph(graph):
+        y = _run(form, x, packed, bias)
+    x.copy_(x * 0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.allclose(y.float(), (eager.float() - bias) * 0.5 + bias, rtol=2e-2, atol=2e-2)

@@ -1,0 +1,100 @@
+"""`zssvd compress MODEL --storage int4 --ratio R` end to end: the budget in bytes, the report, the checkpoint."""
+import json
+import struct
+
+import pytest
+import torch
+
+import zssvd
+from tiny_models import VOCAB, english_text, random_windows, tiny_tokenizer
+from zssvd.cli import main
+
+RATIO = 0.2
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A llama-shaped model wide enough for groups of 32 (the shared tiny models' rows are 32 wide)."""
+    import transformers as tf
+
+    root = tmp_path_factory.mktemp("cli-int4")
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=VOCAB, max_position_embeddings=128, hidden_size=128, intermediate_size=256,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    (root / "calib.txt").write_text(english_text(3000, seed=1))
+    return root
+
+
+def _run(capsys, *argv):
+    code = main([*map(str, argv), "--quiet"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _payload_bytes(path) -> int:
+    """A safetensors file's size without its JSON header."""
+    data = path.read_bytes()
+    return len(data) - 8 - struct.unpack("<Q", data[:8])[0]
+
+
+@pytest.fixture(scope="module")
+def compressed(workspace):
+    out = workspace / "out"
+    code = main(["compress", str(workspace / "model"), "--storage", "int4", "--ratio", str(RATIO), "--group-size",
+                 "32", "--strategy", "zero-sum-2nd", "--corrections", "1", "--out", str(out), "--calib-file",
+                 str(workspace / "calib.txt"), "--calib-samples", "8", "--seq-len", "64", "--cache-dir", "none",
+                 "--no-plots", "--quiet"])
+    assert code == 0
+    return out
+
+
+def test_report_gives_the_bytes_ratio_within_the_target(compressed):
+    report = json.loads((compressed / "report.json").read_text())
+    assert report["storage"] == "int4" and report["config"]["group_size"] == 32
+    assert report["strategy"] == "zero-sum-2nd" and len(report["correction_losses"]) == 2
+    assert report["achieved_bytes_ratio"] <= RATIO and report["achieved_ratio"] <= RATIO
+    assert RATIO - report["achieved_bytes_ratio"] < 0.02
+    assert report["target_bytes_stored"] == pytest.approx(report["achieved_bytes_ratio"] * report["target_bytes_16bit"])
+    modules = json.loads((compressed / "zssvd.json").read_text())["modules"]
+    assert set(modules) == set(report["ranks"])  # every target is packed: factors or dense int4
+    assert {d["storage"] for d in modules.values()} == {"int4"}
+
+
+def test_checkpoint_is_no_larger_than_the_ratio_plus_the_untouched_weights(compressed):
+    report = json.loads((compressed / "report.json").read_text())
+    untouched = report["bytes"]["source_16bit"] - report["target_bytes_16bit"]
+    assert _payload_bytes(compressed / "model.safetensors") <= untouched + RATIO * report["target_bytes_16bit"]
+
+
+def test_reloaded_model_gives_the_same_logits_both_ways(compressed):
+    from transformers import AutoModelForCausalLM
+
+    ids = random_windows(2, 16, seed=4)
+    a = zssvd.load(compressed)
+    zssvd.register_hf()
+    b = AutoModelForCausalLM.from_pretrained(compressed)
+    with torch.no_grad():
+        la, lb = a(ids).logits, b(ids).logits
+    assert torch.isfinite(la).all() and torch.equal(la, lb)
+
+
+def test_the_summary_line_prints_the_bytes_ratio(workspace, capsys):
+    code, out, err = _run(capsys, "compress", workspace / "model", "--storage", "int4", "--ratio", "0.25",
+                          "--strategy", "uniform", "--out", workspace / "out-uniform", "--calib-file",
+                          workspace / "calib.txt", "--calib-samples", "4", "--seq-len", "32", "--cache-dir", "none",
+                          "--no-plots")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["storage"] == "int4" and 0.2 < summary["achieved_bytes_ratio"] <= 0.25
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ratio", "0.3"], "reaches at most ratio 0.28125"),
+    (["--ratio", "0.2", "--group-size", "40"], "multiple of 16"),
+])
+def test_int4_ratio_and_group_size_errors_exit_2(workspace, capsys, extra, message):
+    code, out, err = _run(capsys, "compress", workspace / "model", "--storage", "int4", "--out", workspace / "bad",
+                          "--calib-file", workspace / "calib.txt", "--cache-dir", "none", *extra)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,204 @@
+"""int4 weight-only matmuls on the GPU, with the nibbles unpacked in registers (``formats.int4``).
+
+* ``int4_linear``: y = x W_hat^T + b, W_hat[n, k] = q[n, k] * scale[n, g] + min[n, g], g = k // GROUP;
+* ``int4_lowrank_matmul``: y = (x V_hat) U_hat^T + b, two launches of the same kernel: stage 1 writes
+  t = x V_hat, stage 2 reads it. t is fp32 for the GEMV (fp32 math throughout) and x's dtype for the
+  tl.dot paths, which cast their operand to it anyway (an fp32 t only doubled the traffic, and took
+  a stack frame at the 128 x 128 tile on sm_80).
+
+The K tile (BLOCK_K) divides the group, so a tile needs one (scale, min) per output row: two
+float16 loads per row and tile. Each weight tile is de-quantised in registers (one fp32 FMA per
+weight, q * scale + min) and cast to x's dtype for tl.dot (fp32 accumulation). Factoring the
+scales out of the dot instead (scale * (x . q) + min * sum(x)) keeps a second accumulator alive:
+at the 128 x 128 prefill tile that took 255 registers and a 496-byte stack (bench/aot_check.py, sm_90).
+Paths, chosen on the host from the token count M (``configs/int4_matmul.json``): decode = GEMV
+(M = 1: multiply and sum on the CUDA cores in fp32) or a 16/64-row tl.dot, with deterministic
+split-K when the output tiles alone leave SMs idle (the same rule and the same fixed-order fp32
+reduction kernel as the fp8 ops: ``fp8.kernels._split_k`` / ``_splitk_reduce_kernel``); prefill =
+tiled tl.dot in grouped tile order. Codes are loaded as (BLOCK_N, BLOCK_K / 2) bytes and split into two nibble
+tiles, interleaved back to (BLOCK_N, BLOCK_K) by tl.join + reshape.
+
+Order: jitted kernels, host launcher, op registration and the public ops.
+Compute dtype codes (CDT, x's dtype): 0 = fp16, 1 = bf16, 2 = fp32 (exact, non-TF32 dot). The tl.dot
+paths read A in that dtype (stage 2's t is stored in it) and cast the weight tile to A's dtype.
+"""
+from __future__ import annotations  # kernel annotations name `tl`, which is imported lazily
+
+from typing import Optional
+
+import torch
+
+from ... import _triton
+from ..._backend import cpu_fast_path, resolve_backend
+from ..._configs import pick_config
+from ..._triton import cdiv, empty, jit_later, launch, tile_coords
+from ..fp8 import kernels as fp8_kernels  # its row-tile and split-K rules, its reduction kernel
+from .cpu import int4_linear_cpu, int4_lowrank_matmul_cpu
+from .naive import check_call, int4_linear_reference, int4_lowrank_matmul_reference
+
+_CDT_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+
+
+# --------------------------------------------------------------------------------------------
+# Jitted kernels (plain functions until _triton.ready jits them)
+# --------------------------------------------------------------------------------------------
+@jit_later
+def _load_codes(rows, byte0, n_ok, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_N, BLOCK_K) uint8 codes 0..15 of columns 2 byte0 ... 2 byte0 + BLOCK_K - 1 (inside the padded row)."""
+    offs_b = byte0 + tl.arange(0, BLOCK_K // 2)
+    b = tl.load(rows + offs_b[None, :], mask=n_ok[:, None], other=0)
+    return tl.reshape(tl.join(b & 0xF, b >> 4), (BLOCK_N, BLOCK_K))  # byte j -> columns 2j, 2j + 1
+
+
+@jit_later
+def _int4_matmul_kernel(a_ptr, codes_ptr, scales_ptr, mins_ptr, out_ptr, bias_ptr,
+                        M, N, K, stride_am, stride_cn, stride_gn, stride_os, stride_om, k_per_split, bytes_per_split,
+                        HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, CDT: tl.constexpr, GROUP: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """out = A @ W_hat^T (+ bias), A (M, K) in x's dtype (any float dtype for the GEMV), W_hat from
+    codes (N, Kp / 2) and per-group scales / mins (N, Kp / GROUP) float16. GROUP % BLOCK_K == 0.
+    Columns k >= K are masked off in A, so the padded codes multiply zeros. Without USE_DOT
+    (BLOCK_M == 1) it is a GEMV in fp32.
+
+    Grid: (M tiles * N tiles, K splits); split s covers [s k_per_split, (s + 1) k_per_split) (whole
+    BLOCK_K steps) and writes its partial sum to out + s * stride_os (bias only with one split).
+    Code bytes are addressed from s * bytes_per_split (= k_per_split / 2, an argument of its own so
+    that Triton sees it divisible by 16 and can issue 16-byte loads; k_lo // 2 would only be known
+    divisible by 8)."""
+    pid_m, pid_n = tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    k_lo = tl.program_id(1) * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am  # int64: M x K may pass 2^31
+    code_rows = codes_ptr + offs_n[:, None].to(tl.int64) * stride_cn
+    group_rows = offs_n.to(tl.int64) * stride_gn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    byte_lo = tl.program_id(1) * bytes_per_split
+    for kb in range(0, k_hi - k_lo, BLOCK_K):
+        k0 = k_lo + kb
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        q = _load_codes(code_rows, byte_lo + kb // 2, n_ok, BLOCK_N, BLOCK_K)
+        group = k0 // GROUP
+        scale = tl.load(scales_ptr + group_rows + group, mask=n_ok, other=0.0).to(tl.float32)
+        low = tl.load(mins_ptr + group_rows + group, mask=n_ok, other=0.0).to(tl.float32)
+        w = q.to(tl.float32) * scale[:, None] + low[:, None]
+        if USE_DOT:
+            if CDT == 2:
+                acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
+        else:  # (1, BLOCK_K) * (BLOCK_N, BLOCK_K), summed over k
+            acc += tl.sum(a.to(tl.float32) * w, axis=1)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out_rows = out_ptr + tl.program_id(1) * stride_os + offs_m[:, None].to(tl.int64) * stride_om
+    tl.store(out_rows + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Host launcher (shapes and device only: nothing here syncs, so CUDA graphs can capture it)
+# --------------------------------------------------------------------------------------------
+def _block_k(cfg: dict, group_size: int) -> int:
+    """The config's K tile, lowered to the largest power of two dividing the group (>= 16: groups are
+    multiples of 16)."""
+    return min(cfg["BLOCK_K"], group_size & -group_size)
+
+
+def _matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, cfg: dict, *,
+            out_dtype: torch.dtype, cdt: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A (M, K) @ W_hat^T (+ bias) in ``out_dtype``; K is A's width (<= the codes' padded width).
+
+    Several K splits write fp32 partials to a workspace, summed in split order (then bias, cast) by
+    the fp8 ops' reduction kernel.
+    """
+    m, k, n = int(a.shape[0]), int(a.shape[1]), int(codes.shape[0])
+    group_size = 2 * int(codes.shape[1]) // max(1, int(scales.shape[1]))
+    cfg = {**cfg, "BLOCK_K": _block_k(cfg, group_size)}
+    block_m, block_n = fp8_kernels._block_m(cfg, m), cfg["BLOCK_N"]  # same row-tile rule
+    tiles = cdiv(m, block_m) * cdiv(n, block_n)
+    splits, per_split = fp8_kernels._split_k(cfg, tiles, k, a.device)
+    out = empty((m, n) if splits == 1 else (splits, m, n), out_dtype if splits == 1 else torch.float32, a.device)
+    bias_ptr = bias if bias is not None else scales  # a stand-in when absent: HAS_BIAS is off
+    launch(_int4_matmul_kernel)[(tiles, splits)](
+        a, codes, scales, mins, out, bias_ptr, m, n, k,
+        a.stride(0), codes.stride(0), scales.stride(0), m * n, n, per_split, per_split // 2,
+        HAS_BIAS=splits == 1 and bias is not None, USE_DOT=cfg["USE_DOT"], CDT=cdt, GROUP=group_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 1),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if splits == 1:
+        return out
+    y = empty((m, n), out_dtype, a.device)
+    bm, bn = fp8_kernels._REDUCE_BLOCK
+    launch(fp8_kernels._splitk_reduce_kernel)[(cdiv(n, bn), cdiv(m, bm))](
+        out, y, out, out, bias_ptr, m, n, m * n, SPLITS=splits, HAS_S1=False, HAS_S2=False, ALPHA=1.0,
+        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+    return y
+
+
+def _int4_linear_triton(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                        bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Body of zskernels::int4_linear: x (M, in) with unit column stride, checks already done."""
+    cfg = pick_config("int4_matmul", int(x.shape[0]), x.device)
+    return _matmul(x, codes, scales, mins, cfg, out_dtype=x.dtype, cdt=_CDT_CODE[x.dtype], bias=bias)
+
+
+def _int4_lowrank_triton(x: torch.Tensor, v_codes: torch.Tensor, v_scales: torch.Tensor, v_mins: torch.Tensor,
+                         u_codes: torch.Tensor, u_scales: torch.Tensor, u_mins: torch.Tensor,
+                         bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Body of zskernels::int4_lowrank_matmul: stage 1 t = x V_hat, stage 2 y = t U_hat^T + b."""
+    cfg = pick_config("int4_matmul", int(x.shape[0]), x.device)
+    cdt = _CDT_CODE[x.dtype]
+    t = _matmul(x, v_codes, v_scales, v_mins, cfg, out_dtype=x.dtype if cfg["USE_DOT"] else torch.float32, cdt=cdt)
+    return _matmul(t, u_codes, u_scales, u_mins, cfg, out_dtype=x.dtype, cdt=cdt, bias=bias)
+
+
+def _ready() -> None:
+    """Jit this module's kernels and the fp8 module's (its split-K reduction runs here too)."""
+    _triton.ready(fp8_kernels.__name__)
+    _triton.ready(__name__)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as an (M, in) matrix whose rows are contiguous (the kernel takes a row stride)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Op registration (the launchers above, as torch.library ops) and the public ops
+# --------------------------------------------------------------------------------------------
+_triton.triton_op("zskernels::int4_linear")(_int4_linear_triton)
+_triton.triton_op("zskernels::int4_lowrank_matmul")(_int4_lowrank_triton)
+
+
+def int4_linear(x: torch.Tensor, packed: dict[str, torch.Tensor], bias: Optional[torch.Tensor] = None,
+                *, backend: str = "auto") -> torch.Tensor:
+    """y = x W_hat^T + b for W stored by ``quantize_int4``; y in x's dtype."""
+    in_features, out_features = check_call(x, packed, bias, "dense", "int4_linear")
+    empty_ = 0 in (x.numel(), in_features, out_features)
+    if cpu_fast_path(backend, x) and not empty_:
+        return int4_linear_cpu(x, packed, bias)
+    if resolve_backend(backend, x, packed["codes"], packed["scales"], packed["mins"]) == "torch" or empty_:
+        return int4_linear_reference(x, packed, bias)
+    _ready()
+    y = torch.ops.zskernels.int4_linear(_rows(x), packed["codes"], packed["scales"], packed["mins"], bias)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def int4_lowrank_matmul(x: torch.Tensor, packed: dict[str, torch.Tensor], bias: Optional[torch.Tensor] = None,
+                        *, backend: str = "auto") -> torch.Tensor:
+    """y = (x V_hat) U_hat^T + b for factors stored by ``pack_int4_lowrank``; y in x's dtype."""
+    in_features, out_features = check_call(x, packed, bias, "lowrank", "int4_lowrank_matmul")
+    empty_ = 0 in (x.numel(), in_features, packed["v_codes"].shape[0], out_features)
+    if cpu_fast_path(backend, x) and not empty_:
+        return int4_lowrank_matmul_cpu(x, packed, bias)
+    stored = [packed[p + key] for p in ("v_", "u_") for key in ("codes", "scales", "mins")]
+    if resolve_backend(backend, x, *stored) == "torch" or empty_:
+        return int4_lowrank_matmul_reference(x, packed, bias)
+    _ready()
+    y = torch.ops.zskernels.int4_lowrank_matmul(_rows(x), *stored, bias)
+    return y.reshape(*x.shape[:-1], out_features)
