@@ -4,13 +4,15 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 import zssvd
 import zssvd.io.checkpoint as checkpoint
 from checkpoint_helpers import compress_tiny
-from tiny_models import tiny_tokenizer
+from tiny_models import tiny_model, tiny_tokenizer
 from zssvd.io.checkpoint import MANIFEST, WEIGHTS, CheckpointError, remove_stale_temporaries, write_atomically
 
 
@@ -92,3 +94,38 @@ def test_a_manifest_edited_outside_its_module_descriptions_is_refused(tmp_path, 
     (tmp_path / MANIFEST).write_text(json.dumps(manifest, indent=1))
     with pytest.raises(CheckpointError, match=r"zssvd\.json does not match its own SHA-256"):
         loader(tmp_path)
+
+
+WRITER = """
+import sys, torch, zssvd
+sys.path[:0] = sys.argv[3].split("|")
+from checkpoint_helpers import compress_tiny
+from tiny_models import tiny_model
+model, report = compress_tiny(storage=sys.argv[2], model=tiny_model(seed=int(sys.argv[4])))
+for _ in range(3):
+    zssvd.save_compressed(model, sys.argv[1], report=report)
+"""
+
+
+def test_two_writers_at_once_never_leave_a_checkpoint_that_loads_wrong(tmp_path):
+    """Two processes save two different models into one directory at the same time, three times each: the
+    directory then loads as exactly one of the two models, or is refused; never as a mix."""
+    out = tmp_path / "ckpt"
+    tests_dir = Path(__file__).parents[2]
+    paths = "|".join(str(p) for p in (tests_dir, tests_dir / "zssvd" / "io"))
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(out), "remap", paths, str(seed)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for seed in (1, 2)]
+    for w in writers:
+        assert w.wait(timeout=300) == 0, w.stderr.read().decode()[-2000:]
+    x = torch.arange(8)[None] % 16  # token ids every tiny vocabulary has
+    expected = []
+    for seed in (1, 2):
+        model, report = compress_tiny(storage="remap", model=tiny_model(seed=seed))
+        zssvd.save_compressed(model, tmp_path / f"alone{seed}", report=report)
+        expected.append(zssvd.load(tmp_path / f"alone{seed}")(x).logits)
+    try:
+        logits = zssvd.load(out)(x).logits
+    except CheckpointError:
+        return  # a mix of the two saves is detected and refused
+    assert any(torch.equal(logits, e) for e in expected)
+    assert not list(out.glob("*.tmp*"))

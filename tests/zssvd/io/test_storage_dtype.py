@@ -81,3 +81,17 @@ def test_load_casts_float_data_only(tmp_path, ids):
                     assert torch.equal(tensor, f.get_tensor(f"{name}.{key}"))
     # float32 compute of bf16-stored weights: close to the bf16 model, not bit-equal
     assert torch.allclose(logits(computed, ids), logits(stored, ids).float(), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("storage", ["dense", "remap", "hq", "int4"])
+def test_a_loaded_checkpoint_cast_with_float_computes_like_loading_it_in_float32(storage, tmp_path):
+    """``zssvd.load(DIR).float()`` (the Hugging Face idiom) keeps the packed buffers as stored and computes
+    exactly what ``zssvd.load(DIR, dtype=torch.float32)`` computes; ``.half()`` leaves them intact too."""
+    model, report = compress_tiny(storage=storage)
+    zssvd.save_compressed(model, tmp_path / "ckpt", report=report)  # 16-bit checkpoint
+    x = torch.arange(8)[None] % 16
+    reference = zssvd.load(tmp_path / "ckpt", dtype=torch.float32)(x).logits
+    cast = zssvd.load(tmp_path / "ckpt").float()
+    assert torch.equal(cast(x).logits, reference)
+    half = zssvd.load(tmp_path / "ckpt").half()
+    assert torch.isfinite(half(x).logits).all()
