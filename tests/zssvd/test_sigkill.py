@@ -86,3 +86,20 @@ def test_compress_killed_at_random_moments_resumes_to_the_same_bytes(tmp_path, c
     assert killed >= 1  # at least one kill landed before the run finished
     leftovers = [p.name for p in [*out.iterdir(), *cache.iterdir()] if ".tmp" in p.name]
     assert leftovers == []  # the killed runs' partial files were cleaned up by the rerun
+
+
+def test_two_compress_runs_at_once_share_a_cache_and_an_output(tmp_path, capsys):
+    """Two ``zssvd compress`` processes with the same cache directory and the same --out, at the same time:
+    both succeed, every cache entry passes its checksums, and the output is the uninterrupted run's bytes."""
+    save_tiny_model_dir(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text(english_text(3000, seed=1))
+    _run(_arguments(tmp_path, "reference", "reference-cache"), capsys)
+    reference, out, cache = tmp_path / "reference", tmp_path / "out", tmp_path / "cache"
+    processes = [_start(_arguments(tmp_path, "out", "cache")) for _ in range(2)]
+    assert [p.wait(timeout=600) for p in processes] == [0, 0]
+    for process in processes:
+        process.stdout.close()
+    _check_nothing_half_written(out, cache, reference)
+    verify_checkpoint(out)
+    for name in COMPARED:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
