@@ -63,7 +63,7 @@ def _add_demo_parser(sub) -> None:
     d.add_argument("--ratio", type=float, default=DEMO_DEFAULT["ratio"],
                    help=f"fraction of the targets' 16-bit bytes to keep (default {DEMO_DEFAULT['ratio']})")
     d.add_argument("--storage", choices=STORAGES, default=DEMO_DEFAULT["storage"],
-                   help=f"dense, remap or hq (default {DEMO_DEFAULT['storage']}; see zssvd compress --help)")
+                   help=f"dense, remap, hq or int4 (default {DEMO_DEFAULT['storage']}; see zssvd compress --help)")
     d.add_argument("--strategy", choices=STRATEGIES, default=DEMO_DEFAULT["strategy"],
                    help=f"selection rule (default {DEMO_DEFAULT['strategy']})")
     d.add_argument("--out", default="zssvd-demo", metavar="DIR", help="output directory (default ./zssvd-demo)")
