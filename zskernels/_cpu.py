@@ -88,11 +88,6 @@ def cache_entries() -> int:
     return len(_CACHE)
 
 
-def as_dtype(t: Tensor, dtype: torch.dtype, key: str = "as") -> Tensor:
-    """``t`` in ``dtype``, cached when a conversion is needed (small tensors: scales)."""
-    return t if t.dtype == dtype else derived(t, f"{key}:{dtype}", lambda: t.to(dtype))
-
-
 def plan(op: str, dtype: torch.dtype, packed: dict, make: Callable[[], T]) -> T:
     """An op's operands prepared once per (packed dict, x dtype): ``make()`` checks the arguments
     and builds them from copies only (the cache must not hold the stored tensors themselves).

@@ -137,8 +137,9 @@ def retype_packed(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast a loaded model to a compute ``dtype`` in place: float weights, float factors and biases;
-    remap tails when ``dtype`` is 16-bit; never int8 / fp8 tensors or scales (``nn.Module.to(dtype)``
-    would cast fp8 too)."""
+    remap tails when ``dtype`` is 16-bit; never int8 / fp8 tensors or scales, nor non-persistent buffers
+    such as rotary ``inv_freq`` (which ``nn.Module.to(dtype)`` would cast; packed modules' own buffers
+    survive that cast, ``_PackedBase._apply``)."""
     retype_packed(model, dtype)
     packed = set(packed_modules(model).values())
     for module in model.modules():

@@ -77,8 +77,15 @@ def test_load_casts_float_data_only(tmp_path, ids):
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         for name, module in computed.named_modules():
             if hasattr(module, "packed") and callable(module.packed):
-                for key, tensor in module.packed().items():  # int8 heads, fp16 tails, fp32 scales: as stored
+                for key, tensor in module.packed().items():  # int8 heads, 16-bit tails, fp32 scales: as stored
                     assert torch.equal(tensor, f.get_tensor(f"{name}.{key}"))
+                    if key.endswith("_tail"):  # tails are float factors: in the checkpoint's 16-bit type
+                        assert tensor.dtype == torch.bfloat16, (name, key)
+    # a 16-bit compute dtype takes the tails too (no per-call conversion), losslessly here
+    half = zssvd.load(tmp_path, dtype=torch.float16)
+    tails = [t for m in half.modules() if hasattr(m, "packed") and callable(m.packed)
+             for k, t in m.packed().items() if k.endswith("_tail") and t.numel()]
+    assert tails and all(t.dtype == torch.float16 for t in tails)
     # float32 compute of bf16-stored weights: close to the bf16 model, not bit-equal
     assert torch.allclose(logits(computed, ids), logits(stored, ids).float(), atol=0.1, rtol=0.05)
 

@@ -89,18 +89,12 @@ def linear_2d(x: Tensor, packed: dict[str, Tensor], prefix: str = "") -> Tensor:
     return _chunked(x, codes, scales, mins, k)
 
 
-def _finish(y: Tensor, x: Tensor, bias: Optional[Tensor]) -> Tensor:
-    if bias is not None:
-        y = y + _cpu.as_dtype(bias, y.dtype)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
 def int4_linear_cpu(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor] = None) -> Tensor:
     """y = x W_hat^T + bias, in x's dtype."""
-    return _finish(linear_2d(x.reshape(-1, x.shape[-1]), packed), x, bias)
+    return _cpu.finish(linear_2d(x.reshape(-1, x.shape[-1]), packed), x, bias)
 
 
 def int4_lowrank_matmul_cpu(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor] = None) -> Tensor:
     """y = (x V_hat) U_hat^T + bias, in x's dtype."""
     t = linear_2d(x.reshape(-1, x.shape[-1]), packed, "v_")
-    return _finish(linear_2d(t, packed, "u_"), x, bias)
+    return _cpu.finish(linear_2d(t, packed, "u_"), x, bias)
