@@ -30,7 +30,7 @@ from pathlib import Path
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
            "The three laws of thermodynamics state that", "In 1969, the first humans", "import numpy as np\n"]
-CHECKPOINTS = {"dense-0.8": ("dense", 0.8), "remap-0.8": ("remap", 0.8), "hq-0.4": ("hq", 0.4)}
+CHECKPOINTS = {"dense-0.8": ("dense", 0.8), "remap-0.8": ("remap", 0.8), "hq-0.4": ("hq", 0.4), "int4-0.25": ("int4", 0.25)}
 WIKITEXT = Path("/work/shared/data/wikitext-2/valid.txt")
 
 
@@ -64,11 +64,17 @@ def _engine(directory: Path, tp: int, max_len: int):
                distributed_executor_backend="mp" if tp > 1 else None)
 
 
+def _shutdown(llm) -> None:
+    """Stop the engine's processes now: left to the interpreter's exit, joining them never returns."""
+    llm.llm_engine.engine_core.shutdown()
+
+
 def _check_job(directory: str, tp: int, new_tokens: int, queue) -> None:
     from zssvd.io.vllm.check import compare, hf_greedy, vllm_greedy
 
     llm = _engine(Path(directory), tp, 256)
     got = vllm_greedy(llm, PROMPTS, new_tokens)
+    _shutdown(llm)
     queue.put(compare(hf_greedy(directory, PROMPTS, new_tokens), got))
 
 
@@ -87,6 +93,7 @@ def _speed_job(directory: str, batches: list[int], new_tokens: int, repeats: int
             llm.generate(prompts, params, use_tqdm=False)
             best = min(best, time.perf_counter() - start)
         out[batch] = batch * new_tokens / best
+    _shutdown(llm)
     queue.put(out)
 
 
@@ -97,7 +104,9 @@ def _in_process(target, *args):
     proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
     result = queue.get()
-    proc.join()
+    proc.join(timeout=120)
+    if proc.is_alive():  # an engine process that outlived its shutdown: do not wait for it forever
+        proc.kill()
     return result
 
 

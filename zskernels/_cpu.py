@@ -9,6 +9,11 @@ Nothing here de-quantises a whole factor per call:
   or prefill-sized M, where int8pack does not block for the cache) the weight is converted in row
   chunks of about ``CHUNK_BYTES`` (cache-sized, reused) and multiplied by plain GEMMs, so the
   conversion costs O(chunk) memory and is amortised over M rows. ``int8_linear`` is both in one call.
+  For prefill-sized M on large weights, 16-bit activations go through ``torch._int_mm`` instead
+  (``_int8_planes_mm``): each row of x is split into two int8 planes, hi + lo / 254 in steps of its
+  absmax / 127, which carries x to 1/64516 of its absmax (error ~3e-5 relative, below bf16's and
+  fp16's own rounding), and the integer GEMM (exact int32 sums) is several times faster than a
+  16-bit GEMM on the CPU. ``int8_path`` picks the route from M and the weight's shape.
 * ``float_linear(x, w)``: F.linear with a 16-bit weight in another dtype, converted in chunks.
 * ``fp8_rows_as_int8(w_fp8)``: a one-time re-encoding of fp8 e4m3 rows to int8 (torch's fp8 -> float
   conversion is scalar on the CPU, ~30 ns/element), cached by ``derived``.
@@ -38,6 +43,10 @@ T = TypeVar("T")
 INT8PACK_DTYPES = (torch.bfloat16, torch.float16)
 # Up to this many rows int8pack beats de-quantise-then-GEMM; above, the GEMM's blocking wins.
 INT8PACK_MAX_ROWS = 16
+# From this many rows on, large weights (both dimensions at least PLANES_MIN_DIM) take the
+# two-plane integer GEMM; below either bound its quantisation of x costs more than it saves.
+PLANES_MIN_ROWS = 16
+PLANES_MIN_DIM = 256
 # int8pack's CPU kernel reads K in steps of 16 (8 for one row) without a remainder loop: other K
 # give wrong results or a crash (measured on torch 2.13), so they take the chunked path.
 INT8PACK_K_MULTIPLE = 16
@@ -162,13 +171,51 @@ def int8_rows(w: Tensor, row_scale: Optional[Tensor], dtype: torch.dtype, *, nor
     return Int8Rows(F.pad(w if rows is None else rows, (0, pad)).contiguous(), scale, True, pad)
 
 
+def int8_path(rows: int, out_features: int, in_features: int, sixteen_bit: bool) -> str:
+    """Which CPU route ``int8_apply`` takes for ``rows`` activations of a 16-bit dtype (or not) against
+    an (out_features, in_features) int8 weight: "planes", "int8pack" or "chunked" (measured
+    crossovers: bench/RESULTS.md, "CPU routes of an int8 weight")."""
+    if sixteen_bit and rows >= PLANES_MIN_ROWS and min(out_features, in_features) >= PLANES_MIN_DIM:
+        return "planes"
+    if sixteen_bit and rows <= INT8PACK_MAX_ROWS:
+        return "int8pack"
+    return "chunked"
+
+
 def int8_apply(x: Tensor, stored: Tensor, prepared: Int8Rows) -> Tensor:
     """y = x (w * scale)^T for x (M, K) in the dtype ``prepared`` was made for."""
     w = stored if prepared.rows is None else prepared.rows
-    if prepared.packable and x.shape[0] <= INT8PACK_MAX_ROWS:
-        x = F.pad(x, (0, prepared.pad)) if prepared.pad else _aligned(x.contiguous())
-        return torch._weight_int8pack_mm(x, w, prepared.scale)
+    path = int8_path(x.shape[0], w.shape[0], w.shape[1] - prepared.pad, prepared.packable)
+    if path != "chunked":
+        xk = F.pad(x, (0, prepared.pad)) if prepared.pad else _aligned(x.contiguous())
+        if path == "int8pack":
+            return torch._weight_int8pack_mm(xk, w, prepared.scale)
+        y = _int8_planes_mm(xk, w, prepared.scale)
+        if y is not None:
+            return y
     return _chunked_linear(x, w if not prepared.pad else w[:, :w.shape[1] - prepared.pad], prepared.scale)
+
+
+def _int8_planes_mm(x: Tensor, w: Tensor, scale: Tensor) -> Optional[Tensor]:
+    """x (w * scale[:, None])^T through one integer GEMM, for 16-bit x (M, K) and int8 w (N, K).
+
+    Each row of x is a * absmax / 127 with |a| <= 127, and a = hi + lo / 254 + e with hi, lo integers
+    in [-127, 127] and |e| <= 1/508: the rows [hi; lo] (2M x K int8) times w^T are exact int32 sums,
+    combined as hi + lo / 254 in float32. None when a row is not finite (the caller's float path then
+    gives IEEE results).
+    """
+    rows = x.shape[0]
+    a = x.to(torch.float32, copy=True)
+    absmax = a.abs().amax(dim=1, keepdim=True)
+    if not bool(torch.isfinite(absmax).all()):
+        return None
+    step = absmax.clamp_min_(torch.finfo(torch.float32).tiny).div_(127.0)
+    a.div_(step)
+    hi = a.round()
+    lo = a.sub_(hi).mul_(254.0).round_()
+    acc = torch._int_mm(torch.cat([hi, lo]).to(torch.int8), w.t()).to(torch.float32)
+    y = acc[rows:].div_(254.0).add_(acc[:rows])
+    return y.mul_(step).mul_(scale).to(x.dtype)
 
 
 def int8_linear(x: Tensor, w: Tensor, scale: Tensor | None) -> Tensor:

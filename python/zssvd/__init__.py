@@ -48,14 +48,17 @@ def register_hf() -> None:
     register()
 
 
-def load(directory, *, device="cpu", verify: bool = True, dtype=None):
+def load(directory, *, device=None, verify: bool = True, dtype=None, device_map=None, max_memory=None):
     """Load a compressed model written by ``save_compressed`` (or ``zssvd compress``); checks sizes and
     SHA-256 unless ``verify=False``; ``dtype`` casts float weights to a compute dtype (default: as stored).
+    ``device``: one device (default the CPU); ``device_map`` ("auto", ..., or {module prefix: device}) and
+    ``max_memory``: across devices, CPU and disk (``zssvd.io.checkpoint.load``).
     Registers the Hugging Face integration on first use."""
     from .io.checkpoint import load as load_checkpoint
 
     register_hf()
-    return load_checkpoint(directory, device=device, verify=verify, dtype=dtype)
+    return load_checkpoint(directory, device=device, verify=verify, dtype=dtype, device_map=device_map,
+                           max_memory=max_memory)
 
 
 def __getattr__(name: str):

@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "architectures zssvd does not know (e.g. model.layers)")
     c.add_argument("--no-plots", action="store_true", help="do not write the PNG plots of report.json into OUT "
                    "(they need matplotlib; without it they are skipped)")
+    c.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for another that neither answers nor dies before the "
+                        "job fails (default 1800; a rank that dies fails the job at once)")
     _add_runtime_args(c)
 
     e = sub.add_parser("eval", help="perplexity of a model or compressed checkpoint on a text",
@@ -198,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 EXIT_USAGE = 2  # bad options or input, and every other error the message explains
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
+EXIT_TERMINATED = 143  # SIGTERM (128 + 15): under torchrun, another rank failed
 
 
 class _Parser(argparse.ArgumentParser):
@@ -217,10 +221,10 @@ def _check_device(device: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    from .runtime.distributed import init_from_env, is_main
+    from .runtime.distributed import Terminated, init_from_env, is_main
     from .runtime.progress import quiet_by_environment, set_quiet
 
-    joined = init_from_env(getattr(args, "device", "cpu"))  # under torchrun: join its process group
+    joined = init_from_env(getattr(args, "device", "cpu"), getattr(args, "dist_timeout", None))  # under torchrun
     args.quiet = args.quiet or quiet_by_environment()
     set_quiet(args.quiet or not is_main())
     if args.quiet:
@@ -233,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_device(getattr(args, "device", "cpu"))
         return commands[args.command](args)
+    except Terminated as err:  # torchrun stops the other ranks when one fails
+        print(f"zssvd {args.command}: {err}", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         if debug:
             raise

@@ -26,6 +26,7 @@ from .io.models import TargetSet, assign_input_groups, check_causal_lm, find_tar
 from .report import build_report, model_nbytes, sampled_steps, score_summary  # noqa: F401  (re-exported)
 from .runtime.cache import StageCache, cache_key
 from .runtime.distributed import decompose_sharded, everywhere, is_main
+from .runtime.memory import MemoryTracker
 from .runtime.progress import progress
 from .stages.calibration import CalibrationSet
 from .stages.correction import correct
@@ -60,6 +61,7 @@ class Analysis:
     key: str = ""  # cache key of the factors (empty without a cache)
     curvature: dict[str, torch.Tensor] | None = None  # second-order terms (``analyze(second_order=True)``)
     windows_per_rank: list[int] | None = None  # the calibration pass's windows on each rank (torchrun)
+    memory: MemoryTracker = field(default_factory=MemoryTracker)  # peak memory of each stage so far
 
 
 class Stages:
@@ -71,29 +73,39 @@ class Stages:
     together (the sharded SVDs): its entry is used only when every rank has it.
     """
 
-    def __init__(self, cache_dir: str | None, key: str = "", timings: dict | None = None):
+    def __init__(self, cache_dir: str | None, key: str = "", timings: dict | None = None,
+                 memory: MemoryTracker | None = None):
         self.cache = StageCache(cache_dir if key else None)
         self.cache.usable()  # an unusable directory is found now, before any work, and costs only the cache
         self.key = key
         self.timings = {} if timings is None else timings
+        self.memory = MemoryTracker() if memory is None else memory  # peak memory by stage, like the timings
 
     @contextmanager
     def timed(self, name: str):
-        start = time.perf_counter()
-        yield
-        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+        with self.memory.stage(name):
+            start = time.perf_counter()
+            yield
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
     def run(self, name: str | None, compute: Callable, *, entry: str | None = None, save: Callable | None = None,
             restore: Callable | None = None, shared: bool = False):
-        cached = self.cache.load(entry, self.key) if entry else None
-        if shared and not everywhere(cached is not None):  # the ranks compute together, or none does
-            cached = None
-        if cached is not None:
-            return restore(*cached)
+        # A cache hit is recorded as the stage, "cached": its memory is that of reading the entry.
+        with self.memory.stage(name or entry, cached=True) if entry else nullcontext() as record:
+            cached = self.cache.load(entry, self.key) if entry else None
+            if shared and not everywhere(cached is not None):  # the ranks compute together, or none does
+                cached = None
+            if cached is not None:
+                if is_main():
+                    log.info("%s: reused from the stage cache (%s)", entry, self.cache.path(entry, self.key))
+                return restore(*cached)
+            if record is not None:
+                record.keep = False  # a miss: the computed stage is recorded below instead
         with self.timed(name) if name else nullcontext():  # None: the stage times its own parts
             result = compute()
         if entry and is_main():
-            self.cache.store(entry, self.key, *save(result))
+            with self.memory.stage(f"cache_store:{entry}"):
+                self.cache.store(entry, self.key, *save(result))
         return result
 
 
@@ -117,7 +129,7 @@ def analyze(model: nn.Module, calib: CalibrationSet, options: AnalysisOptions | 
     device = options.compute_device(model)
     key = cache_key(model_fingerprint(model, options.source), calib.fingerprint(), __version__,
                     [t.name for t in targets]) if options.cache_dir else ""
-    stages = Stages(options.cache_dir, key)
+    stages = Stages(options.cache_dir, key, memory=MemoryTracker(device))
 
     stats = stages.run("calibration_pass", lambda: _statistics(model, targets, calib, options),  # 1
                        entry="stats", save=_stats_entry, restore=_stats_from_entry, shared=True)
@@ -131,7 +143,7 @@ def analyze(model: nn.Module, calib: CalibrationSet, options: AnalysisOptions | 
     analysis = Analysis(targets=targets, specs=[MatrixSpec(t.name, *t.shape) for t in targets], whitening=whitening,
                         jitter=jitter, factors=factors, scores=scores, loss=stats["loss"], calibration=calib,
                         options=options, timings=stages.timings, key=stages.key,
-                        windows_per_rank=stats.get("windows_per_rank"))
+                        windows_per_rank=stats.get("windows_per_rank"), memory=stages.memory)
     if second_order:
         add_curvature(model, analysis)  # 4b
     return analysis
@@ -162,7 +174,7 @@ def compress_(model: nn.Module, calib: CalibrationSet, config: CompressionConfig
     targets = analysis.targets.rebind(model)  # ``model`` may be a copy of the analysed one
     if config.strategy == "zero-sum-2nd":
         add_curvature(model, analysis)  # ratio-independent: a no-op when ``analyze(second_order=True)`` did it
-    stages = Stages(None, timings=dict(analysis.timings))
+    stages = Stages(None, timings=dict(analysis.timings), memory=analysis.memory.copy())
 
     selection = stages.run("selection", lambda: _select(analysis, config))  # 5
     truncated = truncate(analysis, selection)
@@ -173,7 +185,8 @@ def compress_(model: nn.Module, calib: CalibrationSet, config: CompressionConfig
             decompose_method=analysis.options.decompose_method, **analysis.options.pass_settings()))
         truncated = correction.factors
     stages.run("packing", lambda: pack_model(model, targets, truncated, selection))  # 7
-    return model, build_report(model, analysis, config, selection, stages.timings, correction)
+    return model, build_report(model, analysis, config, selection, stages.timings, correction,
+                               memory=stages.memory.summary())
 
 
 compress = compress_  # the name the README and older code use; it changes the model in place all the same
@@ -183,7 +196,7 @@ convert = compress_  # torchao's name for the ratio-dependent half
 def add_curvature(model: nn.Module, analysis: Analysis) -> dict[str, torch.Tensor]:
     """The second-order terms of ``zero-sum-2nd`` (one more gradient pass; cached with the factors)."""
     if analysis.curvature is None:
-        stages = Stages(analysis.options.cache_dir, analysis.key, analysis.timings)
+        stages = Stages(analysis.options.cache_dir, analysis.key, analysis.timings, analysis.memory)
         analysis.curvature = stages.run(
             "curvature", lambda: curvature_terms(model, analysis.targets.rebind(model), analysis.calibration.input_ids,
                                                  analysis.factors, **analysis.options.pass_settings()),

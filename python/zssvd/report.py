@@ -8,6 +8,7 @@ from ._version import __version__
 from .config import CompressionConfig
 from .io.checkpoint import retyped_module, storage_dtype
 from .nn import describe_packed, packed_modules
+from .runtime.memory import component_bytes
 from .stages.correction import CorrectionResult
 from .stages.selection import Selection
 
@@ -58,7 +59,7 @@ def stored_target_bytes(model: nn.Module, specs: dict, dtype: torch.dtype) -> in
 
 
 def build_report(model: nn.Module, analysis, config: CompressionConfig, selection: Selection, timings: dict,
-                 correction: CorrectionResult | None) -> dict:
+                 correction: CorrectionResult | None, memory: dict | None = None) -> dict:
     """``report.json``: what ``compress`` did to ``model`` (already packed) from ``analysis`` under ``config``."""
     manifest = describe_packed(model)
     corrections = config.corrections
@@ -109,5 +110,8 @@ def build_report(model: nn.Module, analysis, config: CompressionConfig, selectio
         "model_bytes": model_nbytes(model),
         "whitening_max_relative_jitter": max(analysis.jitter.values()),
         "timings": {k: round(v, 3) for k, v in timings.items()},
+        # peak resident (and device) bytes of the process and of each stage (zssvd.runtime.memory)
+        "memory": memory if memory is None else {
+            **memory, "components": component_bytes(model, analysis, memory["by_stage"])},
         "torch_version": torch.__version__,
     }

@@ -29,7 +29,7 @@ def smollm2():
 def checkpoints(request, tmp_path_factory) -> dict[str, Path]:
     """{name: directory}: one analysis, then each (storage, ratio) compressed and saved (zssvd's own writer).
 
-    ZSSVD_VLLM_CHECKPOINTS=DIR uses DIR/dense, DIR/remap and DIR/hq instead (made by `zssvd compress`).
+    ZSSVD_VLLM_CHECKPOINTS=DIR uses DIR/dense, DIR/remap, DIR/hq and DIR/int4 instead (made by `zssvd compress`).
     """
     import zssvd
 

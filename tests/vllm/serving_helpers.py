@@ -13,7 +13,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache: plenty 
 
 # The tests' checkpoints: (name, storage, ratio). Small calibration to keep CI short (stated in
 # docs/vllm.md); bench/bench_vllm.py uses the 32 x 512 windows of the issue.
-CHECKPOINTS = {"dense": ("dense", 0.8), "remap": ("remap", 0.8), "hq": ("hq", 0.4)}
+CHECKPOINTS = {"dense": ("dense", 0.8), "remap": ("remap", 0.8), "hq": ("hq", 0.4), "int4": ("int4", 0.25)}
 CALIB_SAMPLES, CALIB_LEN = 4, 256
 WIKITEXT = Path("/work/shared/data/wikitext-2/valid.txt")
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",

@@ -1,6 +1,6 @@
 """vLLM (CPU build, fp32) serves zssvd checkpoints exactly like ``zssvd.load`` + Hugging Face.
 
-For each storage (dense factors at 0.8, remap at 0.8, hq at 0.4) and tensor-parallel size 1 and 3:
+For each storage (dense factors at 0.8, remap at 0.8, hq at 0.4, int4 at 0.25) and tensor-parallel size 1 and 3:
 greedy decoding of 64 new tokens for several prompts gives the same tokens, and each token's
 log-probability agrees within LOGPROB_ATOL (fp32 on both sides; the difference is summation order).
 """

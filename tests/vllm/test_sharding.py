@@ -51,11 +51,29 @@ def test_column_and_row_slices_reassemble_the_module(kind, shape, tp, rng):
     torch.testing.assert_close(sum(partial), expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["triton", "auto"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_whole_remap_keeps_the_kernel_layout_and_slices_do_not(shape, rng):
+def test_remap_slices_run_the_kernel_op(shape, backend, rng, monkeypatch):
+    """Every remap slice (heads of different lengths, some empty) calls zskernels.remap_matmul with the
+    backend asked for, no torch fallback: Triton (interpreted on CPU) and "auto" (the fast CPU path)."""
+    import zskernels
+
     module = _lowrank(*shape, "remap", rng)
-    assert slice_module(module.describe(), module.packed(), WHOLE, 0, 0).exact_layout
-    assert not _slices(module.describe(), module.packed(), COLUMN, shape[0], 3)[1].exact_layout
+    desc, tensors = module.describe(), module.packed()
+    x = torch.randn(5, shape[1], generator=rng)
+    expected = module(x, backend="torch")
+    calls = []
+    op = zskernels.remap_matmul
+    monkeypatch.setattr(zskernels, "remap_matmul", lambda *a, **kw: calls.append(kw["backend"]) or op(*a, **kw))
+    for tp in (2, 3):
+        columns = _slices(desc, tensors, COLUMN, shape[0], tp)
+        torch.testing.assert_close(torch.cat([p.forward(x, backend) for p in columns], -1), expected,
+                                   rtol=1e-4, atol=1e-4)
+        size = shape[1] // tp
+        rows = _slices(desc, tensors, ROW, shape[1], tp)
+        partial = [p.forward(x[:, r * size:(r + 1) * size], backend) for r, p in enumerate(rows)]
+        torch.testing.assert_close(sum(partial), expected, rtol=1e-4, atol=1e-4)
+    assert calls == [backend] * (2 * (2 + 3))
 
 
 def test_remap_slice_straddling_head_and_tail_keeps_both(rng):

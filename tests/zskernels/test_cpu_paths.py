@@ -200,3 +200,60 @@ def test_int4pack_takes_misaligned_activations(offset, rng):
     x = torch.randn(offset + 5 * 64, generator=rng).to(torch.bfloat16)[offset:].view(5, 64)
     expected = x.double() @ zskernels.dequantize_int4(packed).double().T
     assert rel_err(zskernels.int4_linear(x, packed), expected) < RTOL[torch.bfloat16]
+
+
+# The two-plane integer route (_cpu._int8_planes_mm) for prefill-sized M on large weights.
+PLANE_SHAPES = [(257, 300), (300, 520), (256, 256), (1536, 576)]  # odd, K % 16 != 0 (padded), bounds, SmolLM2's MLP
+
+
+@pytest.mark.parametrize("m", [16, 17, 40])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", PLANE_SHAPES, ids=shape_id)
+def test_planes_route_adds_almost_nothing_to_the_dtypes_rounding(shape, dtype, m, rng):
+    """x is carried to 1/64516 of each row's absmax: the result is within 5% of the float64 product
+    rounded once to the activation dtype, which is the best any path returning that dtype can do."""
+    n, k = shape
+    w = torch.randint(-127, 128, (n, k), generator=rng, dtype=torch.int8)
+    scale = torch.rand(n, generator=rng) * 0.01 + 1e-3
+    x = (torch.randn(m, k, generator=rng) * torch.logspace(-2, 2, m)[:, None]).to(dtype)  # rows of every size
+    prepared = _cpu.int8_rows(w, scale, dtype)
+    assert _cpu.int8_path(m, n, k, True) == "planes"
+    expected = x.double() @ (w.double() * prepared.scale.double()[:, None]).T
+    y = _cpu.int8_apply(x, w, prepared)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert rel_err(y, expected) <= 1.05 * rel_err(expected.to(dtype), expected)
+    for row in range(m):  # no row drowned by another's scale
+        assert rel_err(y[row], expected[row]) <= 1.05 * rel_err(expected[row].to(dtype), expected[row]) + 1e-6
+
+
+def test_planes_route_keeps_non_finite_rows_to_themselves(rng):
+    w = torch.randint(-127, 128, (300, 300), generator=rng, dtype=torch.int8)
+    x = torch.randn(20, 300, generator=rng).to(torch.bfloat16)
+    x[3, 5], x[7, 0] = float("inf"), float("nan")
+    y = _cpu.int8_apply(x, w, _cpu.int8_rows(w, None, torch.bfloat16))
+    assert not y[3].isfinite().all() and y[7].isnan().all()
+    finite = [r for r in range(20) if r not in (3, 7)]
+    assert rel_err(y[finite], x[finite].double() @ w.double().T) < RTOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("m", [1, 15, 16, 17])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_remap_through_every_int8_route_matches_float64(shape, dtype, m, monkeypatch, rng):
+    """The planes route on small odd shapes too (bounds lowered): every GEMM of the op takes it from M = 16 on."""
+    monkeypatch.setattr(_cpu, "PLANES_MIN_DIM", 1)
+    out, in_, k = shape
+    packed = zskernels.pack_remap(*factors(out, in_, k, rng), fmt="int8", tail_dtype=dtype)
+    u_hat, v_hat = unpack_remap(packed)
+    x, bias = torch.randn(m, in_, generator=rng).to(dtype), torch.randn(out, generator=rng)
+    assert _cpu.int8_path(m, out, in_, True) == ("planes" if m >= 16 else "int8pack")
+    y = zskernels.remap_matmul(x, packed, bias)
+    assert rel_err(y, (x.double() @ v_hat.double()) @ u_hat.double().t() + bias.double()) < RTOL[dtype]
+
+
+def test_int8_routes_by_rows_and_shape():
+    assert _cpu.int8_path(1, 1536, 576, True) == "int8pack"
+    assert _cpu.int8_path(16, 1536, 576, True) == "planes"
+    assert _cpu.int8_path(16, 64, 576, True) == "int8pack"   # a small weight: quantising x costs more
+    assert _cpu.int8_path(17, 64, 576, True) == "chunked"
+    assert _cpu.int8_path(64, 1536, 576, False) == "chunked"  # fp32 activations keep the exact float path

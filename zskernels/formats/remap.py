@@ -18,7 +18,15 @@ is contiguous (stage 1 reduces over ``in`` and reads V^T; stage 2 reduces over `
   u_tail   (out - s, k)   fp16 | bf16  U[s:, :]                 empty unless out > in
   u_scale  (k,)           fp32         per-component dequantisation scale of U's head
 
-Dequantisation: V_hat[:s, j] = v_q[j, :] * v_scale[j], U_hat[:s, j] = u_q[:, j] * u_scale[j],
+Head lengths. ``pack_remap`` gives both factors a head of s = min(out, in) rows, but stage 1
+(reducing over ``in``) only needs V's head length s_in = v_q.shape[1] and stage 2 (writing ``out``)
+only U's, s_out = u_q.shape[0]; ``packed_layout`` and the ops read each from its tensor. So a
+tensor-parallel slice is itself a valid dict: rows [a, b) of U keep the head rows they contain
+(u_q) and then the tail rows (u_tail), leaving V whole, and likewise for V. A head may be empty (a
+slice that lies in the tail); the two factors' tails may not both be non-empty (no slice of a
+packed matrix has that), and in, out >= 1.
+
+Dequantisation: V_hat[:s_in, j] = v_q[j, :] * v_scale[j], U_hat[:s_out, j] = u_q[:, j] * u_scale[j],
 tails as stored. The 8-bit format is read from the dtype (torch.int8: symmetric integers in
 [-127, 127], scale = absmax / 127; torch.float8_e4m3fn: scale = absmax / 448); nothing else is
 needed to interpret the dict, so it survives safetensors unchanged. int8 is the default: it gave
@@ -115,13 +123,39 @@ class Layout(NamedTuple):
     out_features: int
     in_features: int
     rank: int
-    head: int  # s = min(out, in)
+    head: int  # s_in: V's 8-bit head rows among ``in`` (stage 1); min(out, in) for pack_remap's dicts
     fmt: str
     tail_dtype: torch.dtype
+    head_out: int  # s_out: U's 8-bit head rows among ``out`` (stage 2); equal to head unless sliced
+
+
+def _layout_problems(v_q: Tensor, v_tail: Tensor, v_scale: Tensor, u_q: Tensor, u_tail: Tensor,
+                     u_scale: Tensor) -> list[str]:
+    k = v_q.shape[0]
+    problems = []
+    if v_q.dtype not in _FMT_OF_DTYPE or u_q.dtype != v_q.dtype:
+        problems.append(f"v_q/u_q dtypes {v_q.dtype}/{u_q.dtype} (need both int8 or both float8_e4m3fn)")
+    if v_tail.dtype not in TAIL_DTYPES or u_tail.dtype != v_tail.dtype:
+        problems.append(f"tail dtypes {v_tail.dtype}/{u_tail.dtype} (need both float16 or both bfloat16)")
+    if u_q.shape[1] != k or v_tail.shape[0] != k or u_tail.shape[1] != k:
+        problems.append(f"shapes v_q {tuple(v_q.shape)}, u_q {tuple(u_q.shape)}, v_tail {tuple(v_tail.shape)}, "
+                        f"u_tail {tuple(u_tail.shape)} disagree on the rank k")
+    if v_tail.shape[1] and u_tail.shape[0]:
+        problems.append("both factors have a 16-bit tail; only the bigger factor may have one")
+    if v_q.shape[1] + v_tail.shape[1] < 1 or u_q.shape[0] + u_tail.shape[0] < 1:
+        problems.append("in_features and out_features must both be >= 1")
+    for name, sc in (("v_scale", v_scale), ("u_scale", u_scale)):
+        if sc.dtype != torch.float32 or tuple(sc.shape) != (k,):
+            problems.append(f"{name} is {sc.dtype} {tuple(sc.shape)} (need float32 ({k},))")
+    return problems
 
 
 def packed_layout(packed: dict[str, Tensor]) -> Layout:
-    """Shapes and formats of a packed dict, checked for consistency (shapes only, no sync)."""
+    """Shapes and formats of a packed dict, checked for consistency (shapes only, no sync).
+
+    Each factor's head length is read from its own tensor (module docstring), so pack_remap's dicts
+    and their tensor-parallel slices both pass; dicts whose tensors disagree are refused.
+    """
     if not isinstance(packed, dict):
         raise TypeError(f"packed must be the dict returned by pack_remap, got {type(packed).__name__}")
     missing = [key for key in PACKED_KEYS if key not in packed]
@@ -132,23 +166,13 @@ def packed_layout(packed: dict[str, Tensor]) -> Layout:
     v_q, v_tail, v_scale, u_q, u_tail, u_scale = (packed[key] for key in PACKED_KEYS)
     if v_q.dim() != 2 or u_q.dim() != 2 or v_tail.dim() != 2 or u_tail.dim() != 2:
         raise ValueError("packed v_q, v_tail, u_q, u_tail must all be 2-D; build the dict with pack_remap")
-    k, s = v_q.shape
-    problems = []
-    if v_q.dtype not in _FMT_OF_DTYPE or u_q.dtype != v_q.dtype:
-        problems.append(f"v_q/u_q dtypes {v_q.dtype}/{u_q.dtype} (need both int8 or both float8_e4m3fn)")
-    if v_tail.dtype not in TAIL_DTYPES or u_tail.dtype != v_tail.dtype:
-        problems.append(f"tail dtypes {v_tail.dtype}/{u_tail.dtype} (need both float16 or both bfloat16)")
-    if tuple(u_q.shape) != (s, k) or v_tail.shape[0] != k or u_tail.shape[1] != k:
-        problems.append(f"shapes v_q {tuple(v_q.shape)}, u_q {tuple(u_q.shape)}, v_tail {tuple(v_tail.shape)}, "
-                        f"u_tail {tuple(u_tail.shape)} disagree on k and s")
-    if v_tail.shape[1] and u_tail.shape[0]:
-        problems.append("both factors have a 16-bit tail; only the bigger factor may have one")
-    for name, sc in (("v_scale", v_scale), ("u_scale", u_scale)):
-        if sc.dtype != torch.float32 or tuple(sc.shape) != (k,):
-            problems.append(f"{name} is {sc.dtype} {tuple(sc.shape)} (need float32 ({k},))")
+    problems = _layout_problems(v_q, v_tail, v_scale, u_q, u_tail, u_scale)
     if problems:
-        raise ValueError("malformed packed dict: " + "; ".join(problems))
-    return Layout(s + u_tail.shape[0], s + v_tail.shape[1], k, s, _FMT_OF_DTYPE[v_q.dtype], v_tail.dtype)
+        raise ValueError("malformed packed dict: " + "; ".join(problems) + "; build it with pack_remap "
+                         "(or slice one with zssvd.io.vllm.sharding)")
+    (k, s_in), s_out = v_q.shape, u_q.shape[0]
+    return Layout(s_out + u_tail.shape[0], s_in + v_tail.shape[1], k, s_in, _FMT_OF_DTYPE[v_q.dtype],
+                  v_tail.dtype, s_out)
 
 
 def unpack_remap(packed: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

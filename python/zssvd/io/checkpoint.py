@@ -38,6 +38,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -46,6 +47,7 @@ from ..nn import (PackedDenseLinear, PackedLowRankLinear, describe_packed, modul
                   storage_for_dtype)
 from ..nn.packed_linear import DTYPE_NAMES, FLOAT_STORAGES
 from .models import EMBEDDED_DEFAULT, embedded_default_path
+from .placement import assign
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -492,32 +494,91 @@ def build_empty_model(directory: Path, manifest: dict):
     return swap_packed(model, manifest["modules"], dtype)
 
 
-def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu", verify: bool = True,
-         dtype: torch.dtype | None = None) -> nn.Module:
+def load(directory: str | os.PathLike, *, device: str | torch.device | None = None, verify: bool = True,
+         dtype: torch.dtype | None = None, device_map=None, max_memory: dict | None = None) -> nn.Module:
     """Load a compressed model written by ``save_compressed`` (or ``zssvd compress``), format 1 or 2.
 
+    ``device``: the one device to load onto (default the CPU). ``device_map``: place modules on several
+    devices instead (``placement.py``): "auto", "balanced", "balanced_low_0", "sequential" (accelerate infers
+    the map from each device's free memory, or ``max_memory`` such as ``{0: "20GiB", "cpu": "60GiB"}``), a
+    device, or a dict ``{module prefix: device}`` whose devices may include "cpu" and "disk" (offloaded:
+    moved to the execution device for each forward; disk-offloaded tensors are read from the checkpoint's
+    own weight file). Packed modules are placed whole; the logits are those of a one-device load.
     ``dtype``: cast float weights, float factors and biases to this compute dtype (``cast_model``);
     default: keep the stored dtype.
     """
+    if device is not None and device_map is not None:
+        raise ValueError("pass device (one device) or device_map (several), not both")
     directory = Path(directory)
     manifest = verify_checkpoint(directory, checksums=verify)
     model = build_empty_model(directory, manifest)
+    if device_map is not None:
+        return _load_placed(directory, manifest, model, dtype, device_map, max_memory)
     state = _read_weights(directory / WEIGHTS)
     _check_shapes(model, state, manifest)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if k not in manifest["tied"]]
-    if missing or unexpected:
-        raise CheckpointError(f"{WEIGHTS} does not match the model: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-    for alias, source in manifest["tied"].items():
-        _assign(model, alias, model.get_parameter(source) if source in dict(model.named_parameters())
-                else model.get_buffer(source))
+    _check_keys(missing, unexpected, manifest)
+    _tie_aliases(model, manifest)
     leftovers = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if leftovers:
         raise CheckpointError(f"the checkpoint leaves these tensors unset: {leftovers[:5]}")
     if dtype is not None:
         cast_model(model, dtype)
-    return model.to(device).eval()
+    return model.to(device or "cpu").eval()
+
+
+def _tie_aliases(model: nn.Module, manifest: dict) -> None:
+    """Each tied alias (``lm_head.weight`` of tied embeddings, ...) set to its source tensor itself."""
+    for alias, source in manifest["tied"].items():
+        assign(model, alias, model.get_parameter(source) if source in dict(model.named_parameters())
+                else model.get_buffer(source))
+
+
+def _check_keys(missing, unexpected, manifest: dict) -> None:
+    missing = [k for k in missing if k not in manifest["tied"]]
+    if missing or unexpected:
+        raise CheckpointError(f"{WEIGHTS} does not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+
+
+def _load_placed(directory: Path, manifest: dict, model: nn.Module, dtype: torch.dtype | None, device_map,
+                 max_memory: dict | None) -> nn.Module:
+    """``load`` with a device map: the weights go straight from the file to their devices (or stay in it)."""
+    from . import placement
+
+    placement.require_accelerate()
+    layout = _stored_layout(directory / WEIGHTS)
+    _check_shapes(model, layout, manifest)
+    expected = set(model.state_dict())
+    _check_keys(sorted(expected - set(layout)), sorted(set(layout) - expected), manifest)
+    for module in packed_modules(model).values():
+        module.to("meta")  # the plan counts their bytes; no memory is taken before they are placed
+    _tie_aliases(model, manifest)  # the plan counts a tied tensor once and keeps its names together
+    if dtype is not None:
+        cast_model(model, dtype)  # the empty tensors take the compute dtypes, which loading converts to
+    device_map = placement.resolve_device_map(model, device_map, max_memory)
+    index = placement.load_placed(model, directory / WEIGHTS, device_map, manifest["tied"])
+    leftovers = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
+                 if p.is_meta and n not in index]
+    if leftovers:
+        raise CheckpointError(f"the checkpoint leaves these tensors unset: {leftovers[:5]}")
+    return placement.dispatch(model, device_map, index).eval()
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                      "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _stored_layout(path: Path) -> dict[str, torch.Tensor]:
+    """Each stored tensor as an empty meta tensor of its shape and dtype, read from the file's header only."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            slices = {name: f.get_slice(name) for name in f.keys()}
+            return {name: torch.empty(s.get_shape(), dtype=SAFETENSORS_DTYPES[s.get_dtype()], device="meta")
+                    for name, s in slices.items()}
+    except Exception as err:  # safetensors raises its own error types for damaged headers
+        raise CheckpointError(f"cannot read {path}: {err}; the file is corrupt") from err
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -536,7 +597,3 @@ def _check_shapes(model: nn.Module, state: dict[str, torch.Tensor], manifest: di
                                   f"{tuple(expected[name].shape)} {expected[name].dtype} from {MANIFEST}")
 
 
-def _assign(model: nn.Module, name: str, value) -> None:
-    owner_name, _, attr = name.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
-    setattr(owner, attr, value)

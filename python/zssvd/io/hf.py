@@ -32,12 +32,11 @@ class ZSSVDForCausalLM(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        device = kwargs.get("device_map") or kwargs.get("device") or "cpu"
-        if not isinstance(device, str):
-            raise ValueError("zssvd checkpoints load onto one device: pass device_map='cpu' or 'cuda'")
+        device_map = kwargs.get("device_map")  # a device, "auto", ... or a dict: zssvd.load places it
+        device = None if device_map is not None else kwargs.get("device")
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-        return load(pretrained_model_name_or_path, device="cuda" if device == "auto" else device,
-                    dtype=dtype if isinstance(dtype, torch.dtype) else None)
+        return load(pretrained_model_name_or_path, device=device, device_map=device_map,
+                    max_memory=kwargs.get("max_memory"), dtype=dtype if isinstance(dtype, torch.dtype) else None)
 
 
 def register() -> None:

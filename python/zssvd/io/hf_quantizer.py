@@ -9,11 +9,18 @@ architecture (``LlamaForCausalLM``, ...) and calls the quantizer, which
    refusing a damaged or edited one with ``CheckpointError``;
 2. swaps empty packed modules in for the compressed linears, before transformers loads the weights
    into their buffers under their own names;
-3. after loading, reads the packed tensors again, as stored: transformers 4.5x casts every float
+3. re-types float factors to the compute dtype when ``dtype=`` asked for another one, before the weights
+   are loaded (an offloaded module is offloaded as it will compute);
+4. after loading, reads the packed tensors again, as stored: transformers 4.5x casts every float
    tensor of a quantised model to the model dtype (remap's fp16 tails must stay fp16) and renames
    ``*.weight_v`` to ``*.parametrizations.weight.original1`` (a legacy weight-norm rule), so what its
-   loader did to them cannot be trusted; then re-types float factors to the compute dtype when
-   ``dtype=`` asked for another one -- the same model ``zssvd.load(DIR, dtype=...)`` builds.
+   loader did to them cannot be trusted -- the same model ``zssvd.load(DIR, dtype=...)`` builds.
+
+``device_map=`` ("auto", a dict with several devices, "cpu" and "disk") is allowed: transformers plans with the
+packed modules' own bytes and never splits one (they have no children). For a module offloaded to the CPU or
+the disk, step 4 puts the tensors where accelerate's hooks read them (``placement.place_offloaded``), and
+makes the hooks offload buffers too -- packed tensors are buffers, and transformers' default
+``offload_buffers=False`` would keep them all on the execution device.
 
 Written against transformers 5.24 and 4.57: the hooks used here exist in both; the checkpoint
 directory comes from ``checkpoint_files`` (5.x) or ``config.name_or_path`` (4.x).
@@ -29,8 +36,10 @@ from safetensors import safe_open
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..nn import packed_modules
 from .checkpoint import (CONFIG, FORMAT_VERSION, MANIFEST, QUANT_METHOD, WEIGHTS, CheckpointError, retype_packed,
                          swap_packed, verify_checkpoint)
+from .placement import AUTO_MAPS, check_device, check_packed_whole, offload_aliases, place_offloaded
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
@@ -83,8 +92,10 @@ class ZSSVDHfQuantizer(HfQuantizer):
         self.manifest: dict | None = None
 
     def validate_environment(self, *args, device_map=None, **kwargs):
-        if isinstance(device_map, dict) and len(set(device_map.values())) > 1:
-            raise ValueError("zssvd checkpoints load onto one device: pass device_map='cpu' or 'cuda'")
+        devices = device_map.values() if isinstance(device_map, dict) else [device_map]
+        for device in devices:
+            if device is not None and not (isinstance(device, str) and device in AUTO_MAPS):
+                check_device(str(device) if isinstance(device, torch.device) else device)
 
     def update_dtype(self, dtype):
         # transformers 4.5x passes None when from_pretrained got no dtype: keep the stored one, as zssvd.load does
@@ -94,10 +105,17 @@ class ZSSVDHfQuantizer(HfQuantizer):
     def update_torch_dtype(self, dtype):  # transformers < 4.56
         return self.update_dtype(dtype)
 
-    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, device_map=None, **kwargs):
         self.directory = checkpoint_directory(model, checkpoint_files)
         self.manifest = verify_checkpoint(self.directory)
         swap_packed(model, self.manifest["modules"], self.stored_dtype)
+        if self.compute_dtype != self.stored_dtype:
+            # re-typed before loading, so that offloaded modules are offloaded in their compute dtypes
+            retype_packed(model, self.compute_dtype)
+        if isinstance(device_map, dict):
+            check_packed_whole(model, device_map)
+        self.packed_dtypes = {f"{name}.{key}": tensor.dtype for name, module in packed_modules(model).items()
+                              for key, tensor in module.packed().items()}
         # restore_packed reads the packed tensors; transformers 4.5x's renamed weight_v keys would be reported
         packed = "|".join(re.escape(name) for name in self.manifest["modules"])
         pattern = rf"^(?:{packed})\.(?!bias$)"
@@ -108,9 +126,8 @@ class ZSSVDHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        restore_packed(model, self.directory / WEIGHTS, self.manifest["modules"])
-        if self.compute_dtype != self.stored_dtype:
-            retype_packed(model, self.compute_dtype)
+        restore_packed(model, self.directory / WEIGHTS, self.packed_dtypes)
+        offload_aliases(model, self.directory / WEIGHTS, self.manifest["tied"])
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:
@@ -122,19 +139,21 @@ class ZSSVDHfQuantizer(HfQuantizer):
 
 
 @torch.no_grad()
-def restore_packed(model, weights: Path, modules: dict) -> None:
-    """Read every packed tensor (not the bias) as stored, onto the device its buffer is on."""
+def restore_packed(model, weights: Path, dtypes: dict[str, torch.dtype]) -> None:
+    """Read every packed tensor (``{name: dtype}``; not the biases) as stored, converted to ``dtype``: onto the
+    device its buffer is on, or where accelerate's offload hooks read it for an offloaded module."""
     with safe_open(str(weights), framework="pt") as f:
-        for name, desc in modules.items():
-            module = model.get_submodule(name)
-            for key in desc["tensors"]:
-                current = getattr(module, key)
-                device = "cpu" if current.is_meta else current.device
-                try:
-                    stored = f.get_tensor(f"{name}.{key}")
-                except Exception as err:  # safetensors' own error type for a missing name
-                    raise CheckpointError(f"{weights} has no tensor {name}.{key}; re-create the checkpoint") from err
-                setattr(module, key, stored.to(device))
+        for name, dtype in dtypes.items():
+            try:
+                stored = f.get_tensor(name).to(dtype)
+            except Exception as err:  # safetensors' own error type for a missing name
+                raise CheckpointError(f"{weights} has no tensor {name}; re-create the checkpoint") from err
+            if place_offloaded(model, name, stored, weights):
+                continue
+            owner, _, key = name.rpartition(".")
+            module = model.get_submodule(owner)
+            current = getattr(module, key)
+            setattr(module, key, stored.to("cpu" if current.is_meta else current.device))
 
 
 def register() -> None:

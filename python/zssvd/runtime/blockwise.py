@@ -34,6 +34,7 @@ from torch import nn
 from ..stages.covariance import CovarianceCollector
 from ..io.models import TargetSet, find_blocks
 from .progress import progress
+from .memory import proc_kib_field
 
 
 @dataclass
@@ -270,14 +271,8 @@ class HostStore:
 
 def available_host_bytes() -> int:
     """Memory the kernel says is available now (Linux); a large number elsewhere."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 50
+    available = proc_kib_field("/proc/meminfo", "MemAvailable")
+    return available if available is not None else 1 << 50
 
 
 def statistics_bytes_by_block(targets: TargetSet) -> tuple[list[int], list[int]]:

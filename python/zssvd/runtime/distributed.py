@@ -12,16 +12,34 @@ Decomposition: ``decompose_sharded`` gives each rank a share of the matrices, ba
 estimated cost of their SVDs; each rank decomposes its share, then every matrix's factors are
 broadcast from the rank that computed them. The whitening (one Cholesky per input group, cheap
 next to the SVDs), scores, selection and packing run identically on every rank and need no
-communication. Every rank holds the whole model.
+communication. Every rank holds the whole model; ``shard_blocks`` (FSDP2) shards it for the
+calibration pass, which gives the same statistics, but the later stages do not take a sharded
+model yet.
 
 Without an initialised process group, or with a single rank, everything here falls back to
 the one-process behaviour (``decompose_sharded`` is then exactly ``decompose_all``).
+
+Failures: a rank that dies (killed, out of memory, an error) closes its connections, and the
+collective the others are in fails at once with the backend's error; a rank that stops answering
+without dying (a hung node) fails them after the process group's timeout (``init_from_env``,
+``zssvd compress --dist-timeout``). Either way every collective here raises ``CollectiveFailed``,
+one line naming the ranks that died on this node (their pids are exchanged when the group starts)
+and how to resume: the stages finished before the failure are in the stage cache, and the same
+command run again reuses them. torchrun's agent stops the remaining ranks with SIGTERM when one
+exits; under torchrun that SIGTERM raises ``Terminated`` with the same information.
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
+import signal
+import socket
+import threading
+import time
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -31,6 +49,25 @@ from ..stages.decompose import Factors, decompose_all
 log = logging.getLogger(__name__)
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+# How long a collective waits for the other ranks. Legitimate waits are long: rank 0 writes the
+# stage cache entries (tens of GB for a 7B model) while the others wait in the next collective.
+DEFAULT_TIMEOUT_S = 1800.0
+RESUME = "rerun the same command: the stages already in the cache (--cache-dir) are reused"
+
+
+class CollectiveFailed(RuntimeError):
+    """A collective failed because another rank died or stopped answering (a one-line message)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM under torchrun: its agent stops every rank when one of them fails (or the job is cancelled)."""
+
+
+_peers: list[tuple[str, int]] = []  # (host name, pid) of every rank, exchanged when the group starts
+_timeout_s = DEFAULT_TIMEOUT_S
+_failing = False  # a failure is being reported: a later SIGTERM must not interrupt the report
+SUMMING = "summing the statistics across ranks"
 
 
 def active() -> bool:
@@ -63,7 +100,8 @@ def everywhere(flag: bool) -> bool:
     if not active():
         return bool(flag)
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    with collective("agreeing on the cache entries"):
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
 
 
@@ -75,12 +113,14 @@ def from_rank0(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     device = comm_device()
     shape = torch.tensor(tensor.shape, dtype=torch.int64, device=device)
-    dist.broadcast(shape, src=0)
+    with collective("sharing rank 0's calibration windows"):
+        dist.broadcast(shape, src=0)
     if dist.get_rank() == 0:
         buffer = tensor.detach().to(device).contiguous()
     else:
         buffer = torch.empty(shape.tolist(), dtype=tensor.dtype, device=device)
-    dist.broadcast(buffer, src=0)
+    with collective("sharing rank 0's calibration windows"):
+        dist.broadcast(buffer, src=0)
     return buffer.to(tensor.device)
 
 
@@ -117,7 +157,8 @@ def sum_across_ranks(tensors: Sequence[torch.Tensor], bucket_bytes: int = BUCKET
     pending = None
     for bucket in _buckets(tensors, bucket_bytes):
         flat = torch.cat([t.detach().reshape(-1).to(device) for t in bucket])
-        work = dist.all_reduce(flat, async_op=True)
+        with collective(SUMMING):
+            work = dist.all_reduce(flat, async_op=True)
         if pending is not None:
             _unpack(*pending)
         pending = (work, flat, bucket)
@@ -142,7 +183,8 @@ def _buckets(tensors: Sequence[torch.Tensor], bucket_bytes: int):
 
 
 def _unpack(work, flat: torch.Tensor, bucket: list[torch.Tensor]) -> None:
-    work.wait()
+    with collective(SUMMING):
+        work.wait()
     for t, part in zip(bucket, flat.split([t.numel() for t in bucket])):
         t.copy_(part.view_as(t))
 
@@ -152,14 +194,21 @@ def sum_scalar_across_ranks(value: float) -> float:
     if not active():
         return value
     t = torch.tensor([value], dtype=torch.float64, device=comm_device())
-    dist.all_reduce(t)
+    with collective(SUMMING):
+        dist.all_reduce(t)
     return float(t.item())
 
 
-def init_from_env(device: str = "cpu") -> bool:
+def init_from_env(device: str = "cpu", timeout_s: float | None = None) -> bool:
     """Join the process group that ``torchrun`` describes in the environment (RANK, WORLD_SIZE,
     MASTER_ADDR, MASTER_PORT); NCCL when ``device`` is CUDA, gloo otherwise. Returns True if
-    this call initialised it, False if there is nothing to join or it already exists."""
+    this call initialised it, False if there is nothing to join or it already exists.
+
+    ``timeout_s`` (default ``DEFAULT_TIMEOUT_S``): how long a collective waits for a rank that
+    neither answers nor dies. The ranks then exchange their host names and pids (so that a failure
+    can name the rank that died), and SIGTERM raises ``Terminated`` in this process (torchrun's agent
+    sends it to the other ranks when one fails)."""
+    global _timeout_s
     if not dist.is_available() or dist.is_initialized() or not all(v in os.environ for v in _TORCHRUN_VARS):
         return False
     if str(device).startswith("cuda") and torch.cuda.is_available():
@@ -167,9 +216,130 @@ def init_from_env(device: str = "cpu") -> bool:
         backend = "nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend=backend)
+    _timeout_s = float(timeout_s or DEFAULT_TIMEOUT_S)
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=_timeout_s))
+    record_peers()
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        signal.signal(signal.SIGTERM, _on_sigterm)
     log.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
     return True
+
+
+def record_peers() -> None:
+    """Exchange every rank's (host name, pid), for naming a dead rank later (a collective)."""
+    peers: list = [None] * dist.get_world_size()
+    dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
+    _peers[:] = [tuple(p) for p in peers]
+
+
+@contextmanager
+def collective(what: str):
+    """Turn a failed collective into ``CollectiveFailed``: one line naming what was being done, the
+    ranks found dead, the backend's own words, and how to resume."""
+    global _failing
+    try:
+        yield
+    except CollectiveFailed:
+        raise
+    except RuntimeError as err:  # gloo's and NCCL's errors, DistBackendError included
+        _failing = True
+        raise CollectiveFailed(f"{_whoami()}: {what} failed: {_cause()} ({_backend_words(err)}); {RESUME}") from err
+
+
+def _whoami() -> str:
+    rank, size = world()
+    return f"rank {rank} of {size}"
+
+
+def _backend_words(err: BaseException) -> str:
+    """The first sentence of a backend error, without its source location (gloo: "[.../pair.cc:537] ...")."""
+    lines = str(err).strip().splitlines()
+    if not lines:
+        return type(err).__name__
+    return re.sub(r"^\[[^\]]*\]\s*", "", lines[0]).split(". ")[0].rstrip(".")
+
+
+def _cause(wait_s: float = 1.0) -> str:
+    """Which ranks died, as far as this node can see: a rank's socket closes while its process exits,
+    so the process may take a moment to be gone; wait up to ``wait_s`` for it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        dead = dead_ranks()
+        if dead or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if dead:
+        return f"{_named(dead)} on this node died"
+    here = socket.gethostname()
+    elsewhere = any(host != here for host, _ in _peers)
+    who = "no rank on this node died: a rank on another node died, or one" if elsewhere else "no rank died: one"
+    return f"{who} stopped answering for the timeout ({_timeout_s:g} s, --dist-timeout)"
+
+
+def _named(ranks: Sequence[int]) -> str:
+    return ", ".join(f"rank {r} (pid {_peers[r][1]})" for r in ranks)
+
+
+def dead_ranks(peers: Sequence[tuple[str, int]] | None = None) -> list[int]:
+    """The ranks on this host whose process no longer runs (gone, or a zombie not yet reaped)."""
+    here = socket.gethostname()
+    return [rank for rank, (host, pid) in enumerate(_peers if peers is None else peers)
+            if host == here and pid != os.getpid() and _process_gone(pid)]
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False  # no /proc (not Linux): a live process is all that can be said
+    return state in ("Z", "X")
+
+
+def _on_sigterm(signum, frame):
+    global _failing
+    if _failing:
+        return  # already reporting a failure: finish the report and exit
+    _failing = True
+    raise Terminated(f"{_whoami()} stopped by SIGTERM ({_stop_reason()}); {RESUME}")
+
+
+def _stop_reason() -> str:
+    dead = dead_ranks()
+    if dead:
+        return f"{_named(dead)} on this node died and torchrun stops every rank"
+    return "torchrun stops every rank when one fails (its report names it), or the job was cancelled"
+
+
+def shard_blocks(model: torch.nn.Module, blocks_path: str | None = None) -> None:
+    """Shard ``model``'s weights across the ranks with FSDP2 (``fully_shard``): each decoder block is
+    one unit, gathered whole just before it runs and freed after, and the rest (embeddings, head) is
+    the root unit; every rank keeps 1/world_size of every weight. Weights are frozen (the calibration
+    hooks take gradients without parameters requiring them). A collective.
+
+    The calibration pass (batch or block order, covariances, gradients, curvature) runs unchanged on
+    the sharded model, each rank on its share of the windows, and gives the resident model's
+    statistics (tests/zssvd/runtime/test_sharded_calibration.py). The later stages still read whole
+    weights: see /work/notes/C-readme.md (issue 18) for what they need.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from ..io.models import find_blocks
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    mesh = init_device_mesh(comm_device().type, (world()[1],))
+    _, blocks = find_blocks(model, blocks_path)
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def svd_cost(m: int, n: int) -> int:
@@ -241,10 +411,12 @@ def decompose_sharded(weights: dict[str, torch.Tensor], factor_of: dict[str, tor
             if got != shapes:
                 raise RuntimeError(f"{name}: factors of shapes {got}, expected {shapes}")
             flat = torch.cat([f.U.reshape(-1), f.sigma.reshape(-1), f.Z.reshape(-1)]).to(device)
-            dist.broadcast(flat, src=rank)
+            with collective("sharing the whitened SVDs"):
+                dist.broadcast(flat, src=rank)
         else:
             flat = torch.empty(sum(sizes), dtype=out_dtype, device=device)
-            dist.broadcast(flat, src=owner[name])
+            with collective("sharing the whitened SVDs"):
+                dist.broadcast(flat, src=owner[name])
         # The owner, too, takes its factors from the buffer: the same values and the same (contiguous)
         # layout on every rank, so that the later stages compute bit for bit the same on all of them.
         parts = [p.reshape(s).to(out_device or weights[name].device) for p, s in zip(flat.split(sizes), shapes)]

@@ -35,7 +35,11 @@ def _bases(targets, seed=0):
 
 def statistics(arch: str, order: str, windows: int) -> dict[str, torch.Tensor]:
     """Gradients, covariances, loss, token count and curvature terms of one tiny model, flattened."""
-    model = tiny_model(arch, seed=3, dtype=torch.float64)
+    return statistics_of(tiny_model(arch, seed=3, dtype=torch.float64), order, windows)
+
+
+def statistics_of(model, order: str, windows: int) -> dict[str, torch.Tensor]:
+    """``statistics`` of a given model (test_sharded_calibration.py passes an FSDP-sharded one)."""
     ids = random_windows(windows, 12, seed=11)
     targets = assign_input_groups(model, find_targets(model), ids[:1, :8])
     collector = CovarianceCollector(targets, product_dtype=torch.float64)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ... import _cpu
 from ...formats.int4 import true_in_features
+from .naive import check_call
 
 Tensor = torch.Tensor
 
@@ -89,12 +90,22 @@ def linear_2d(x: Tensor, packed: dict[str, Tensor], prefix: str = "") -> Tensor:
     return _chunked(x, codes, scales, mins, k)
 
 
+def _checked(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor], kind: str, op: str) -> None:
+    """The layout checks, once per packed dict and x dtype (``_cpu.plan``); per call only x's width and
+    the bias length, and on a mismatch the full check, which raises naming what the op needs."""
+    in_features, out_features = _cpu.plan(op, x.dtype, packed, lambda: check_call(x, packed, bias, kind, op))
+    if x.dim() < 1 or x.shape[-1] != in_features or not _cpu.bias_fits(bias, out_features):
+        check_call(x, packed, bias, kind, op)
+
+
 def int4_linear_cpu(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor] = None) -> Tensor:
     """y = x W_hat^T + bias, in x's dtype."""
+    _checked(x, packed, bias, "dense", "int4_linear")
     return _cpu.finish(linear_2d(x.reshape(-1, x.shape[-1]), packed), x, bias)
 
 
 def int4_lowrank_matmul_cpu(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor] = None) -> Tensor:
     """y = (x V_hat) U_hat^T + bias, in x's dtype."""
+    _checked(x, packed, bias, "lowrank", "int4_lowrank_matmul")
     t = linear_2d(x.reshape(-1, x.shape[-1]), packed, "v_")
     return _cpu.finish(linear_2d(t, packed, "u_"), x, bias)

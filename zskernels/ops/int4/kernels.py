@@ -162,6 +162,14 @@ def _ready() -> None:
     _triton.ready(__name__)
 
 
+def _cpu_route(x, packed, backend: str, codes: tuple[str, ...]) -> bool:
+    """The CPU fast path applies: CPU tensors, a non-empty x and non-empty stored matrices (empty
+    products take the reference, which returns zeros or the bias)."""
+    if not (isinstance(x, torch.Tensor) and isinstance(packed, dict) and x.numel() and cpu_fast_path(backend, x)):
+        return False
+    return all(isinstance(packed.get(key), torch.Tensor) and packed[key].numel() for key in codes)
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as an (M, in) matrix whose rows are contiguous (the kernel takes a row stride)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -178,10 +186,10 @@ _triton.triton_op("zskernels::int4_lowrank_matmul")(_int4_lowrank_triton)
 def int4_linear(x: torch.Tensor, packed: dict[str, torch.Tensor], bias: Optional[torch.Tensor] = None,
                 *, backend: str = "auto") -> torch.Tensor:
     """y = x W_hat^T + b for W stored by ``quantize_int4``; y in x's dtype."""
+    if _cpu_route(x, packed, backend, ("codes",)):
+        return int4_linear_cpu(x, packed, bias)  # checks once per packed dict (its plan)
     in_features, out_features = check_call(x, packed, bias, "dense", "int4_linear")
     empty_ = 0 in (x.numel(), in_features, out_features)
-    if cpu_fast_path(backend, x) and not empty_:
-        return int4_linear_cpu(x, packed, bias)
     if resolve_backend(backend, x, packed["codes"], packed["scales"], packed["mins"]) == "torch" or empty_:
         return int4_linear_reference(x, packed, bias)
     _ready()
@@ -192,10 +200,10 @@ def int4_linear(x: torch.Tensor, packed: dict[str, torch.Tensor], bias: Optional
 def int4_lowrank_matmul(x: torch.Tensor, packed: dict[str, torch.Tensor], bias: Optional[torch.Tensor] = None,
                         *, backend: str = "auto") -> torch.Tensor:
     """y = (x V_hat) U_hat^T + b for factors stored by ``pack_int4_lowrank``; y in x's dtype."""
+    if _cpu_route(x, packed, backend, ("v_codes", "u_codes")):
+        return int4_lowrank_matmul_cpu(x, packed, bias)  # checks once per packed dict (its plan)
     in_features, out_features = check_call(x, packed, bias, "lowrank", "int4_lowrank_matmul")
     empty_ = 0 in (x.numel(), in_features, packed["v_codes"].shape[0], out_features)
-    if cpu_fast_path(backend, x) and not empty_:
-        return int4_lowrank_matmul_cpu(x, packed, bias)
     stored = [packed[p + key] for p in ("v_", "u_") for key in ("codes", "scales", "mins")]
     if resolve_backend(backend, x, *stored) == "torch" or empty_:
         return int4_lowrank_matmul_reference(x, packed, bias)

@@ -3,13 +3,17 @@
 Two stages, each a mixed-precision GEMM whose 8-bit operand is converted to the activation dtype
 in registers (never dequantised to memory):
 
-stage 1  t = x V_hat (M x k), reduced over ``in``: the head loop accumulates x[:, :s] @ v_q^T
+stage 1  t = x V_hat (M x k), reduced over ``in``: the head loop accumulates x[:, :s_in] @ v_q^T
          unscaled, the accumulator's columns are multiplied by v_scale once, and the tail loop
-         (rows [s, in), only when in > out) keeps accumulating into the same registers. The
+         (rows [s_in, in), only when V has a tail) keeps accumulating into the same registers. The
          epilogue writes t_head = t * u_scale (u_scale sits on stage 2's reduction index) and,
          when U has a tail, t itself.
-stage 2  y = t U_hat^T + bias: output columns [0, s) are t_head @ u_q^T, columns [s, out) are
-         t @ u_tail^T; one launch covers both ranges (head tiles first, then tail tiles).
+stage 2  y = t U_hat^T + bias: output columns [0, s_out) are t_head @ u_q^T, columns [s_out, out)
+         are t @ u_tail^T; one launch covers both ranges (head tiles first, then tail tiles).
+
+The head lengths are the tensors' own, s_in = v_q.shape[1] and s_out = u_q.shape[0] (equal, to
+min(out, in), for pack_remap's dicts; different, or zero, for a tensor-parallel slice), so the
+kernels take one per stage.
 
 Everything accumulates in fp32; MMA operands are in x's dtype (fp32 inputs use exact "ieee"
 dots). GPUs that cannot load e4m3 (before sm_89) read fp8 heads as uint8 codes decoded to fp16
@@ -105,8 +109,9 @@ def _remap_stage1_kernel(
         INPUT_PRECISION: tl.constexpr, E4M3_BITS: tl.constexpr):
     """t = x V_hat for one (BLOCK_M tokens x BLOCK_N components) tile and one reduction split.
 
-    Reduction steps 0..steps_head-1 walk V's 8-bit head (x columns [0, S)), the rest V's 16-bit
-    tail (x columns [S, IN)); a split takes a contiguous range of steps and may straddle both.
+    Reduction steps 0..steps_head-1 walk V's 8-bit head (x columns [0, S), S = s_in, possibly 0),
+    the rest V's 16-bit tail (x columns [S, IN)); a split takes a contiguous range of steps and may
+    straddle both.
     """
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -152,8 +157,9 @@ def _remap_stage2_kernel(
         INPUT_PRECISION: tl.constexpr, E4M3_BITS: tl.constexpr):
     """y = t U_hat^T + bias for one output tile and one split of the reduction over k.
 
-    Tiles 0 .. tiles_m*tiles_head-1 cover output columns [0, S) (U's 8-bit head, A = t_head with
-    u_scale folded in); the others cover [S, OUT) (U's 16-bit tail, A = t). No tile straddles S.
+    Tiles 0 .. tiles_m*tiles_head-1 cover output columns [0, S) (S = s_out, U's 8-bit head, possibly
+    empty; A = t_head with u_scale folded in); the others cover [S, OUT) (U's 16-bit tail, A = t).
+    No tile straddles S.
     """
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -227,7 +233,10 @@ def _kernel_options(cfg: dict, x: Tensor) -> dict:
 
 
 def _nonempty(t: Tensor, fallback: Tensor) -> Tensor:
-    # An empty tail is never read (HAS_*_TAIL=False), but its null pointer is better not passed.
+    # An empty tail (HAS_*_TAIL=False) or head (zero steps / tiles) is never read, but its null
+    # pointer is better not passed. An empty head falls back to the other head (the same dtype, so
+    # the same compiled kernel): a valid layout never has both empty, as then both factors would
+    # have a tail.
     return t if t.numel() else fallback
 
 
@@ -235,9 +244,10 @@ def _remap_matmul_triton(x: Tensor, v_q: Tensor, v_tail: Tensor, v_scale: Tensor
                          u_tail: Tensor, u_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     """Host launcher of zskernels::remap_matmul (arguments already checked, x is 2-D)."""
     m, in_ = x.shape
-    k, s = v_q.shape
-    out = s + u_tail.shape[0]
-    has_v_tail, has_u_tail = in_ > s, out > s
+    k, s_in = v_q.shape  # V's head rows (stage 1) and U's (stage 2): see the module docstring
+    s_out = u_q.shape[0]
+    out = s_out + u_tail.shape[0]
+    has_v_tail, has_u_tail = in_ > s_in, out > s_out
     cfg = _config(x)
     opts = _kernel_options(cfg, x)
     opts["E4M3_BITS"] = v_q.dtype == torch.float8_e4m3fn and not _device.native_fp8(x.device)
@@ -248,26 +258,26 @@ def _remap_matmul_triton(x: Tensor, v_q: Tensor, v_tail: Tensor, v_scale: Tensor
 
     # stage 1: t = x V_hat, written as t_head = t * u_scale (and t when U has a tail)
     tiles_n = cdiv(k, bn)
-    steps_head = cdiv(s, bk)
-    steps = steps_head + cdiv(in_ - s, bk)
+    steps_head = cdiv(s_in, bk)
+    steps = steps_head + cdiv(in_ - s_in, bk)
     n_split, per_split = _split_plan(tiles_m * tiles_n, steps, cfg["target_programs"])
     ws, cnt = _split_buffers(n_split, tiles_m * tiles_n, m, k, x)
     t_head = empty((m, k), x.dtype, x.device)
     t_plain = empty((m, k), x.dtype, x.device) if has_u_tail else t_head
     launch(_remap_stage1_kernel)[(tiles_m * tiles_n, n_split)](
-        x, v_q, _nonempty(v_tail, v_q), v_scale, u_scale, t_head, t_plain, ws, cnt,
-        m, in_, k, s, x.stride(0), tiles_m, tiles_n, steps_head, steps, per_split, n_split,
+        x, _nonempty(v_q, u_q), _nonempty(v_tail, v_q), v_scale, u_scale, t_head, t_plain, ws, cnt,
+        m, in_, k, s_in, x.stride(0), tiles_m, tiles_n, steps_head, steps, per_split, n_split,
         HAS_V_TAIL=has_v_tail, HAS_U_TAIL=has_u_tail, SPLIT_K=n_split > 1, **opts)
 
-    # stage 2: y = t_head @ u_q^T (rows < s) | t @ u_tail^T (rows >= s), + bias
-    tiles_head, tiles_tail = cdiv(s, bn), cdiv(out - s, bn)
+    # stage 2: y = t_head @ u_q^T (rows < s_out) | t @ u_tail^T (rows >= s_out), + bias
+    tiles_head, tiles_tail = cdiv(s_out, bn), cdiv(out - s_out, bn)
     num_tiles = tiles_m * (tiles_head + tiles_tail)
     n_split, per_split = _split_plan(num_tiles, cdiv(k, bk), cfg["target_programs"])
     ws, cnt = _split_buffers(n_split, num_tiles, m, out, x)
     y = empty((m, out), x.dtype, x.device)
     launch(_remap_stage2_kernel)[(num_tiles, n_split)](
-        t_head, t_plain, u_q, _nonempty(u_tail, u_q), y if bias is None else bias, y, ws, cnt,
-        m, out, k, s, tiles_m, tiles_head, cdiv(k, bk), per_split, n_split,
+        t_head, t_plain, _nonempty(u_q, v_q), _nonempty(u_tail, u_q), y if bias is None else bias, y, ws, cnt,
+        m, out, k, s_out, tiles_m, tiles_head, cdiv(k, bk), per_split, n_split,
         HAS_U_TAIL=has_u_tail, HAS_BIAS=bias is not None, SPLIT_K=n_split > 1, **opts)
     return y
 

@@ -12,9 +12,9 @@ HQ's dense fp8 matrices keep one scale per output row, which is sliced with the 
 one scale and min per group of inputs of each row: output rows slice with their groups, and an
 input slice must consist of whole groups (its bounds multiples of the group size, or the end). remap's
 8-bit head covers rows [0, s) of each factor and its 16-bit tail rows [s, L): a slice keeps the
-head rows it contains, then the tail rows it contains. Such a slice is generally no longer a
-layout ``zskernels.remap_matmul`` accepts (it wants both factors' heads of length min(out, in));
-``Part.forward`` then de-quantises the slice in torch, exactly as the op's reference does.
+head rows it contains, then the tail rows it contains. Its two heads then differ in length (one may
+be empty); ``zskernels.remap_matmul`` reads each factor's head length from its own tensor, so the
+slice runs the same op (Triton on a GPU, the fast CPU path on the CPU) as the whole module.
 
 ``slice_module`` returns a ``Part``; ``Part.forward(x)`` computes the slice's output.
 """
@@ -40,8 +40,7 @@ class Part:
     """One checkpoint module's slice on this rank.
 
     ``kind``: "weight" (an ordinary matrix, ``tensors["weight"]``), "dense" (HQ's fp8 matrix),
-    "lowrank" (a factor pair in ``storage``); ``exact_layout``: the slice is a layout the storage's
-    own op accepts (always true at tp 1), otherwise the torch path of ``_remap_slice_forward``.
+    "lowrank" (a factor pair in ``storage``). Every slice runs its storage's own op.
     """
 
     kind: str
@@ -49,7 +48,6 @@ class Part:
     tensors: Tensors
     out_features: int
     in_features: int
-    exact_layout: bool = True
     rank: int = 0
     meta: dict = field(default_factory=dict)
 
@@ -58,8 +56,6 @@ class Part:
             return F.linear(x, self.tensors["weight"])
         if self.kind == "dense":
             return dense_forward(self.storage, x, self.tensors, None, backend)
-        if not self.exact_layout:
-            return _remap_slice_forward(x, self.tensors)
         return STORAGES[self.storage].forward(x, self.tensors, None, backend)
 
     def is_float_lowrank(self) -> bool:
@@ -90,17 +86,6 @@ def _slice_remap(t: Tensors, role: str, a: int, b: int) -> Tensors:
         (h0, h1), (t0, t1) = _split_head_tail(a, b, t["v_q"].shape[1])
         out["v_q"], out["v_tail"] = _cols(t["v_q"], h0, h1), _cols(t["v_tail"], t0, t1)
     return out
-
-
-def _remap_is_exact(t: Tensors) -> bool:
-    """Whether a (sliced) remap dict is still a layout ``zskernels.remap_matmul`` accepts."""
-    from zskernels.formats.remap import packed_layout
-
-    try:
-        lay = packed_layout(t)
-    except ValueError:
-        return False
-    return lay.head == min(lay.out_features, lay.in_features)
 
 
 # How each storage's tensors are sliced: {role: {tensor name: "rows" | "cols"}}; names not listed stay whole.
@@ -168,15 +153,7 @@ def slice_module(desc: dict | None, tensors: Tensors, role: str, start: int, siz
     else:
         sliced = _slice_plain(tensors, _SLICES[key][role], a, b)
     out_s, in_s = (size, in_f) if role == COLUMN else (out_f, size) if role == ROW else (out_f, in_f)
-    exact = key != "remap" or _remap_is_exact(sliced)
-    return Part(kind, storage, sliced, out_s, in_s, exact, desc.get("rank", 0) if desc else 0)
-
-
-def _remap_slice_forward(x: torch.Tensor, t: Tensors) -> torch.Tensor:
-    """y = x V_hat U_hat^T over a remap slice whose heads differ in length; fp32 like the op's reference."""
-    v_hat = torch.cat([t["v_q"].float() * t["v_scale"][:, None], t["v_tail"].float()], dim=1)  # (k, in)
-    u_hat = torch.cat([t["u_q"].float() * t["u_scale"][None, :], t["u_tail"].float()], dim=0)  # (out, k)
-    return F.linear(F.linear(x.float(), v_hat), u_hat).to(x.dtype)
+    return Part(kind, storage, sliced, out_s, in_s, desc.get("rank", 0) if desc else 0)
 
 
 class FusedParts:

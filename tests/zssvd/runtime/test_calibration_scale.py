@@ -1,0 +1,36 @@
+"""bench/calibration_scale.py at its smallest: one process and two gloo processes; the bytes it says went
+into collectives are exactly the statistics and the factors, and each rank took its share of windows."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_calibration_scale_counts_the_bytes_of_the_statistics_and_the_factors(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "python")}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "calibration_scale.py"), "--preset", "tiny",
+                           "--samples", "4", "--seq-len", "16", "--procs", "1", "2", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (one["world_size"], two["world_size"]) == (1, 2) and two["backend"] == "gloo"
+    assert [r["windows"] for r in one["ranks"]] == [4] and [r["windows"] for r in two["ranks"]] == [2, 2]
+
+    # preset tiny: hidden 64, MLP 160, 2 blocks, 4 heads = 4 KV heads; q k v o: 64 x 64, gate up: 160 x 64, down: 64 x 160
+    shapes = [(64, 64)] * 4 + [(160, 64)] * 2 + [(64, 160)]
+    covariances = 2 * (3 * 64 * 64 + 160 * 160) * 8  # float64, input groups q/k/v, o, gate/up, down
+    gradients = 2 * sum(m * n for m, n in shapes) * 4  # float32
+    factors = 2 * sum((m + 1 + n) * min(m, n) for m, n in shapes) * 4  # U, sigma, Z in float32
+    for rank in two["ranks"]:
+        stages = rank["stages"]
+        # plus float64 scalars: the token count of each of the 8 input groups, and the loss
+        assert stages["calibration_pass"]["comm_bytes"] == covariances + gradients + 8 * (8 + 1)
+        assert stages["whitening"]["comm_bytes"] == stages["scores"]["comm_bytes"] == 0
+        assert all(s["wall_s"] > 0 and s["cpu_s"] >= 0 for s in stages.values())
+    assert sum(r["stages"]["decomposition"]["comm_bytes"] for r in two["ranks"]) == factors  # each sent once
+    assert all(s["comm_bytes"] == 0 for s in one["ranks"][0]["stages"].values())  # nothing to communicate
+    assert "| 2 |" in proc.stdout and "efficiency, CPU" in proc.stdout
