@@ -64,22 +64,19 @@ def _engine(directory: Path, tp: int, max_len: int):
                distributed_executor_backend="mp" if tp > 1 else None)
 
 
-def _shutdown(llm) -> None:
-    """Stop the engine's processes now: left to the interpreter's exit, joining them never returns."""
-    llm.llm_engine.engine_core.shutdown()
-
-
 def _check_job(directory: str, tp: int, new_tokens: int, queue) -> None:
-    from zssvd.io.vllm.check import compare, hf_greedy, vllm_greedy
+    from zssvd.io.vllm.check import compare, hf_greedy, shutdown, vllm_greedy
 
     llm = _engine(Path(directory), tp, 256)
     got = vllm_greedy(llm, PROMPTS, new_tokens)
-    _shutdown(llm)
+    shutdown(llm)
     queue.put(compare(hf_greedy(directory, PROMPTS, new_tokens), got))
 
 
 def _speed_job(directory: str, batches: list[int], new_tokens: int, repeats: int, queue) -> None:
     from vllm import SamplingParams
+
+    from zssvd.io.vllm.check import shutdown
 
     llm = _engine(Path(directory), 1, 256)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
@@ -93,7 +90,7 @@ def _speed_job(directory: str, batches: list[int], new_tokens: int, repeats: int
             llm.generate(prompts, params, use_tqdm=False)
             best = min(best, time.perf_counter() - start)
         out[batch] = batch * new_tokens / best
-    _shutdown(llm)
+    shutdown(llm)
     queue.put(out)
 
 

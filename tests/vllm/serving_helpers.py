@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from zssvd.io.vllm.check import threads_bind
+from zssvd.io.vllm.check import shutdown, threads_bind
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache: plenty for 135M parameters
 
@@ -49,6 +49,6 @@ class Engines:
 
     def close(self):
         if self.llm is not None:
-            self.llm.llm_engine.engine_core.shutdown()
+            shutdown(self.llm)
             self.llm, self.key = None, None
             gc.collect()

