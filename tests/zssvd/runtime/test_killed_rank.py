@@ -30,7 +30,7 @@ def _torchrun(tmp_path, entry: list[str], out: Path, cache: Path, **env):
                "--no-plots"]
     path = os.pathsep.join(p for p in (str(SOURCES), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "ZSSVD_CACHE": str(tmp_path / "zcache"), **env}
-    return subprocess.run(command, capture_output=True, text=True, timeout=150, env=env, cwd=tmp_path)
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
 
 
 def _tensors(out: Path) -> dict[str, torch.Tensor]:
@@ -50,7 +50,7 @@ def test_a_killed_rank_fails_the_job_and_the_rerun_resumes_from_the_cache(tmp_pa
     out, cache = tmp_path / "out", tmp_path / "cache"
     start = time.monotonic()
     killed = _torchrun(tmp_path, [str(HERE / "rank_killer.py")], out, cache, ZSSVD_TEST_KILL_RANK="1")
-    assert time.monotonic() - start < 120  # no rank hangs (the gloo timeout is 30 minutes)
+    assert time.monotonic() - start < 600  # no rank hangs (the gloo timeout is 30 minutes); slack for a loaded machine
     assert killed.returncode != 0
     pid = re.search(r"rank_killer: SIGKILL to rank 1 \(pid (\d+)\)", killed.stderr).group(1)
     # Rank 0's one line: the collective failed (or torchrun's SIGTERM came first), rank 1 and its pid, how to resume.
