@@ -6,9 +6,9 @@ The calibration pass holds, besides the model, three things whose sizes follow f
 * one step's activations, saved by autograd for the backward, and its logits with their gradient.
 
 The activations are measured here, not guessed: one forward of one window runs under
-``torch.autograd.graph.saved_tensors_hooks`` with the pipeline's gradient sinks, and every
-saved storage that is not a parameter is counted once, classified by its shape (hidden-wide,
-MLP-wide, per-head query or key/value tensors). Those counts per token and block, times another
+``torch.autograd.graph.saved_tensors_hooks`` with the pipeline's gradient sinks and recomputed
+gated products, and every saved storage that is not a parameter is counted once, classified by its
+shape (hidden-wide, MLP-wide, per-head query or key/value tensors). Those counts per token and block, times another
 model's widths, give its activations; the rest is arithmetic. ``--report`` adds the measured
 per-stage peaks of a ``zssvd compress`` run's report.json.
 
@@ -28,7 +28,7 @@ LLAMA_7B = dict(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=3
 
 def saved_activation_counts(model, targets, ids: torch.Tensor) -> dict[str, float]:
     """Saved elements per token and block of one forward, by shape class (see the module docstring)."""
-    from zssvd.stages.gradients import weight_gradient_sinks
+    from zssvd.stages.gradients import recomputed_gated_products, weight_gradient_sinks
 
     cfg = model.config
     h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
@@ -43,7 +43,9 @@ def saved_activation_counts(model, targets, ids: torch.Tensor) -> dict[str, floa
         return t
 
     sinks = {t.name: torch.zeros(t.shape) for t in targets}
-    with weight_gradient_sinks(model, targets, sinks), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    # as the pipeline runs it: gated MLPs keep gate and up only (recomputed_gated_products, entered first)
+    with recomputed_gated_products(model), weight_gradient_sinks(model, targets, sinks), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         logits = model(ids, use_cache=False).logits
     elements = defaultdict(float)
     for numel, shape in seen.values():
@@ -151,7 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="default")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--report", default=None, help="a compress run's report.json: its measured stage peaks")
-    p.add_argument("--micro-batch", type=int, default=4, help="windows per step of the SmolLM2 run")
+    p.add_argument("--micro-batch", type=int, default=1, help="windows per step of the SmolLM2 run")
     p.add_argument("--micro-batch-7b", type=int, default=4)
     p.add_argument("--seq-len-7b", type=int, default=2048)
     args = p.parse_args(argv)

@@ -54,9 +54,8 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
 
 def cpu_fast_path(backend: str, *tensors: torch.Tensor) -> bool:
     """True when ``backend="auto"`` meets CPU tensors: the op runs its ``cpu.py`` path (int8 weight-only
-    GEMMs, see ``_cpu``) instead of the plain reference, which ``backend="torch"`` keeps."""
-    if torch.compiler.is_compiling():  # its caches are Python state: traced code takes the reference,
-        return False                   # whose de-quantisation the compiler fuses
+    GEMMs, see ``_cpu``) instead of the plain reference, which ``backend="torch"`` keeps. Under
+    torch.compile the path is one opaque op (``_cpu.opaque_when_compiled``)."""
     return backend == "auto" and all(t.device.type == "cpu" for t in tensors)
 
 

@@ -24,11 +24,14 @@ Nothing here de-quantises a whole factor per call:
   always those tensors' current derivative.
 * ``plan(op, dtype, packed, bias, make)``: an op's checked, prepared operands, so that a call on
   unchanged tensors skips the layout checks and casts (per-call overhead was ~50 us a layer).
+* ``opaque_when_compiled(name, out_features)``: each op's CPU path, seen by torch.compile as one
+  opaque op (``zskernels::cpu_path``), so compiled and eager code compute the same numbers.
 
 Thresholds were measured on the development machine (bench/RESULTS.md, /work/notes/results-C.md).
 """
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from typing import Callable, NamedTuple, Optional, TypeVar
@@ -270,3 +273,53 @@ def fp8_rows_as_int8(w: Tensor, row_scale: Tensor | None = None, *,
 
     also = () if row_scale is None else (row_scale,)
     return derived(w, f"int8rows:{normalised}:{row_scale is None}", make, also=also)
+
+
+# ----------------------------------------------------------------------------------------------
+# The CPU paths under torch.compile
+# ----------------------------------------------------------------------------------------------
+# The paths keep Python state (``derived``, ``plan``) that traced code cannot hold. Tracing into
+# the reference instead gave compiled code other numbers than eager code: fp8's re-encoding is not
+# exact, and vLLM's compiled hq model parted from Hugging Face's eager one after a few dozen greedy
+# tokens (measured on SmolLM2, fp32). So while compiling, a path is one opaque op whose body is the
+# same Python function, run eagerly on the real tensors: the same numbers and the same speed.
+_PATHS: dict[str, tuple[Callable, Callable[[dict], int]]] = {}
+_PATH_OP = "zskernels::cpu_path"
+_path_op_registered = False
+
+
+def opaque_when_compiled(name: str, out_features: Callable[[dict], int]):
+    """Decorate an op's CPU path ``fn(x, packed, bias)``; ``out_features(packed)`` gives y's width
+    (from shapes only: the compiler's fake tensors have no values)."""
+    def wrap(fn):
+        _PATHS[name] = (fn, out_features)
+
+        @functools.wraps(fn)
+        def path(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor] = None) -> Tensor:
+            if not torch.compiler.is_compiling():
+                return fn(x, packed, bias)
+            _register_path_op()
+            return torch.ops.zskernels.cpu_path(name, x, ",".join(packed), list(packed.values()), bias)
+        return path
+    return wrap
+
+
+def _run_path(name: str, x: Tensor, names: str, tensors: list[Tensor], bias: Optional[Tensor]) -> Tensor:
+    return _PATHS[name][0](x, dict(zip(names.split(","), tensors)), bias)
+
+
+def _path_shape(name: str, x: Tensor, names: str, tensors: list[Tensor], bias: Optional[Tensor]) -> Tensor:
+    width = _PATHS[name][1](dict(zip(names.split(","), tensors)))
+    return x.new_empty(*x.shape[:-1], width)
+
+
+@torch.compiler.assume_constant_result
+def _register_path_op() -> bool:
+    """Register zskernels::cpu_path once, on the first compiled call (``import zskernels`` stays lean)."""
+    global _path_op_registered
+    with _LOCK:
+        if not _path_op_registered:
+            schema = "(str name, Tensor x, str names, Tensor[] tensors, Tensor? bias) -> Tensor"
+            torch.library.custom_op(_PATH_OP, mutates_args=(), schema=schema)(_run_path).register_fake(_path_shape)
+            _path_op_registered = True
+    return True

@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--corrections", type=int_at_least(0), default=0, metavar="N",
                    help="truncate-correct-re-truncate rounds (one backward pass each; default 0)")
     _add_calibration_args(c, samples=256, seq_len=2048, required=True)
-    c.add_argument("--micro-batch", type=int_at_least(1), default=4, help="windows per forward/backward (default 4)")
+    c.add_argument("--micro-batch", type=int_at_least(1), default=None,
+                   help="windows per forward/backward (default: 1 on the CPU, which holds a quarter of the "
+                        "activations of 4; 4 on a GPU)")
     c.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the gradient pass")
     c.add_argument("--offload", default=None, metavar="cpu|DIR",
                    help="for models larger than the GPU: keep the weights in CPU memory (cpu) or in files in DIR "

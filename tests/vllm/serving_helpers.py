@@ -29,22 +29,22 @@ def need_vllm():
 
 
 class Engines:
-    """One vLLM engine at a time, kept while consecutive tests ask for the same (checkpoint, tp)."""
+    """One vLLM engine at a time, kept while consecutive tests ask for the same (checkpoint, tp, mode)."""
 
     def __init__(self):
         self.key, self.llm = None, None
 
-    def get(self, directory: Path, tp: int):
+    def get(self, directory: Path, tp: int, eager: bool = True):
+        """Eager unless asked: torch.compile (vLLM's default) takes 5-10 minutes per engine on a
+        2-core machine, so one test runs it (test_generation.py's compiled case)."""
         from vllm import LLM
 
-        if self.key != (directory, tp):
+        if self.key != (directory, tp, eager):
             self.close()
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind(tp)
-            # Eager: torch.compile takes minutes per engine on a 2-core CI machine; the compiled path
-            # (vLLM's default) is what test_serve.py runs.
             self.llm = LLM(str(directory), dtype="float32", tensor_parallel_size=tp, max_model_len=MAX_MODEL_LEN,
-                           seed=0, enforce_eager=True, distributed_executor_backend="mp" if tp > 1 else None)
-            self.key = (directory, tp)
+                           seed=0, enforce_eager=eager, distributed_executor_backend="mp" if tp > 1 else None)
+            self.key = (directory, tp, eager)
         return self.llm
 
     def close(self):

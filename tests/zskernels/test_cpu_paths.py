@@ -257,3 +257,34 @@ def test_int8_routes_by_rows_and_shape():
     assert _cpu.int8_path(16, 64, 576, True) == "int8pack"   # a small weight: quantising x costs more
     assert _cpu.int8_path(17, 64, 576, True) == "chunked"
     assert _cpu.int8_path(64, 1536, 576, False) == "chunked"  # fp32 activations keep the exact float path
+
+
+def _compiled_cases(rng):
+    """(op, packed, in_features) for every op with a CPU path, odd shapes, with a bias-free call."""
+    U, V = factors(37, 23, 9, rng)
+    return {
+        "fp8_linear": (zskernels.fp8_linear, zskernels.quantize_fp8_dense(U @ V.T)),
+        "fp8_lowrank_matmul": (zskernels.fp8_lowrank_matmul, zskernels.pack_fp8_lowrank(U, V)),
+        "remap_matmul": (zskernels.remap_matmul, zskernels.pack_remap(U, V, fmt="int8", tail_dtype=torch.bfloat16)),
+        "int4_linear": (zskernels.int4_linear, zskernels.quantize_int4(U @ V.T, 32)),
+        "int4_lowrank_matmul": (zskernels.int4_lowrank_matmul, zskernels.pack_int4_lowrank(U, V, 32)),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["fp8_linear", "fp8_lowrank_matmul", "remap_matmul", "int4_linear",
+                                  "int4_lowrank_matmul"])
+def test_compiled_code_runs_the_same_cpu_path(name, dtype, rng):
+    """torch.compile (fullgraph, dynamic rows) calls each CPU path as one opaque op: bit for bit the
+    eager numbers (fp8's re-encoding included, which the reference does not do), and no re-encoding
+    or re-planning per call (the plan cache still serves the compiled calls)."""
+    op, packed = _compiled_cases(rng)[name]
+    bias = torch.randn(37, generator=rng)
+    torch._dynamo.reset()  # every case compiles the same lambda: start each below dynamo's recompile limit
+    compiled = torch.compile(lambda x: op(x, packed, bias), fullgraph=True, dynamic=True)
+    for m in (1, 5, 17):
+        x = torch.randn(m, 23, generator=rng).to(dtype)
+        eager = op(x, packed, bias)
+        entries = _cpu.cache_entries()
+        assert torch.equal(compiled(x), eager)
+        assert torch.equal(compiled(x), eager) and _cpu.cache_entries() == entries

@@ -6,11 +6,13 @@ accumulator (so bf16/fp16 models do not accumulate in 16 bits). No parameter req
 a small autograd function on each target's output computes g^T x in the backward, so no ``.grad``
 is allocated and offloaded weights (``zssvd.runtime.offload``) work unchanged. Optional activation checkpointing wraps every decoder block, which keeps
 the model in eval mode (no dropout) unlike Hugging Face's own switch. Covariance hooks may ride
-along the same forward (pass a ``CovarianceCollector``).
+along the same forward (pass a ``CovarianceCollector``). Gated MLPs keep only ``gate`` and ``up`` for
+the backward and recompute ``act(gate) * up`` there (``recomputed_gated_products``; bit-identical).
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +21,7 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from ..runtime.blockwise import block_order_pass, replaced_forwards
 from ..runtime.distributed import sum_across_ranks, sum_scalar_across_ranks, window_share, windows_per_rank
+from ..runtime.memory import map_large_blocks, return_freed_memory
 from .covariance import CovarianceCollector
 from ..io.models import TargetSet, find_blocks
 from ..runtime.offload import streamed_blocks
@@ -107,13 +110,114 @@ class _WeightGradientSink(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (inputs,) = ctx.saved_tensors
+        _WeightGradientSink.add_product(ctx.sink, grad_output, inputs)
+        return grad_output, None, None
+
+    @staticmethod
+    def add_product(sink: torch.Tensor, grad_output: torch.Tensor, inputs: torch.Tensor) -> None:
+        """``sink += g^T x`` over every token."""
         g = grad_output.reshape(-1, grad_output.shape[-1])
         x = inputs.reshape(-1, inputs.shape[-1]).to(g.dtype)
         product = g.T @ x
-        if product.element_size() > ctx.sink.element_size():
-            product = product.to(ctx.sink.dtype)
-        ctx.sink += product.to(ctx.sink.device)  # a 16-bit product is upcast by the add: half the bytes to move
-        return grad_output, None, None
+        if product.element_size() > sink.element_size():
+            product = product.to(sink.dtype)
+        sink += product.to(sink.device)  # a 16-bit product is upcast by the add: half the bytes to move
+
+
+class _GatedProduct(torch.autograd.Function):
+    """``act(gate) * up`` of a gated MLP, saving only ``gate`` and ``up``; the backward recomputes ``act(gate)``.
+
+    Autograd would keep ``act(gate)`` as well, and the down projection's gradient sink the product:
+    four MLP-wide tensors per token and block where these two suffice (30% of the saved activations of
+    a LLaMA-shaped block). The backward calls the same kernels on the same values as autograd's own
+    (``act``'s backward on ``grad * up``, and ``grad * act(gate)``), so the gradients are bit-identical.
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up, act):
+        ctx.save_for_backward(gate, up)
+        ctx.act = act
+        return act(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        with torch.enable_grad():
+            leaf = gate.detach().requires_grad_(True)
+            activated = ctx.act(leaf)
+            (grad_gate,) = torch.autograd.grad(activated, leaf, grad * up)
+        return grad_gate, grad * activated.detach(), None
+
+
+class _GatedInputGradientSink(torch.autograd.Function):
+    """``_WeightGradientSink`` for a layer whose input is ``act(gate) * up``: it recomputes the input in the
+    backward from the tensors ``_GatedProduct`` saves anyway, bit for bit, instead of keeping it."""
+
+    @staticmethod
+    def forward(ctx, output, gate, up, act, sink):
+        ctx.save_for_backward(gate, up)
+        ctx.act, ctx.sink = act, sink
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        gate, up = ctx.saved_tensors
+        _WeightGradientSink.add_product(ctx.sink, grad_output, ctx.act(gate) * up)
+        return grad_output, None, None, None, None
+
+
+# (product, gate, up, act) while a replaced gated MLP runs its down projection on ``product``
+_GATED_INPUT: contextvars.ContextVar = contextvars.ContextVar("zssvd_gated_input", default=None)
+
+
+def _is_gated_mlp(module: torch.nn.Module) -> bool:
+    """Has the parts of ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (LLaMA, Mistral, Qwen, Gemma)."""
+    return all(isinstance(getattr(module, part, None), torch.nn.Module)
+               for part in ("gate_proj", "up_proj", "down_proj")) and callable(getattr(module, "act_fn", None))
+
+
+def _gated_forward(mlp: torch.nn.Module, original):
+    """``mlp``'s forward through ``_GatedProduct``, or ``original`` where nothing will be differentiated."""
+    def forward(x, *args, **kwargs):
+        if args or kwargs or not torch.is_grad_enabled():
+            return original(x, *args, **kwargs)
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        product = _GatedProduct.apply(gate, up, mlp.act_fn)
+        token = _GATED_INPUT.set((product, gate, up, mlp.act_fn))
+        try:
+            return mlp.down_proj(product)
+        finally:
+            _GATED_INPUT.reset(token)
+    return forward
+
+
+@torch.no_grad()
+def _computes_gated_product(mlp: torch.nn.Module) -> bool:
+    """Whether ``mlp``'s forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``, checked on two
+    random tokens: a model whose MLP scales, gates or drops out otherwise keeps its own forward, and so
+    does one whose projections are not plain linear layers (a compressed model's) or whose weights are
+    not plain tensors here (FSDP-sharded DTensors, offloaded meta tensors): they cannot be run alone."""
+    parts = [getattr(mlp, part) for part in ("gate_proj", "up_proj", "down_proj")]
+    if not all(isinstance(p, torch.nn.Linear) and type(p.weight.data) is torch.Tensor for p in parts):
+        return False
+    weight = mlp.gate_proj.weight
+    if weight.device.type == "meta" or not weight.is_floating_point():
+        return False
+    x = torch.randn(1, 2, mlp.gate_proj.in_features, generator=torch.Generator().manual_seed(0)).to(weight)
+    gated = mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+    return torch.equal(mlp(x), gated)
+
+
+@contextlib.contextmanager
+def recomputed_gated_products(model: torch.nn.Module):
+    """Route every gated MLP of ``model`` through ``_GatedProduct`` while inside (see there).
+
+    Enter it before any statistics hook is attached: the check of each MLP's forward runs the MLP once.
+    Forwards set on an instance (accelerate's hooks) are put back on exit.
+    """
+    mlps = [m for m in model.modules() if _is_gated_mlp(m) and _computes_gated_product(m)]
+    with replaced_forwards(mlps, lambda index, forward: _gated_forward(mlps[index], forward)):
+        yield len(mlps)
 
 
 @contextlib.contextmanager
@@ -128,6 +232,9 @@ def weight_gradient_sinks(model: torch.nn.Module, targets: TargetSet, sinks: dic
         def hook(module, args, output):
             if not torch.is_grad_enabled():
                 return output  # a forward that nothing will differentiate (block order's first pass)
+            recipe = _GATED_INPUT.get()
+            if recipe is not None and recipe[0] is args[0]:  # a gated product: keep its factors, not it
+                return _GatedInputGradientSink.apply(output, recipe[1], recipe[2], recipe[3], sinks[name])
             return _WeightGradientSink.apply(output, args[0], sinks[name])
         return hook
 
@@ -205,8 +312,11 @@ def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torc
     sinks = grads if order == "batch" else {}
     was_training = model.training
     model.eval()
+    map_large_blocks()  # what a step frees goes back to the kernel, not into a fragmenting heap (runtime.memory)
+    # Offloaded weights are not there to check each MLP's forward against: those MLPs save their product.
+    recompute = recomputed_gated_products(model) if offload is None else contextlib.nullcontext()
     try:
-        with weight_gradient_sinks(model, targets, sinks), \
+        with recompute, weight_gradient_sinks(model, targets, sinks), \
                 streamed_blocks(model, targets.blocks_path, device, offload):
             if input_ids.shape[0] == 0:  # more ranks than windows: this one contributes zeros
                 loss_total = 0.0
@@ -220,6 +330,7 @@ def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torc
                                                checkpointing, total_tokens, desc)
     finally:
         model.train(was_training)
+        return_freed_memory()  # the pass's last free pages, before the next stage's allocations
     sum_across_ranks(list(grads.values()))
     if covariances is not None:
         covariances.sum_across_ranks()

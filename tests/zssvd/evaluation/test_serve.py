@@ -91,9 +91,10 @@ def test_packed_layers_compile_without_graph_breaks(storage):
     x = torch.randn(3, 16, generator=g)
     explanation = torch._dynamo.explain(layer)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()  # explain() compiled it already; start below the recompile limit
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    # Traced code takes the reference (the CPU paths' caches are Python state); eager CPU fp8 re-encodes to int8.
-    torch.testing.assert_close(compiled(x), layer(x, backend="torch"))
+    # The CPU paths are opaque ops to the compiler: compiled code computes exactly what eager code does.
+    assert torch.equal(compiled(x), layer(x))
 
 
 def test_generate_and_bench_serve_commands(trained, tmp_path, capsys):

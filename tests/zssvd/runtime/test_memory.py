@@ -5,12 +5,14 @@ import mmap
 import pickle
 import time
 
+import pytest
 import torch
 
 from tiny_models import random_windows, tiny_model
 from zssvd.config import CompressionConfig
 from zssvd.pipeline import AnalysisOptions, analyze, compress
-from zssvd.runtime.memory import MemoryTracker, peak_resident_bytes, resident_bytes, summary_line
+from zssvd.runtime.memory import (MemoryTracker, map_large_blocks, peak_resident_bytes, resident_bytes,
+                                  return_freed_memory, summary_line)
 from zssvd.stages.calibration import CalibrationSet
 
 
@@ -83,8 +85,8 @@ def test_report_json_carries_the_peak_and_every_stage(tmp_path):
     h, i = cfg.hidden_size, cfg.intermediate_size
     assert parts["gradient_sinks"] == 4 * report["target_params"]
     assert parts["covariances"] == 8 * cfg.num_hidden_layers * (3 * h * h + i * i)  # q/k/v, o, gate/up, down
-    assert parts["step_windows"] == 4  # the default micro-batch
-    assert parts["logits_per_step"] == 4 * 16 * cfg.vocab_size * 4
+    assert parts["step_windows"] == 1  # the default micro-batch on the CPU
+    assert parts["logits_per_step"] == 1 * 16 * cfg.vocab_size * 4
     assert parts["activations_per_step"] >= 0
 
     # A second run reads both entries from the cache: they appear as cached stages, the work does not.
@@ -121,3 +123,53 @@ def test_stages_opened_right_after_others_close_never_wait_for_the_old_sampler()
     worker.join(timeout=60)
     assert not worker.is_alive(), "a new stage waited on the lock held by the stopping sampler"
     assert set(tracker.by_stage) == {"s0", "s1", "s2"}
+
+
+def _glibc_present() -> bool:
+    from zssvd.runtime import memory
+
+    return memory._glibc() is not None
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5, "1M"])
+def test_a_bad_mmap_threshold_is_refused_in_one_line(bad):
+    with pytest.raises(ValueError, match="positive number of bytes"):
+        map_large_blocks(bad)
+
+
+@pytest.mark.skipif(not _glibc_present(), reason="glibc's malloc controls")
+def test_with_large_blocks_mapped_freed_tensors_leave_the_process():
+    assert map_large_blocks()
+    before = resident_bytes()
+    held = [torch.ones(2 ** 19) for _ in range(128)]  # 2 MiB each, 256 MiB in all, each written
+    assert resident_bytes() - before > 200 * 2 ** 20
+    del held
+    assert resident_bytes() - before < 32 * 2 ** 20
+    assert isinstance(return_freed_memory(), bool)
+
+
+def test_without_glibc_the_memory_calls_change_nothing(monkeypatch):
+    from zssvd.runtime import memory
+
+    monkeypatch.setattr(memory, "_glibc", lambda: None)
+    assert map_large_blocks() is False and return_freed_memory() is False
+
+
+def test_the_calibration_pass_maps_large_blocks_and_trims_at_its_end_even_after_an_error(monkeypatch):
+    import zssvd.stages.gradients as gradients
+    from zssvd.io.models import find_targets
+
+    calls = []
+    monkeypatch.setattr(gradients, "map_large_blocks", lambda: calls.append("map"))
+    monkeypatch.setattr(gradients, "return_freed_memory", lambda: calls.append("trim"))
+    model = tiny_model("llama")
+    targets = find_targets(model, None)
+    gradients.calibration_pass(model, targets, random_windows(2, 8, seed=1), micro_batch=1)
+    assert calls == ["map", "trim"]
+    with pytest.raises(ValueError, match="order must be"):  # refused before any work: nothing to give back
+        gradients.calibration_pass(model, targets, random_windows(2, 8, seed=1), order="sideways")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        gradients.calibration_pass(model, targets, torch.zeros(1, 8, dtype=torch.int64))
+    assert calls == ["map", "trim", "map", "trim"]

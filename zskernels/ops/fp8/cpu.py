@@ -50,6 +50,7 @@ def _rows(x: Tensor, plan: _Plan, packed: dict[str, Tensor], bias: Optional[Tens
     return x.reshape(-1, x.shape[-1])
 
 
+@_cpu.opaque_when_compiled("fp8_linear", lambda packed: packed["weight_fp8"].shape[0])
 def fp8_linear_cpu(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor] = None) -> Tensor:
     """y = x W_hat^T + bias for form (a), in x's dtype."""
     plan = _plan(x, packed, bias, "dense", "fp8_linear")
@@ -57,6 +58,7 @@ def fp8_linear_cpu(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor] 
     return _cpu.finish(_cpu.int8_apply(x2d, packed["weight_fp8"], plan.first), x, bias)
 
 
+@_cpu.opaque_when_compiled("fp8_lowrank_matmul", lambda packed: packed["u_fp8"].shape[0])
 def fp8_lowrank_matmul_cpu(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor] = None) -> Tensor:
     """y = (x V_hat) U_hat^T + bias for form (b), in x's dtype."""
     plan = _plan(x, packed, bias, "lowrank", "fp8_lowrank_matmul")

@@ -98,12 +98,14 @@ def _checked(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor], kind:
         check_call(x, packed, bias, kind, op)
 
 
+@_cpu.opaque_when_compiled("int4_linear", lambda packed: packed["codes"].shape[0])
 def int4_linear_cpu(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor] = None) -> Tensor:
     """y = x W_hat^T + bias, in x's dtype."""
     _checked(x, packed, bias, "dense", "int4_linear")
     return _cpu.finish(linear_2d(x.reshape(-1, x.shape[-1]), packed), x, bias)
 
 
+@_cpu.opaque_when_compiled("int4_lowrank_matmul", lambda packed: packed["u_codes"].shape[0])
 def int4_lowrank_matmul_cpu(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor] = None) -> Tensor:
     """y = (x V_hat) U_hat^T + bias, in x's dtype."""
     _checked(x, packed, bias, "lowrank", "int4_lowrank_matmul")

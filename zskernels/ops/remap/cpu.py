@@ -42,6 +42,7 @@ def _plan(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor]) -> _Plan
     return _cpu.plan("remap", x.dtype, packed, make)
 
 
+@_cpu.opaque_when_compiled("remap_matmul", lambda packed: packed["u_q"].shape[0] + packed["u_tail"].shape[0])
 def remap_matmul_cpu(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor] = None) -> Tensor:
     """y = x V_hat U_hat^T + bias for x (..., in), in x's dtype."""
     plan = _plan(x, packed, bias)

@@ -62,11 +62,17 @@ def vllm_greedy(llm, prompts: list[str], new_tokens: int) -> list[tuple[list[int
 
 
 def compare(expected, got) -> dict:
-    """{"same_tokens": every prompt's tokens equal, "max_logprob_diff": over the common prefix of each}."""
-    same, worst = True, 0.0
-    for (hf_tokens, hf_logprobs), (tokens, logprobs) in zip(expected, got, strict=True):
+    """{"same_tokens": every prompt's tokens equal, "max_logprob_diff": over the tokens both chose (up to
+    each prompt's first difference), "first_difference": [prompt, step] of the earliest, or None}.
+
+    Where the tokens part, the two log-probabilities belong to different tokens, so that step is not
+    counted: it would measure the gap between two candidates, not a difference in computation.
+    """
+    same, worst, first = True, 0.0, None
+    for prompt, ((hf_tokens, hf_logprobs), (tokens, logprobs)) in enumerate(zip(expected, got, strict=True)):
         same &= tokens == hf_tokens
-        agree = next((i for i, (a, b) in enumerate(zip(tokens, hf_tokens)) if a != b), len(tokens))
-        diffs = [abs(a - b) for a, b in zip(logprobs[:agree + 1], hf_logprobs[:agree + 1])]
-        worst = max([worst, *diffs])
-    return {"same_tokens": same, "max_logprob_diff": worst}
+        agree = next((i for i, (a, b) in enumerate(zip(tokens, hf_tokens)) if a != b), min(len(tokens), len(hf_tokens)))
+        if tokens != hf_tokens and (first is None or agree < first[1]):
+            first = [prompt, agree]
+        worst = max([worst, *(abs(a - b) for a, b in zip(logprobs[:agree], hf_logprobs[:agree]))])
+    return {"same_tokens": same, "max_logprob_diff": worst, "first_difference": first}
