@@ -57,7 +57,8 @@ def test_a_repeated_stage_keeps_its_largest_peak_and_a_discarded_record_leaves_n
     first = tracker.by_stage["round"]["peak_bytes"]
     with tracker.stage("round"):
         pass
-    assert tracker.by_stage["round"]["peak_bytes"] == first
+    # never the second round's smaller figure (it may be a page above: resident memory drifts by pages)
+    assert tracker.by_stage["round"]["peak_bytes"] >= first
     with tracker.stage("lookup", cached=True) as record:
         record.keep = False
     assert "lookup" not in tracker.by_stage
@@ -137,15 +138,28 @@ def test_a_bad_mmap_threshold_is_refused_in_one_line(bad):
         map_large_blocks(bad)
 
 
+_MAPPED_BLOCKS_CHECK = """
+import torch
+from zssvd.runtime.memory import map_large_blocks, resident_bytes, return_freed_memory
+assert map_large_blocks()
+before = resident_bytes()
+held = [torch.ones(2 ** 19) for _ in range(128)]  # 2 MiB each, 256 MiB in all, each written
+grown = resident_bytes() - before
+del held
+print(grown, resident_bytes() - before, isinstance(return_freed_memory(), bool))
+"""
+
+
 @pytest.mark.skipif(not _glibc_present(), reason="glibc's malloc controls")
 def test_with_large_blocks_mapped_freed_tensors_leave_the_process():
-    assert map_large_blocks()
-    before = resident_bytes()
-    held = [torch.ones(2 ** 19) for _ in range(128)]  # 2 MiB each, 256 MiB in all, each written
-    assert resident_bytes() - before > 200 * 2 ** 20
-    del held
-    assert resident_bytes() - before < 32 * 2 ** 20
-    assert isinstance(return_freed_memory(), bool)
+    """In a fresh interpreter: a long test session's earlier allocations decide where a block comes from."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _MAPPED_BLOCKS_CHECK], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    grown, left, trimmed = out.stdout.split()
+    assert int(grown) > 200 * 2 ** 20 and int(left) < 32 * 2 ** 20 and trimmed == "True"
 
 
 def test_without_glibc_the_memory_calls_change_nothing(monkeypatch):
