@@ -34,6 +34,7 @@ from zssvd.io.models import find_targets
 from zssvd.pipeline import analyze, compress_, rescore
 from zssvd.stages import calibration
 from zssvd.stages.scores import sign_flips
+from zssvd.stages.packing import unpack_model
 from zssvd.stages.selection import select
 
 LICENSES = ("GPL-3", "Apache-2.0", "MPL-2.0", "LGPL-2.1", "GFDL-1.3", "Artistic", "CC0-1.0")
@@ -144,6 +145,8 @@ def suite_configs(suite: str, ratios: list[float], corrections: int) -> list[dic
             configs += [dict(ratio=r, storage="remap", strategy=s) for s in ("uniform", "zero-sum", "zero-sum-2nd")]
             if r <= 0.5:
                 configs += [dict(ratio=r, storage="hq", strategy=s) for s in ("uniform", "zero-sum", "zero-sum-2nd")]
+            if r <= 0.2813:  # int4 factors: at or below the bytes of int4 round-to-nearest (4.5 bits with scales)
+                configs += [dict(ratio=r, storage="int4", strategy=s) for s in ("uniform", "zero-sum", "zero-sum-2nd")]
         if suite == "ablation":
             configs += [dict(ratio=r, strategy=s, ordered=o) for s in ABLATION for o in (True, False)]
     return configs
@@ -194,6 +197,7 @@ def run(args) -> None:
         configs = [{**c, **bos_key} for c in suite_configs(args.suite, args.ratios, args.corrections)]
         configs = [c for c in configs if config_key(seed, c) not in done
                    and (not args.strategies or c["strategy"] in args.strategies)
+                   and (not args.storages or c.get("storage", "dense") in args.storages)
                    and not (args.ordered_only and c.get("ordered") is False)]
         flips = [other for other in args.sign_flip or [] if _sign_flip_key(other, seed, args) not in done]
         if not configs and not flips:
@@ -207,11 +211,14 @@ def run(args) -> None:
             start = time.perf_counter()
             settings = CompressionConfig(**{k: v for k, v in config.items() if k != "bos"})
             compressed, report = compress_(copy.deepcopy(model), calib, settings, analysis=analysis)
+            if args.dequantised:  # the same stored values through plain float layers: the format's quality, faster
+                unpack_model(compressed)
             record({"key": config_key(seed, config), "seed": seed, **json.loads(config_key(seed, config)),
                     "achieved_ratio": round(report["achieved_ratio"], 5),
                     "achieved_bytes_ratio": round(report["achieved_bytes_ratio"], 5),
                     "bytes_ratio": round(report["achieved_bytes_ratio"], 5),
                     "calib_source": calib.source, "ppl": evaluate(compressed),
+                    **({"evaluated": "dequantised"} if args.dequantised else {}),
                     "correction_losses": report["correction_losses"],
                     "seconds": round(time.perf_counter() - start, 1)})
 
@@ -339,6 +346,11 @@ def main(argv=None) -> int:
     p.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.6, 0.4])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--strategies", nargs="+", default=None, help="run only these strategies of the suite")
+    p.add_argument("--storages", nargs="+", default=None, choices=("dense", "remap", "hq", "int4"),
+                   help="run only these storages of the suite")
+    p.add_argument("--dequantised", action="store_true",
+                   help="evaluate the packed layers de-quantised to the model's dtype (same stored values; "
+                        "the packed CPU paths may re-encode, e.g. fp8 as int8, and are slower in float32)")
     p.add_argument("--ordered-only", action="store_true", help="skip the ablation's rows without the in-matrix order")
     p.add_argument("--corrections", type=int, default=5)
     p.add_argument("--calib-contiguous", action="store_true",

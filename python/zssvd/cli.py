@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -236,9 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"compress": cmd_compress, "eval": cmd_eval, "demo": cmd_demo, "generate": cmd_generate,
                 "bench-serve": cmd_bench_serve, "lm-eval": cmd_lm_eval, "plot": cmd_plot}
     debug = bool(os.environ.get("ZSSVD_DEBUG"))  # the traceback instead of the one-line message
+    # The process is ours: the mmap threshold of the pipeline holds to its end, saving included (runtime.memory)
+    from .runtime.memory import large_blocks_mapped
+
+    blocks = large_blocks_mapped() if args.command in ("compress", "demo") else contextlib.nullcontext()
     try:
         _check_device(getattr(args, "device", "cpu"))
-        return commands[args.command](args)
+        with blocks:
+            return commands[args.command](args)
     except Terminated as err:  # torchrun stops the other ranks when one fails
         print(f"zssvd {args.command}: {err}", file=sys.stderr)
         return EXIT_TERMINATED

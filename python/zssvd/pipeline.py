@@ -26,7 +26,7 @@ from .io.models import TargetSet, assign_input_groups, check_causal_lm, find_tar
 from .report import build_report, model_nbytes, sampled_steps, score_summary  # noqa: F401  (re-exported)
 from .runtime.cache import StageCache, cache_key
 from .runtime.distributed import decompose_sharded, everywhere, is_main
-from .runtime.memory import MemoryTracker
+from .runtime.memory import MemoryTracker, large_blocks_mapped
 from .runtime.progress import progress
 from .stages.calibration import CalibrationSet
 from .stages.correction import correct
@@ -109,6 +109,7 @@ class Stages:
         return result
 
 
+@large_blocks_mapped()  # from the calibration pass to the factors' cache store (runtime.memory)
 def analyze(model: nn.Module, calib: CalibrationSet, options: AnalysisOptions | None = None, *,
             filter_fn: FilterFn | None = None, second_order: bool = False) -> Analysis:
     """Prepare: calibrate, whiten, decompose and score every target of ``model`` (stages 1-4).
@@ -152,6 +153,7 @@ def analyze(model: nn.Module, calib: CalibrationSet, options: AnalysisOptions | 
 prepare = analyze  # torchao's name for the ratio-independent half
 
 
+@large_blocks_mapped()
 def compress_(model: nn.Module, calib: CalibrationSet, config: CompressionConfig | None = None, *legacy,
               analysis: Analysis | None = None, options: AnalysisOptions | None = None,
               filter_fn: FilterFn | None = None, **legacy_kwargs):

@@ -3,6 +3,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from tiny_models import english_text, save_tiny_model_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
@@ -37,6 +39,34 @@ def test_quality_suite_records_resumes_and_tabulates(tmp_path, capsys):
     argv[argv.index(str(results))] = str(only)
     assert quality.main(argv + ["--strategies", "uniform"]) == 0
     assert {json.loads(line).get("strategy") for line in only.read_text().splitlines()} == {None, "uniform"}
+
+
+def test_int4_rows_stay_within_int4_rtn_bytes_and_dequantised_evaluation_equals_the_packed_one(tmp_path):
+    assert {c["storage"] for c in quality.suite_configs("main", [0.28], 0) if "storage" in c} == {"remap", "hq", "int4"}
+    assert "int4" not in {c.get("storage") for c in quality.suite_configs("main", [0.4], 0)}
+    import transformers as tf
+    from tiny_models import tiny_config, tiny_tokenizer
+
+    # wide enough for int4 with groups of 64 to reach 0.28 of the 16-bit bytes (the tiny default is 32 wide)
+    config = tiny_config("llama").to_dict() | dict(hidden_size=128, intermediate_size=256, num_hidden_layers=1)
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(tf.LlamaConfig(**config)).save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    for name, seed in (("calib.txt", 1), ("eval.txt", 3)):
+        (tmp_path / name).write_text(english_text(1500, seed=seed))
+    ppl = {}
+    for flag in ([], ["--dequantised"]):
+        results = tmp_path / f"q{len(flag)}.jsonl"
+        argv = ["--model", str(tmp_path / "model"), "--calib-file", str(tmp_path / "calib.txt"),
+                "--eval", f"held={tmp_path / 'eval.txt'}", "--suite", "main", "--ratios", "0.28",
+                "--storages", "int4", "--strategies", "zero-sum", "--calib-samples", "4", "--seq-len", "32",
+                "--windows", "2", "--cache-dir", str(tmp_path / "cache"), "--results", str(results), *flag]
+        assert quality.main(argv) == 0
+        (row,) = [json.loads(line) for line in results.read_text().splitlines() if "storage" in line]
+        assert row["storage"] == "int4" and row["achieved_bytes_ratio"] <= 0.28
+        assert row.get("evaluated") == ("dequantised" if flag else None)
+        ppl[bool(flag)] = row["ppl"]["held"]
+    assert abs(ppl[True] - ppl[False]) <= 1e-3 * ppl[False]  # the same stored values either way
 
 
 def test_contiguous_calibration_takes_the_first_tokens(tmp_path):

@@ -128,3 +128,25 @@ def test_ctrl_c_exits_130_with_a_resume_hint(workspace, capsys, monkeypatch):
     monkeypatch.setenv("ZSSVD_DEBUG", "1")
     with pytest.raises(KeyboardInterrupt):
         _run(capsys, "eval", workspace / "model", "--text-file", workspace / "eval.txt")
+
+
+def test_compress_keeps_the_mmap_threshold_until_it_has_saved_and_eval_leaves_it_alone(workspace, capsys,
+                                                                                     monkeypatch):
+    import zssvd.runtime.memory as memory
+    from zssvd.io import checkpoint
+
+    calls = []
+    libc = type("Libc", (), {"mallopt": lambda self, param, value: calls.append(value) or 1,
+                             "malloc_trim": lambda self, pad: 1})()
+    monkeypatch.setattr(memory, "_glibc", lambda: libc)
+    save = checkpoint.save_compressed
+    monkeypatch.setattr(checkpoint, "save_compressed", lambda *a, **k: calls.append("save") or save(*a, **k))
+    code, _, err = _run(capsys, "compress", workspace / "model", "--ratio", "0.7", "--out", workspace / "out-mmap",
+                        "--calib-file", workspace / "calib.txt", "--calib-samples", "4", "--seq-len", "64",
+                        "--cache-dir", "none", "--strategy", "uniform")
+    assert code == 0, err
+    assert calls == [memory.LARGE_BLOCK_BYTES, "save", memory.SETTLED_THRESHOLD_BYTES]
+    calls.clear()
+    code, _, err = _run(capsys, "eval", workspace / "out-mmap", "--text-file", workspace / "eval.txt",
+                        "--seq-len", "64", "--max-windows", "2")
+    assert code == 0 and calls == [], err

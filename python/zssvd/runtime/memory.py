@@ -84,15 +84,45 @@ def _glibc():
 def map_large_blocks(threshold: int = LARGE_BLOCK_BYTES) -> bool:
     """Serve every allocation of at least ``threshold`` bytes from its own mapping, from now on.
 
-    Returns whether the C library took the setting (False without glibc, where nothing changes). A set
-    threshold no longer rises by itself (glibc refuses values above 32 MiB). It stays for the rest of the
-    process on purpose: with glibc's rising threshold back, the stages after the calibration pass
-    fragment the heap again, and the factors' cache store would set the run's peak.
+    Returns whether the C library took the setting (False without glibc, where nothing changes). Once set,
+    the threshold no longer rises by itself (glibc refuses values above 32 MiB). Library code enters
+    ``large_blocks_mapped`` instead, which hands the process back a settled threshold at its end.
     """
     if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
         raise ValueError(f"the mmap threshold must be a positive number of bytes, got {threshold!r}")
     libc = _glibc()
     return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, threshold))
+
+
+# glibc's rising threshold stops at 32 MiB: where a long-running process that frees large blocks ends up.
+# glibc cannot be told to rise again once a threshold is set, so the end of a scope sets this ceiling.
+SETTLED_THRESHOLD_BYTES = 32 << 20
+_scope_lock = threading.Lock()
+_scope_depth = 0
+
+
+@contextlib.contextmanager
+def large_blocks_mapped(threshold: int = LARGE_BLOCK_BYTES):
+    """``map_large_blocks(threshold)`` while inside; the outermost exit sets the settled 32 MiB threshold.
+
+    The pipeline's entry points enter it, so the threshold holds from the calibration pass to the factors'
+    cache store (with glibc's rising threshold back, the stages after the pass fragment the heap again and
+    the store sets the run's peak), while a process that goes on to serve the model afterwards keeps
+    mid-sized blocks in the heap, as it would without us. Nested and concurrent scopes share one setting.
+    Also a decorator.
+    """
+    global _scope_depth
+    with _scope_lock:
+        _scope_depth += 1
+        if _scope_depth == 1:
+            map_large_blocks(threshold)
+    try:
+        yield
+    finally:
+        with _scope_lock:
+            _scope_depth -= 1
+            if _scope_depth == 0:
+                map_large_blocks(SETTLED_THRESHOLD_BYTES)
 
 
 def return_freed_memory() -> bool:

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from ..runtime.blockwise import block_order_pass, replaced_forwards
 from ..runtime.distributed import sum_across_ranks, sum_scalar_across_ranks, window_share, windows_per_rank
-from ..runtime.memory import map_large_blocks, return_freed_memory
+from ..runtime.memory import large_blocks_mapped, return_freed_memory
 from .covariance import CovarianceCollector
 from ..io.models import TargetSet, find_blocks
 from ..runtime.offload import streamed_blocks
@@ -131,22 +131,29 @@ class _GatedProduct(torch.autograd.Function):
     four MLP-wide tensors per token and block where these two suffice (30% of the saved activations of
     a LLaMA-shaped block). The backward calls the same kernels on the same values as autograd's own
     (``act``'s backward on ``grad * up``, and ``grad * act(gate)``), so the gradients are bit-identical.
+    ``shared`` is a dict the down projection's sink also holds: whichever backward runs first (the sink's)
+    leaves its recomputed ``act(gate)`` there for the other, so it is computed once per step.
     """
 
     @staticmethod
-    def forward(ctx, gate, up, act):
+    def forward(ctx, gate, up, act, shared):
         ctx.save_for_backward(gate, up)
-        ctx.act = act
+        ctx.act, ctx.shared = act, shared
         return act(gate) * up
 
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        with torch.enable_grad():
-            leaf = gate.detach().requires_grad_(True)
-            activated = ctx.act(leaf)
-            (grad_gate,) = torch.autograd.grad(activated, leaf, grad * up)
-        return grad_gate, grad * activated.detach(), None
+        leaf, activated = ctx.shared.pop("activated", None) or _activated(ctx.act, gate)
+        (grad_gate,) = torch.autograd.grad(activated, leaf, grad * up)
+        return grad_gate, grad * activated.detach(), None, None
+
+
+def _activated(act, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(leaf, act(leaf))`` on a detached copy of ``gate``, with the graph that ``act``'s backward needs."""
+    with torch.enable_grad():
+        leaf = gate.detach().requires_grad_(True)
+        return leaf, act(leaf)
 
 
 class _GatedInputGradientSink(torch.autograd.Function):
@@ -154,19 +161,22 @@ class _GatedInputGradientSink(torch.autograd.Function):
     backward from the tensors ``_GatedProduct`` saves anyway, bit for bit, instead of keeping it."""
 
     @staticmethod
-    def forward(ctx, output, gate, up, act, sink):
+    def forward(ctx, output, gate, up, act, shared, sink):
         ctx.save_for_backward(gate, up)
-        ctx.act, ctx.sink = act, sink
+        ctx.act, ctx.shared, ctx.sink = act, shared, sink
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad_output):
         gate, up = ctx.saved_tensors
-        _WeightGradientSink.add_product(ctx.sink, grad_output, ctx.act(gate) * up)
-        return grad_output, None, None, None, None
+        if "activated" not in ctx.shared:
+            ctx.shared["activated"] = _activated(ctx.act, gate)
+        leaf, activated = ctx.shared["activated"]
+        _WeightGradientSink.add_product(ctx.sink, grad_output, activated.detach() * up)
+        return grad_output, None, None, None, None, None
 
 
-# (product, gate, up, act) while a replaced gated MLP runs its down projection on ``product``
+# (product, gate, up, act, shared) while a replaced gated MLP runs its down projection on ``product``
 _GATED_INPUT: contextvars.ContextVar = contextvars.ContextVar("zssvd_gated_input", default=None)
 
 
@@ -182,8 +192,9 @@ def _gated_forward(mlp: torch.nn.Module, original):
         if args or kwargs or not torch.is_grad_enabled():
             return original(x, *args, **kwargs)
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-        product = _GatedProduct.apply(gate, up, mlp.act_fn)
-        token = _GATED_INPUT.set((product, gate, up, mlp.act_fn))
+        shared = {}  # act(gate), recomputed once in the backward for both users (see _GatedProduct)
+        product = _GatedProduct.apply(gate, up, mlp.act_fn, shared)
+        token = _GATED_INPUT.set((product, gate, up, mlp.act_fn, shared))
         try:
             return mlp.down_proj(product)
         finally:
@@ -234,7 +245,7 @@ def weight_gradient_sinks(model: torch.nn.Module, targets: TargetSet, sinks: dic
                 return output  # a forward that nothing will differentiate (block order's first pass)
             recipe = _GATED_INPUT.get()
             if recipe is not None and recipe[0] is args[0]:  # a gated product: keep its factors, not it
-                return _GatedInputGradientSink.apply(output, recipe[1], recipe[2], recipe[3], sinks[name])
+                return _GatedInputGradientSink.apply(output, *recipe[1:], sinks[name])
             return _WeightGradientSink.apply(output, args[0], sinks[name])
         return hook
 
@@ -312,11 +323,10 @@ def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torc
     sinks = grads if order == "batch" else {}
     was_training = model.training
     model.eval()
-    map_large_blocks()  # what a step frees goes back to the kernel, not into a fragmenting heap (runtime.memory)
     # Offloaded weights are not there to check each MLP's forward against: those MLPs save their product.
     recompute = recomputed_gated_products(model) if offload is None else contextlib.nullcontext()
-    try:
-        with recompute, weight_gradient_sinks(model, targets, sinks), \
+    try:  # what a step frees goes back to the kernel, not into a fragmenting heap (runtime.memory)
+        with large_blocks_mapped(), recompute, weight_gradient_sinks(model, targets, sinks), \
                 streamed_blocks(model, targets.blocks_path, device, offload):
             if input_ids.shape[0] == 0:  # more ranks than windows: this one contributes zeros
                 loss_total = 0.0

@@ -11,6 +11,7 @@ import torch
 from tiny_models import random_windows, tiny_model
 from zssvd.config import CompressionConfig
 from zssvd.pipeline import AnalysisOptions, analyze, compress
+import zssvd.runtime.memory as memory_module
 from zssvd.runtime.memory import (MemoryTracker, map_large_blocks, peak_resident_bytes, resident_bytes,
                                   return_freed_memory, summary_line)
 from zssvd.stages.calibration import CalibrationSet
@@ -169,21 +170,53 @@ def test_without_glibc_the_memory_calls_change_nothing(monkeypatch):
     assert map_large_blocks() is False and return_freed_memory() is False
 
 
+class _RecordingLibc:
+    """Stands in for glibc: records what the pipeline asks of the allocator."""
+
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, param, value):
+        self.calls.append(("threshold", value) if param == memory_module.M_MMAP_THRESHOLD else ("mallopt", param))
+        return 1
+
+    def malloc_trim(self, pad):
+        self.calls.append("trim")
+        return 1
+
+
+MAPPED, SETTLED = ("threshold", memory_module.LARGE_BLOCK_BYTES), ("threshold", memory_module.SETTLED_THRESHOLD_BYTES)
+
+
 def test_the_calibration_pass_maps_large_blocks_and_trims_at_its_end_even_after_an_error(monkeypatch):
     import zssvd.stages.gradients as gradients
     from zssvd.io.models import find_targets
 
-    calls = []
-    monkeypatch.setattr(gradients, "map_large_blocks", lambda: calls.append("map"))
-    monkeypatch.setattr(gradients, "return_freed_memory", lambda: calls.append("trim"))
+    libc = _RecordingLibc()
+    monkeypatch.setattr(memory_module, "_glibc", lambda: libc)
     model = tiny_model("llama")
     targets = find_targets(model, None)
     gradients.calibration_pass(model, targets, random_windows(2, 8, seed=1), micro_batch=1)
-    assert calls == ["map", "trim"]
+    assert libc.calls == [MAPPED, SETTLED, "trim"]  # the process gets a settled threshold back at the end
     with pytest.raises(ValueError, match="order must be"):  # refused before any work: nothing to give back
         gradients.calibration_pass(model, targets, random_windows(2, 8, seed=1), order="sideways")
     with torch.no_grad():
         model.model.embed_tokens.weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError):
         gradients.calibration_pass(model, targets, torch.zeros(1, 8, dtype=torch.int64))
-    assert calls == ["map", "trim", "map", "trim"]
+    assert libc.calls == [MAPPED, SETTLED, "trim"] * 2
+
+
+def test_the_threshold_holds_across_the_whole_pipeline_and_is_settled_once_at_its_end(monkeypatch):
+    import zssvd
+    from zssvd.config import AnalysisOptions
+    from zssvd.stages.calibration import CalibrationSet
+
+    libc = _RecordingLibc()
+    monkeypatch.setattr(memory_module, "_glibc", lambda: libc)
+    model = tiny_model("llama")
+    calib = CalibrationSet(random_windows(2, 8, seed=1), source="random")
+    zssvd.compress(model, calib, zssvd.CompressionConfig(ratio=0.8), options=AnalysisOptions(cache_dir=None))
+    # nested scopes (compress_, analyze, each gradient pass) share one setting, settled after the last stage
+    assert libc.calls[0] == MAPPED and libc.calls[-1] == SETTLED
+    assert set(libc.calls[1:-1]) == {"trim"}

@@ -18,7 +18,7 @@ def test_gated_product_gives_autograds_gradients_bit_for_bit(act, dtype):
     torch.manual_seed(0)
     gate0, up0, upstream = (torch.randn(3, 5, 8).to(dtype) for _ in range(3))
     grads = []
-    for product in (lambda g, u: act(g) * u, lambda g, u: _GatedProduct.apply(g, u, act)):
+    for product in (lambda g, u: act(g) * u, lambda g, u: _GatedProduct.apply(g, u, act, {})):
         gate, up = gate0.clone().requires_grad_(True), up0.clone().requires_grad_(True)
         out = product(gate, up)
         out.backward(upstream)
@@ -114,3 +114,28 @@ def test_without_gradients_the_mlp_runs_its_own_forward():
         plain = model(ids).logits
         with recomputed_gated_products(model):
             assert torch.equal(model(ids).logits, plain)
+
+
+def test_the_backward_computes_act_of_gate_once_per_step(monkeypatch):
+    model = tiny_model("llama", dtype=torch.float64)
+    calls = []
+
+    class Counted(torch.nn.Module):
+        def __init__(self, act):
+            super().__init__()
+            self.act = act
+
+        def forward(self, t):
+            calls.append(t.shape)
+            return self.act(t)
+
+    for layer in model.model.layers:
+        layer.mlp.act_fn = Counted(layer.mlp.act_fn)
+    ids = random_windows(3, 10, seed=4)
+    targets = find_targets(model, None)
+    assign_input_groups(model, targets, ids[:1, :8])
+    calls.clear()
+    calibration_pass(model, targets, ids, micro_batch=1)
+    layers, steps = model.config.num_hidden_layers, ids.shape[0]
+    checks = 2  # recomputed_gated_products runs each MLP's own forward and the gated form once
+    assert len(calls) == layers * (checks + steps * 2)  # one forward and one backward evaluation per step
