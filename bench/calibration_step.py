@@ -34,28 +34,26 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from zssvd.config import AnalysisOptions
     from zssvd.io.models import assign_input_groups, find_targets, load_model
+    from zssvd.pipeline import _statistics
+    from zssvd.runtime.memory import peak_resident_bytes
     from zssvd.stages.calibration import from_files
-    from zssvd.stages.covariance import CovarianceCollector
-    from zssvd.stages.gradients import calibration_pass
 
     model, tokenizer, _ = load_model(args.model, dtype="float32")
-    model.eval()
-    ids = from_files(tokenizer, [args.calib_file], args.windows, args.seq_len, 0).input_ids
+    calib = from_files(tokenizer, [args.calib_file], args.windows, args.seq_len, 0)
     targets = find_targets(model, None)
-    assign_input_groups(model, targets, ids[:1, :16])
-    collector = CovarianceCollector(targets)
+    assign_input_groups(model, targets, calib.input_ids[:1, :16])
+    options = AnalysisOptions(micro_batch=args.micro_batch[0]).resolved(model, targets, tuple(calib.input_ids.shape))
     load_before = os.getloadavg()[0]
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    result = calibration_pass(model, targets, ids, micro_batch=args.micro_batch[0], covariances=collector)
+    stats = _statistics(model, targets, calib, options)  # stage 1 exactly as zssvd.analyze runs it
     r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    collector.covariances()
-    peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
     print("RESULT " + json.dumps(dict(
         micro_batch=args.micro_batch[0], threads=args.threads, wait_policy=os.environ.get("OMP_WAIT_POLICY", "default").lower(),
-        windows=args.windows, seq_len=args.seq_len, peak_gb=round(peak_kb / 1e6, 3),
+        windows=args.windows, seq_len=args.seq_len, peak_gb=round(peak_resident_bytes() / 1e9, 3),
         cpu_s=round(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime, 1),
-        sys_s=round(r1.ru_stime - r0.ru_stime, 1), wall_s=round(t1 - t0, 1), loss=result.loss,
+        sys_s=round(r1.ru_stime - r0.ru_stime, 1), wall_s=round(t1 - t0, 1), loss=stats["loss"],
         minor_faults=r1.ru_minflt - r0.ru_minflt,
         load_before=round(load_before, 2), load_after=round(os.getloadavg()[0], 2))), flush=True)
 

@@ -107,7 +107,7 @@ class AnalysisOptions:
         ``windows`` (N, L).
 
         On the CPU one window per step: it holds a quarter of the activations of four (SmolLM2 at 32 x 512:
-        3.2 GB peak instead of 5.0, measured in bench/RESULTS.md) for no more CPU time with one thread.
+        3.4 GB peak instead of 5.0, for 12% more time on two idle cores; measured in bench/RESULTS.md).
         An accelerator keeps four, which fill it better.
 
         On a GPU, the batch order keeps every target's float32 gradient and float64 covariance on

@@ -154,3 +154,15 @@ def test_tuned_configs_round_trip(tmp_path, monkeypatch, tune_configs):
         k: v for k, v in default[0].items() if k != "max_m"}
     with pytest.raises(ValueError, match="GPU name"):
         _configs.write_buckets("remap_matmul", "default", [], config_dir)
+
+
+def test_remap_register_cap_reaches_the_launch_only_where_a_config_sets_one():
+    from zskernels import _configs
+    from zskernels.ops.remap.kernels import _kernel_options
+
+    wide = [b for b in _configs.table("remap_matmul")["default"] if b["BLOCK_M"] == 128 and b["BLOCK_N"] == 128]
+    assert wide and all(b["maxnreg"] == 128 and b["fp32"]["maxnreg"] == 0 for b in wide)
+    bucket = {k: v for k, v in wide[-1].items() if k != "fp32"}
+    assert _kernel_options(bucket, torch.zeros(1, dtype=torch.float16))["maxnreg"] == 128
+    fp32 = {**bucket, **wide[-1]["fp32"]}
+    assert "maxnreg" not in _kernel_options(fp32, torch.zeros(1))  # 0: no cap

@@ -230,7 +230,7 @@ def _kernel_options(cfg: dict, x: Tensor) -> dict:
     return {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
             "GROUP_M": cfg["GROUP_M"], "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
             "INPUT_PRECISION": "ieee" if x.dtype == torch.float32 else "tf32",
-            **{key: cfg[key] for key in ("maxnreg",) if cfg.get(key)}}  # a register cap, where a config sets one
+            **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {})}  # a register cap, where a config sets one
 
 
 def _nonempty(t: Tensor, fallback: Tensor) -> Tensor:
