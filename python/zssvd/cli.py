@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--offload", default=None, metavar="cpu|DIR",
                    help="for models larger than the GPU: keep the weights in CPU memory (cpu) or in files in DIR "
                         "and stream the decoder blocks to --device one at a time (implies --checkpointing)")
+    c.add_argument("--shard-model", action="store_true",
+                   help="under torchrun: shard the model's weights across the ranks (FSDP2, one unit per decoder "
+                        "block), for models larger than one GPU; rank 0 keeps a whole copy in host memory to pack "
+                        "and save. A single process ignores it")
     c.add_argument("--statistics-device", default=None, metavar="cpu",
                    help="accumulate covariances (float64) and gradients (float32) in CPU memory instead of "
                         "on --device (for a 7B model they take about 70 GB); default: cpu with --offload "
@@ -288,6 +292,8 @@ def _calibration(args, model, tokenizer):
 
 
 def cmd_compress(args) -> int:
+    from dataclasses import replace
+
     from .runtime import distributed
     from .io.checkpoint import save_compressed, write_json
     from .io.models import cache_root, check_causal_lm, find_targets, load_model, resolve_dtype
@@ -298,10 +304,17 @@ def cmd_compress(args) -> int:
 
     check_ratio_range(args.ratio, args.storage, args.group_size)  # fail before any slow work
     check_output_directory(args.out)
+    cache_dir = None if args.cache_dir == "none" else (args.cache_dir or str(cache_root() / "stages"))
+    options = AnalysisOptions(micro_batch=args.micro_batch, checkpointing=args.checkpointing, cache_dir=cache_dir,
+                              blocks_path=args.blocks, offload=args.offload, statistics_device=args.statistics_device,
+                              pass_order=args.pass_order, device=args.device if args.offload else None,
+                              shard_model=args.shard_model)  # refuses settings that do not combine, before loading
     start = time.perf_counter()
-    # Offloading: the model stays in CPU memory and its blocks visit --device one at a time.
+    # Offloading: the model stays in CPU memory and its blocks visit --device one at a time. Sharding: it
+    # is loaded in CPU memory and each rank's shards go to its device (runtime.distributed.shard_blocks).
+    in_host_memory = args.offload or (args.shard_model and distributed.active())
     dtype = resolve_dtype(args.dtype, args.device)
-    model, tokenizer, source = load_model(args.model, dtype=dtype, device="cpu" if args.offload else args.device)
+    model, tokenizer, source = load_model(args.model, dtype=dtype, device="cpu" if in_host_memory else args.device)
     check_causal_lm(model)  # before calibration: an encoder is refused before any work
     specs = [MatrixSpec(t.name, *t.shape) for t in find_targets(model, args.blocks)]
     check_ratio(specs, args.ratio, args.storage, group_size=args.group_size)
@@ -310,11 +323,7 @@ def cmd_compress(args) -> int:
     calib = _calibration(args, model, tokenizer)
     calib.input_ids = distributed.from_rank0(calib.input_ids)  # several ranks: all calibrate on rank 0's windows
     calibrated = time.perf_counter()
-    cache_dir = None if args.cache_dir == "none" else (args.cache_dir or str(cache_root() / "stages"))
-    options = AnalysisOptions(micro_batch=args.micro_batch, checkpointing=args.checkpointing, cache_dir=cache_dir,
-                              blocks_path=args.blocks, source=source, offload=args.offload,
-                              statistics_device=args.statistics_device, pass_order=args.pass_order,
-                              device=args.device if args.offload else None)
+    options = replace(options, source=source)
     config = CompressionConfig(ratio=args.ratio, storage=args.storage, strategy=args.strategy,
                                corrections=args.corrections, ordered=not args.no_order, group_size=args.group_size,
                                rank_multiple=args.rank_multiple)

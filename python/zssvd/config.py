@@ -82,10 +82,15 @@ class AnalysisOptions:
     # or "auto": batch unless its statistics would not fit in the device's free memory
     cache_dir: str | None = None
     source: str = ""  # model id, for the cache key
+    shard_model: bool = False  # under torchrun: shard the weights across the ranks with FSDP2 for the gradient
+    # passes (runtime.distributed.sharded_for_passes); a single process keeps the whole model
 
     def __post_init__(self):
         if self.micro_batch is not None:
             require_int("micro_batch", self.micro_batch, 1)
+        if self.shard_model and self.offload:
+            raise ValueError("shard_model and offload do not combine: sharding already leaves each GPU 1/N of the "
+                             "weights; drop --offload, or drop --shard-model to stream the blocks from host memory")
         if not self.base_jitter >= 0:
             raise ValueError(f"base_jitter must be >= 0, got {self.base_jitter}")
 

@@ -25,7 +25,7 @@ from .config import AnalysisOptions, CompressionConfig, free_device_memory  # no
 from .io.models import TargetSet, assign_input_groups, check_causal_lm, find_targets, model_fingerprint
 from .report import build_report, model_nbytes, sampled_steps, score_summary  # noqa: F401  (re-exported)
 from .runtime.cache import StageCache, cache_key
-from .runtime.distributed import decompose_sharded, everywhere, is_main
+from .runtime.distributed import active, decompose_sharded, everywhere, is_main, sharded_for_passes
 from .runtime.memory import MemoryTracker, large_blocks_mapped
 from .runtime.progress import progress
 from .stages.calibration import CalibrationSet
@@ -62,6 +62,11 @@ class Analysis:
     curvature: dict[str, torch.Tensor] | None = None  # second-order terms (``analyze(second_order=True)``)
     windows_per_rank: list[int] | None = None  # the calibration pass's windows on each rank (torchrun)
     memory: MemoryTracker = field(default_factory=MemoryTracker)  # peak memory of each stage so far
+    sharded: nn.Module | None = None  # the FSDP2-sharded model of ``AnalysisOptions.shard_model`` (torchrun)
+
+    def pass_model(self, model: nn.Module) -> nn.Module:
+        """The model every gradient pass runs on: the sharded one when there is one, else ``model``."""
+        return model if self.sharded is None else self.sharded
 
 
 class Stages:
@@ -119,24 +124,29 @@ def analyze(model: nn.Module, calib: CalibrationSet, options: AnalysisOptions | 
     ``zero-sum-2nd`` (one more gradient pass). Under ``torch.distributed`` (e.g. ``torchrun``) every
     rank calls this with the same model and calibration set: the calibration pass and the whitening
     run on every rank, the whitened SVDs are shared out (``zssvd.runtime.distributed``), and every
-    rank returns the whole analysis. Only rank 0 writes cache entries.
+    rank returns the whole analysis. Only rank 0 writes cache entries. With ``options.shard_model`` the
+    gradient passes run on an FSDP2-sharded model (``Analysis.sharded``): rank 0 shards a copy and keeps
+    ``model`` whole for packing, the other ranks shard ``model`` itself (``sharded_for_passes``).
     """
     options = options or AnalysisOptions()
     check_causal_lm(model)
     _check_weights(model)
     targets = find_targets(model, options.blocks_path, filter_fn=filter_fn)
     assign_input_groups(model, targets, calib.input_ids[:1, : min(16, calib.seq_len)].to(model_device(model)))
-    options = options.resolved(model, targets, tuple(calib.input_ids.shape))
-    device = options.compute_device(model)
     key = cache_key(model_fingerprint(model, options.source), calib.fingerprint(), __version__,
-                    [t.name for t in targets]) if options.cache_dir else ""
+                    [t.name for t in targets]) if options.cache_dir else ""  # before sharding: reads whole weights
+    sharded = _sharded(model, options)
+    passes = model if sharded is None else sharded
+    options = options.resolved(passes, targets, tuple(calib.input_ids.shape))
+    device = options.compute_device(passes)
     stages = Stages(options.cache_dir, key, memory=MemoryTracker(device))
 
-    stats = stages.run("calibration_pass", lambda: _statistics(model, targets, calib, options),  # 1
+    pass_targets = targets.rebind(passes)
+    stats = stages.run("calibration_pass", lambda: _statistics(passes, pass_targets, calib, options),  # 1
                        entry="stats", save=_stats_entry, restore=_stats_from_entry, shared=True)
     stages.key = cache_key(key, options.decompose_method, options.base_jitter) if key else ""
     whitening, jitter, factors = stages.run(  # 2 + 3 share one entry: the corrections need S with the factors
-        None, lambda: _whiten_and_decompose(stages, targets, stats, options, device),
+        None, lambda: _whiten_and_decompose(stages, pass_targets, stats, options, device),
         entry="factors", save=_factors_entry, restore=_factors_from_entry(targets), shared=True)
     with stages.timed("scores"):  # 4
         scores = {t.name: component_scores(factors[t.name], stats["grads"].pop(t.name), backend=options.score_backend,
@@ -144,7 +154,7 @@ def analyze(model: nn.Module, calib: CalibrationSet, options: AnalysisOptions | 
     analysis = Analysis(targets=targets, specs=[MatrixSpec(t.name, *t.shape) for t in targets], whitening=whitening,
                         jitter=jitter, factors=factors, scores=scores, loss=stats["loss"], calibration=calib,
                         options=options, timings=stages.timings, key=stages.key,
-                        windows_per_rank=stats.get("windows_per_rank"), memory=stages.memory)
+                        windows_per_rank=stats.get("windows_per_rank"), memory=stages.memory, sharded=sharded)
     if second_order:
         add_curvature(model, analysis)  # 4b
     return analysis
@@ -162,6 +172,9 @@ def compress_(model: nn.Module, calib: CalibrationSet, config: CompressionConfig
     The replaced ``nn.Linear`` layers give up their weights: compress a copy (``copy.deepcopy``) when
     the original is still needed. ``analysis`` (from ``analyze`` on the same model and calibration set)
     skips stages 1-4, e.g. when sweeping ratios or strategies; without one, ``analyze`` runs first.
+    With a sharded analysis (``AnalysisOptions.shard_model`` under torchrun) rank 0 packs its whole
+    ``model`` and returns it with the report; the other ranks, whose ``model`` is sharded, return
+    ``(model, None)``.
     The older form ``compress(model, calib, ratio, storage, strategy, corrections, ordered=, min_rank=)``
     still works and warns (``DeprecationWarning``).
     """
@@ -182,10 +195,14 @@ def compress_(model: nn.Module, calib: CalibrationSet, config: CompressionConfig
     truncated = truncate(analysis, selection)
     correction = None
     if config.corrections:  # 6
+        passes = analysis.pass_model(model)
         correction = stages.run("correction", lambda: correct(
-            model, targets, calib.input_ids, truncated, analysis.whitening, config.corrections,
-            decompose_method=analysis.options.decompose_method, **analysis.options.pass_settings()))
+            passes, analysis.targets.rebind(passes), calib.input_ids, truncated, analysis.whitening,
+            config.corrections, decompose_method=analysis.options.decompose_method,
+            **analysis.options.pass_settings()))
         truncated = correction.factors
+    if analysis.sharded is not None and not is_main():
+        return model, None  # only rank 0 kept a whole model to pack (``sharded_for_passes``)
     stages.run("packing", lambda: pack_model(model, targets, truncated, selection))  # 7
     return model, build_report(model, analysis, config, selection, stages.timings, correction,
                                memory=stages.memory.summary())
@@ -199,9 +216,11 @@ def add_curvature(model: nn.Module, analysis: Analysis) -> dict[str, torch.Tenso
     """The second-order terms of ``zero-sum-2nd`` (one more gradient pass; cached with the factors)."""
     if analysis.curvature is None:
         stages = Stages(analysis.options.cache_dir, analysis.key, analysis.timings, analysis.memory)
+        passes = analysis.pass_model(model)
         analysis.curvature = stages.run(
-            "curvature", lambda: curvature_terms(model, analysis.targets.rebind(model), analysis.calibration.input_ids,
-                                                 analysis.factors, **analysis.options.pass_settings()),
+            "curvature", lambda: curvature_terms(passes, analysis.targets.rebind(passes),
+                                                 analysis.calibration.input_ids, analysis.factors,
+                                                 **analysis.options.pass_settings()),
             entry="curvature", save=lambda c: ({"curvature": c}, {}), restore=lambda files, meta: files["curvature"],
             shared=True)
     return analysis.curvature
@@ -213,10 +232,11 @@ def rescore(model: nn.Module, analysis: Analysis, calib: CalibrationSet) -> dict
     The whitened factors stay those of the analysis, so component i of every matrix is the same
     direction in both score sets and their signs can be compared (see ``scores.sign_flips``).
     """
-    targets = analysis.targets.rebind(model)
-    grads = calibration_pass(model, targets, calib.input_ids, desc="gradient pass (rescoring)",
+    passes = analysis.pass_model(model)
+    targets = analysis.targets.rebind(passes)
+    grads = calibration_pass(passes, targets, calib.input_ids, desc="gradient pass (rescoring)",
                              **analysis.options.pass_settings()).grads
-    device = analysis.options.compute_device(model)
+    device = analysis.options.compute_device(passes)
     return {t.name: component_scores(analysis.factors[t.name], grads[t.name], backend=analysis.options.score_backend,
                                      device=device)
             for t in targets}
@@ -237,6 +257,17 @@ def _check_weights(model: nn.Module) -> None:
         if not torch.isfinite(p).all():
             raise ValueError(f"the model's weight {name} contains NaN/Inf: the checkpoint is corrupt or was "
                              "loaded in a dtype that overflows; fix the weights before compressing")
+
+
+def _sharded(model: nn.Module, options: AnalysisOptions) -> nn.Module | None:
+    """The sharded model of ``options.shard_model`` (a collective), or None: not asked, or one process."""
+    if not options.shard_model:
+        return None
+    if not active():
+        log.info("shard_model: a single process holds the whole model, nothing to shard (start N processes with "
+                 "torchrun --nproc-per-node N to shard it across them)")
+        return None
+    return sharded_for_passes(model, options.blocks_path)
 
 
 def _statistics(model, targets: TargetSet, calib: CalibrationSet, options: AnalysisOptions) -> dict:

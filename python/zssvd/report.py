@@ -84,6 +84,7 @@ def build_report(model: nn.Module, analysis, config: CompressionConfig, selectio
         "ordered": selection.ordered,
         "corrections": corrections,
         "pass_order": analysis.options.pass_order,
+        "shard_model": analysis.sharded is not None,  # the gradient passes ran on an FSDP2-sharded model
         "ranks": selection.ranks,
         "full_ranks": {name: s.rank for name, s in specs.items()},
         "kept_dense": sorted(name for name, d in selection.dense.items() if d),

@@ -193,3 +193,14 @@ def test_a_ratio_outside_0_1_is_refused_before_loading(workspace, capsys, ratio)
     argv = _compress(workspace)
     argv[argv.index("--ratio") + 1] = ratio
     assert "ratio must lie strictly between 0 and 1" in _error(capsys, *argv)
+
+
+def test_shard_model_with_offload_is_refused_before_loading(workspace, capsys, monkeypatch):
+    import zssvd.io.models
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(zssvd.io.models, "load_model", never)
+    err = _error(capsys, *_compress(workspace, "--shard-model", "--offload", "cpu"))
+    assert "shard_model and offload do not combine" in err and "drop --offload" in err

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..stages.covariance import CovarianceCollector
 from ..io.models import TargetSet, find_blocks
+from .distributed import counted_windows
 from .progress import progress
 from .memory import proc_kib_field
 
@@ -338,7 +339,7 @@ def block_order_pass(model: nn.Module, targets: TargetSet, input_ids: torch.Tens
                      device: torch.device, grad_device, sinks: dict[str, torch.Tensor],
                      grads: dict[str, torch.Tensor], covariances: CovarianceCollector | None,
                      loss_of, segment: int | None = None, desc: str = "calibration pass",
-                     total_tokens: int | None = None) -> float:
+                     total_tokens: int | None = None, counted: int | None = None) -> float:
     """Fill ``grads`` (on ``grad_device``) and ``covariances`` in block order; return the summed loss.
 
     Each block's covariance sums grow on ``device`` and go to the collector's home when the block is done.
@@ -347,12 +348,17 @@ def block_order_pass(model: nn.Module, targets: TargetSet, input_ids: torch.Tens
     this function puts one block's device accumulators in it at a time. ``loss_of(logits, ids, first=)``
     returns a micro-batch's summed loss (``first``: the index of its first window, for error messages).
     ``total_tokens`` divides the loss (default: the tokens of ``input_ids``; a data-parallel rank passes
-    those of the whole calibration set).
+    those of the whole calibration set). Only the first ``counted`` windows (default: all) enter the loss
+    and the covariances; the rest is padding that keeps a sharded model's ranks in step
+    (``distributed.padded_share``).
     """
     _, blocks = find_blocks(model, targets.blocks_path)
     runner = _ModelRunner(model, blocks)
-    batches = [input_ids[start:start + micro_batch] for start in range(0, input_ids.shape[0], micro_batch)]
+    starts = range(0, input_ids.shape[0], micro_batch)
+    batches = [input_ids[start:start + micro_batch] for start in starts]
     total_tokens = total_tokens or input_ids.shape[0] * (input_ids.shape[1] - 1)
+    counted = input_ids.shape[0] if counted is None else counted
+    real = [counted_windows(start, len(ids), counted) for start, ids in zip(starts, batches)]
     by_block: dict[int, list] = {}
     for t in targets:
         by_block.setdefault(t.block, []).append(t)
@@ -371,9 +377,9 @@ def block_order_pass(model: nn.Module, targets: TargetSet, input_ids: torch.Tens
     bar = progress(total=2 * len(blocks), desc=desc, unit="block")
 
     def outputs(index: int, store: HostStore, collect: bool):
-        for ids, x in zip(batches, store.each()):
+        for ids, x, k in zip(batches, store.each(), real):
             if collect and covariances is not None:
-                covariances.new_batch()
+                covariances.new_batch(k, len(ids))
             yield runner.calls(ids.to(device))[index](blocks[index], x)
 
     def forward_block(index: int, store: HostStore, collect: bool) -> HostStore:
@@ -399,10 +405,10 @@ def block_order_pass(model: nn.Module, targets: TargetSet, input_ids: torch.Tens
     losses = []
 
     def head_gradients():
-        for j, (ids, last) in enumerate(zip(batches, hidden.each())):
+        for j, (ids, last, k) in enumerate(zip(batches, hidden.each(), real)):
             ids = ids.to(device)
             last.requires_grad_(True)
-            loss_sum = loss_of(runner.logits(ids, last), ids, first=j * micro_batch)
+            loss_sum = loss_of(runner.logits(ids, last)[:k], ids[:k], first=j * micro_batch)
             (loss_sum / total_tokens).backward()
             losses.append(loss_sum.item())
             yield last.grad

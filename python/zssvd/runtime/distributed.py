@@ -12,9 +12,11 @@ Decomposition: ``decompose_sharded`` gives each rank a share of the matrices, ba
 estimated cost of their SVDs; each rank decomposes its share, then every matrix's factors are
 broadcast from the rank that computed them. The whitening (one Cholesky per input group, cheap
 next to the SVDs), scores, selection and packing run identically on every rank and need no
-communication. Every rank holds the whole model; ``shard_blocks`` (FSDP2) shards it for the
-calibration pass, which gives the same statistics, but the later stages do not take a sharded
-model yet.
+communication. Every rank holds the whole model, unless it is sharded (``AnalysisOptions.shard_model``,
+``zssvd compress --shard-model``): then ``sharded_for_passes`` shards it with FSDP2 (``shard_blocks``) for
+every gradient pass, each rank running as many micro-batches as the others (``padded_share``), each
+matrix is gathered whole only to be decomposed (``decompose_sharded``) or corrected, and rank 0 keeps a
+resident copy to pack and save (README, "Models larger than one GPU").
 
 Without an initialised process group, or with a single rank, everything here falls back to
 the one-process behaviour (``decompose_sharded`` is then exactly ``decompose_all``).
@@ -30,6 +32,7 @@ exits; under torchrun that SIGTERM raises ``Terminated`` with the same informati
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -37,6 +40,7 @@ import signal
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -323,10 +327,11 @@ def shard_blocks(model: torch.nn.Module, blocks_path: str | None = None) -> None
     the root unit; every rank keeps 1/world_size of every weight. Weights are frozen (the calibration
     hooks take gradients without parameters requiring them). A collective.
 
-    The calibration pass (batch or block order, covariances, gradients, curvature) runs unchanged on
-    the sharded model, each rank on its share of the windows, and gives the resident model's
-    statistics (tests/zssvd/runtime/test_sharded_calibration.py). The later stages still read whole
-    weights: see /work/notes/C-readme.md (issue 18) for what they need.
+    The gradient passes (batch or block order, covariances, gradients, curvature, corrections) run on
+    the sharded model, each rank on its share of the windows padded to equal micro-batch counts
+    (``padded_share``), and give the resident model's statistics (tests/zssvd/runtime/
+    test_sharded_calibration.py). How the other stages get whole weights: ``sharded_for_passes``, and
+    the README's "Models larger than one GPU".
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -335,11 +340,85 @@ def shard_blocks(model: torch.nn.Module, blocks_path: str | None = None) -> None
 
     for p in model.parameters():
         p.requires_grad_(False)
+    # FSDP2 warns when a block returns a view (OPT's blocks do): an in-place op on it would skip the backward's
+    # gather. Nothing here changes a block's output in place (the sharded passes equal the resident ones, tested).
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(comm_device().type, (world()[1],))
     _, blocks = find_blocks(model, blocks_path)
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s weights are FSDP2 shards (DTensors, see ``shard_blocks``)."""
+    return any(is_sharded_tensor(p) for p in model.parameters())
+
+
+def is_sharded_tensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def sharded_for_passes(model: torch.nn.Module, blocks_path: str | None = None) -> torch.nn.Module:
+    """The FSDP2-sharded model the gradient passes run on (a collective).
+
+    Rank 0 shards a copy and keeps ``model`` whole, in the memory it was loaded in (host memory under
+    ``zssvd compress --shard-model``), because it packs and saves the compressed model: FSDP2 cannot be
+    undone in place. The other ranks shard ``model`` itself: from then on they hold their shards, and
+one block at a time whole while it runs.
+    """
+    passes = copy.deepcopy(model) if is_main() else model
+    shard_blocks(passes, blocks_path)
+    return passes
+
+
+def whole(weight: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a weight: a sharded one (DTensor) is gathered, a collective that every rank
+    must call for the same weights in the same order; a plain one is returned as it is."""
+    if not is_sharded_tensor(weight):
+        return weight
+    with collective("gathering a sharded weight"):
+        return weight.full_tensor()
+
+
+@torch.no_grad()
+def overwrite_shard(weight: torch.Tensor, value: torch.Tensor):
+    """Write the whole ``value`` into a sharded ``weight`` in place, each rank its own part (no
+    communication: every rank holds ``value``); returns a function that puts the old values back.
+
+    In place, because FSDP2 gathers a block's weights from the storage it sharded them into."""
+    from torch.distributed.tensor import distribute_tensor
+
+    local = weight.to_local()
+    mine = distribute_tensor(value.to(dtype=local.dtype, device=local.device), weight.device_mesh,
+                             weight.placements, src_data_rank=None).to_local()  # src_data_rank=None: no scatter
+    saved = local.clone()
+    local.copy_(mine)
+    return lambda: local.copy_(saved)
+
+
+def padded_share(input_ids: torch.Tensor, pad: bool) -> tuple[torch.Tensor, int]:
+    """This rank's windows of ``input_ids`` and how many of them count.
+
+    ``pad=True`` (a sharded model) appends copies of the set's first window up to the largest share, so
+    that every rank runs the same micro-batches in the same shapes: FSDP2 gathers a block's weights in
+    each forward and backward, and a rank that stopped early would leave the others waiting in that
+    gather. The copies' loss, gradients and covariances are left out (``counted_windows``).
+    """
+    start, stop = window_share(input_ids.shape[0])
+    mine = input_ids[start:stop]
+    missing = max(windows_per_rank(input_ids.shape[0])) - mine.shape[0] if pad else 0
+    if missing:
+        mine = torch.cat([mine, input_ids[:1].expand(missing, -1)])
+    return mine, stop - start
+
+
+def counted_windows(first: int, size: int, counted: int) -> int:
+    """How many of the ``size`` windows of a micro-batch starting at window ``first`` count (the first
+    ``counted`` windows of a rank count; the rest is ``padded_share``'s padding)."""
+    return max(0, min(size, counted - first))
 
 
 def svd_cost(m: int, n: int) -> int:
@@ -382,6 +461,7 @@ def decompose_sharded(weights: dict[str, torch.Tensor], factor_of: dict[str, tor
     only matter on the rank that owns a matrix). Every rank returns all the factors, on the
     device of the corresponding weight (``device``: where to compute, see ``decompose_all``). ``stats``, if given, receives ``rank``, ``world_size``,
     ``shards`` (the names each rank decomposes) and ``computed`` (those this rank decomposed).
+    Sharded weights (DTensors) are gathered one matrix at a time and kept by their owner only.
     """
     rank, world_size = world()
     names = list(weights)
@@ -389,7 +469,7 @@ def decompose_sharded(weights: dict[str, torch.Tensor], factor_of: dict[str, tor
         shares = [names]
     else:
         shares = shard(names, {n: svd_cost(*weights[n].shape) for n in names}, world_size)
-    mine = {n: weights[n] for n in shares[rank]}
+    mine = _owned_whole(weights, shares[rank])
     if stats is not None:
         stats.update(rank=rank, world_size=world_size, shards=shares, computed=list(mine))
     own = decompose_all(mine, {n: factor_of[n] for n in mine}, method=method, out_dtype=out_dtype, device=device,
@@ -422,3 +502,15 @@ def decompose_sharded(weights: dict[str, torch.Tensor], factor_of: dict[str, tor
         parts = [p.reshape(s).to(out_device or weights[name].device) for p, s in zip(flat.split(sizes), shapes)]
         factors[name] = Factors(*parts)
     return factors
+
+
+def _owned_whole(weights: dict[str, torch.Tensor], owned: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The whole weights of the matrices this rank decomposes. Sharded ones are gathered one at a time,
+    every rank taking part in every gather (in the order of ``weights``) and only the owner keeping it."""
+    owned = set(owned)
+    mine = {}
+    for name, weight in weights.items():
+        full = whole(weight)
+        if name in owned:
+            mine[name] = full
+    return mine

@@ -30,6 +30,7 @@ import torch
 from .decompose import Factors, whitened_svd
 from .gradients import calibration_loss, calibration_pass
 from ..io.models import TargetSet
+from ..runtime.distributed import is_sharded_tensor, overwrite_shard, whole
 from ..runtime.progress import progress
 
 
@@ -54,18 +55,28 @@ class _Point:
 
 @contextlib.contextmanager
 def swapped_weights(targets: TargetSet, weights: dict[str, torch.Tensor]):
-    """Temporarily replace target weights (same shapes; tensors or callables making them) and restore the originals."""
+    """Temporarily replace target weights (same shapes; tensors or callables making them) and restore the originals.
+
+    A sharded weight (FSDP2) takes its part of the new matrix in place (``distributed.overwrite_shard``)."""
     by_name = targets.by_name()
-    originals = {name: by_name[name].module.weight.data for name in weights}
+    undo = []
     try:
         for name, w in weights.items():
-            module = by_name[name].module
             new = w() if callable(w) else w  # a callable is made one matrix at a time
-            module.weight.data = new.to(dtype=originals[name].dtype, device=originals[name].device)
+            undo.append(_swap_in(by_name[name].module.weight, new))
         yield
     finally:
-        for name, w in originals.items():
-            by_name[name].module.weight.data = w
+        for restore in reversed(undo):
+            restore()
+
+
+def _swap_in(weight: torch.Tensor, new: torch.Tensor):
+    """Put ``new`` in ``weight``'s place; returns the function that puts the original back."""
+    if is_sharded_tensor(weight):
+        return overwrite_shard(weight, new)
+    original = weight.data
+    weight.data = new.to(dtype=original.dtype, device=original.device)
+    return lambda: setattr(weight, "data", original)
 
 
 def correct(model, targets: TargetSet, input_ids: torch.Tensor, truncated: dict[str, Factors],
@@ -77,7 +88,9 @@ def correct(model, targets: TargetSet, input_ids: torch.Tensor, truncated: dict[
     ``whitening`` maps each target's input group to its factor S (as used for the SVD).
     """
     by_name = targets.by_name()
-    original = {name: by_name[name].module.weight.detach() for name in truncated}  # the tensors, not copies
+    # The tensors, not copies. A sharded weight's storage takes the swapped-in values (``swapped_weights``):
+    # its original is read only outside that context.
+    original = {name: by_name[name].module.weight.detach() for name in truncated}
     factors = dict(truncated)
     best: _Point | None = None
     losses: list[float] = []
@@ -94,7 +107,8 @@ def correct(model, targets: TargetSet, input_ids: torch.Tensor, truncated: dict[
         else:
             scale /= 2  # the last step overshot: retry from the best factors with half of it
         scales.append(scale)
-        factors = {name: _corrected(best.factors[name], best.grads[name], original[name],
+        # Every rank corrects every matrix; a sharded original is gathered one matrix at a time.
+        factors = {name: _corrected(best.factors[name], best.grads[name], whole(original[name]),
                                     whitening[by_name[name].group], scale, decompose_method)
                    for name in best.factors}
     with swapped_weights(targets, _reconstructions(factors, original)):

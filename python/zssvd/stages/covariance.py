@@ -48,6 +48,7 @@ class CovarianceCollector:
         self.home = device  # where the sums are kept (None: where the activations are)
         self._device = device  # where they accumulate now (see ``staged``)
         self._seen: set[str] = set()
+        self._counted = (1, 1)  # (windows that count, windows) of this micro-batch
         self._finite: dict[str, torch.Tensor] = {}  # group -> device flag, all products so far finite
         self._averaged: set[str] = set()  # groups whose sums ``covariances`` has turned into means
         self._handles = []
@@ -62,9 +63,14 @@ class CovarianceCollector:
             handle.remove()
         self._handles.clear()
 
-    def new_batch(self) -> None:
-        """Call before each micro-batch: a recomputed forward (checkpointing) must not count twice."""
+    def new_batch(self, counted: int = 1, windows: int = 1) -> None:
+        """Call before each micro-batch: a recomputed forward (checkpointing) must not count twice.
+
+        Only the first ``counted`` of its ``windows`` windows count (the others pad a sharded model's
+        ranks to equal micro-batch counts, ``distributed.padded_share``); by default all of them.
+        """
         self._seen.clear()
+        self._counted = (counted, windows)
 
     def _hook(self, group: str):
         def hook(module, args):
@@ -76,7 +82,9 @@ class CovarianceCollector:
             self._seen.add(group)
             x = args[0].detach()
             exact_in_tf32 = x.dtype in (torch.float16, torch.bfloat16) and self.product_dtype == torch.float32
-            x = x.reshape(-1, x.shape[-1]).to(self.product_dtype)
+            x = x.reshape(-1, x.shape[-1])
+            counted, windows = self._counted  # the rows are window-major, flattened by the model (OPT) or not
+            x = x[:x.shape[0] * counted // windows].to(self.product_dtype)
             with _float32_matmul_precision("high" if exact_in_tf32 else "highest"):
                 product = x.T @ x  # kept in its own dtype: the float64 sum upcasts it exactly, and a copy
                 # to a statistics device moves half the bytes

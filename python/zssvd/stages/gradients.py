@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from ..runtime.blockwise import block_order_pass, replaced_forwards
-from ..runtime.distributed import sum_across_ranks, sum_scalar_across_ranks, window_share, windows_per_rank
+from ..runtime.distributed import (counted_windows, is_sharded, padded_share, sum_across_ranks,
+                                   sum_scalar_across_ranks, windows_per_rank)
 from ..runtime.memory import large_blocks_mapped, return_freed_memory
 from .covariance import CovarianceCollector
 from ..io.models import TargetSet, find_blocks
@@ -312,11 +313,11 @@ def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torc
     checkpointing = checkpointing or offload is not None
     device = torch.device(device) if device is not None else model_device(model)
     # Under torchrun each rank takes its share of the windows; the loss is divided by the tokens of
-    # the whole set on every rank, so the ranks' sums are the one-process statistics.
+    # the whole set on every rank, so the ranks' sums are the one-process statistics. A sharded model's
+    # ranks all run as many windows as the largest share, the first ``counted`` of them for real.
     total_windows = input_ids.shape[0]
     total_tokens = total_windows * (input_ids.shape[1] - 1)
-    start, stop = window_share(total_windows)
-    input_ids = input_ids[start:stop]
+    input_ids, counted = padded_share(input_ids, pad=is_sharded(model))
     grad_device = grad_device or ("cpu" if statistics_on_host(offload, order) else device)
     grads = {t.name: torch.zeros(t.shape, dtype=torch.float32, device=grad_device) for t in targets}
     # Batch order accumulates straight into ``grads``; block order swaps one block's device sinks in.
@@ -334,10 +335,11 @@ def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torc
                 loss_total = block_order_pass(model, targets, input_ids, micro_batch=micro_batch, device=device,
                                               grad_device=grad_device, sinks=sinks, grads=grads,
                                               covariances=covariances, loss_of=_checked_loss_sum,
-                                              segment=segment, desc=desc, total_tokens=total_tokens)
+                                              segment=segment, desc=desc, total_tokens=total_tokens,
+                                              counted=counted)
             else:
                 loss_total = _batch_order_pass(model, targets, input_ids, micro_batch, device, covariances,
-                                               checkpointing, total_tokens, desc)
+                                               checkpointing, total_tokens, desc, counted)
     finally:
         model.train(was_training)
         return_freed_memory()  # the pass's last free pages, before the next stage's allocations
@@ -355,18 +357,21 @@ def statistics_on_host(offload: str | None, order: str) -> bool:
 
 
 def _batch_order_pass(model, targets, input_ids, micro_batch, device, covariances, checkpointing,
-                      total_tokens, desc) -> float:
+                      total_tokens, desc, counted) -> float:
     loss_total = 0.0
     collect = covariances if covariances is not None else contextlib.nullcontext()
     with collect, checkpointed_blocks(model, targets.blocks_path, checkpointing):
         for start in progress(range(0, input_ids.shape[0], micro_batch), desc=desc, unit="batch"):
             ids = input_ids[start:start + micro_batch].to(device)
+            real = counted_windows(start, ids.shape[0], counted)  # the rest is padding (``padded_share``)
             if covariances is not None:
-                covariances.new_batch()
+                covariances.new_batch(real, ids.shape[0])
             logits = model(ids, use_cache=False).logits
             if covariances is not None:
                 covariances.check()  # names the first layer whose input went non-finite
-            loss_sum = _checked_loss_sum(logits, ids, first=start)
+            # Padding windows stay out of the loss, so no gradient reaches them: zeros through the
+            # whole backward, which still runs (and gathers every sharded block) on every rank.
+            loss_sum = _checked_loss_sum(logits[:real], ids[:real], first=start)
             del logits  # the graph holds it until the backward frees it: not beside the next micro-batch's
             (loss_sum / total_tokens).backward()
             loss_total += loss_sum.item()
