@@ -34,7 +34,7 @@ from __future__ import annotations
 import functools
 import threading
 import weakref
-from typing import Callable, NamedTuple, Optional, TypeVar
+from typing import Callable, Hashable, NamedTuple, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -55,11 +55,11 @@ PLANES_MIN_DIM = 256
 INT8PACK_K_MULTIPLE = 16
 CHUNK_BYTES = 1 << 20  # converted weight rows per chunk: about half an L2 of the machine measured
 
-_CACHE: dict[tuple[int, str], tuple[tuple[weakref.ref, ...], tuple[int, ...], object]] = {}
+_CACHE: dict[tuple[int, Hashable], tuple[tuple[weakref.ref, ...], tuple[int, ...], object]] = {}
 _LOCK = threading.RLock()  # re-entrant: a source freed while the lock is held runs _forget in this thread
 
 
-def derived(source: Tensor, key: str, make: Callable[[], T], also: tuple[Tensor, ...] = ()) -> T:
+def derived(source: Tensor, key: Hashable, make: Callable[[], T], also: tuple[Tensor, ...] = ()) -> T:
     """``make()``, computed once per (source tensor, key) while ``source`` and ``also`` live unchanged.
 
     ``make`` must not return (or hold) ``source`` or ``also`` themselves: the cache would keep them alive.
@@ -84,9 +84,14 @@ def _state(tensors: tuple[Tensor, ...]) -> tuple:
 
 
 def _current(entry, tensors: tuple[Tensor, ...]) -> bool:
+    # A plain loop: this runs on every call of every CPU path (generators cost microseconds here).
     refs, state, _ = entry
-    return (len(refs) == len(tensors) and all(r() is t for r, t in zip(refs, tensors))
-            and state == _state(tensors))
+    if len(refs) != len(tensors):
+        return False
+    for ref, t, (version, pointer) in zip(refs, tensors, state):
+        if ref() is not t or t._version != version or t.data_ptr() != pointer:
+            return False
+    return True
 
 
 def _forget(source_id: int) -> None:
@@ -100,6 +105,27 @@ def cache_entries() -> int:
     return len(_CACHE)
 
 
+def derived_nbytes(sources) -> int:
+    """Bytes held by the cache for values derived from any of the tensors ``sources`` (e.g. one model's
+    buffers): the CPU paths' re-encoded weights, padded copies and cast scales, each storage counted once."""
+    ids = {id(t) for t in sources}
+    seen: dict[int, int] = {}
+    with _LOCK:
+        values = [entry[2] for (source, _), entry in _CACHE.items() if source in ids]
+    for value in values:
+        for t in _tensors_in(value):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _tensors_in(value) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):  # NamedTuples (plans, Int8Rows) included
+        return [t for item in value for t in _tensors_in(item)]
+    return []
+
+
 def plan(op: str, dtype: torch.dtype, packed: dict, make: Callable[[], T]) -> T:
     """An op's operands prepared once per (packed dict, x dtype): ``make()`` checks the arguments
     and builds them from copies only (the cache must not hold the stored tensors themselves).
@@ -110,9 +136,13 @@ def plan(op: str, dtype: torch.dtype, packed: dict, make: Callable[[], T]) -> T:
     (``finish`` adds it per call).
     """
     tensors = tuple(packed.values()) if isinstance(packed, dict) else ()
+    key = ("plan", op, dtype)
+    entry = _CACHE.get((id(tensors[0]), key)) if tensors else None
+    if entry is not None and _current(entry, tensors):  # the per-call path: nothing else runs
+        return entry[2]
     if not tensors or not all(isinstance(t, Tensor) for t in tensors):
         return make()  # malformed arguments: make() raises the op's message
-    return derived(tensors[0], f"plan:{op}:{dtype}", make, also=tensors[1:])
+    return derived(tensors[0], key, make, also=tensors[1:])
 
 
 def bias_fits(bias: Optional[Tensor], out_features: int) -> bool:
@@ -155,23 +185,42 @@ class Int8Rows(NamedTuple):
     pad: int = 0
 
 
-def int8_rows(w: Tensor, row_scale: Optional[Tensor], dtype: torch.dtype, *, normalised: bool = False) -> Int8Rows:
+def int8_rows(w: Tensor, row_scale: Optional[Tensor], dtype: torch.dtype, *, normalised: bool = False,
+              out_rows: int = 0, in_cols: int = 0, owned: bool = False) -> Int8Rows:
     """Prepare a stored 8-bit weight (int8, or fp8 e4m3 re-encoded once) with an optional per-row scale.
 
     ``normalised``: the stored rows were scaled to the format's full range when packed (see
-    ``fp8_rows_as_int8``).
+    ``fp8_rows_as_int8``). ``out_rows`` / ``in_cols``: grow the weight with zero rows (outputs that
+    come out 0) or zero columns (the activations arrive that wide) -- how a low-rank op keeps its
+    rank-k intermediate at a multiple of 16 from stage 1 to stage 2 without a pad per call.
+    ``owned``: ``w`` is already a copy the caller hands over (e.g. a re-encoded tail), never the stored
+    tensor, so the plan may hold it.
     """
     if w.dtype == torch.int8:
-        rows, scale = (None if w.data_ptr() % ALIGN == 0 else w.clone()), row_scale
+        rows, scale = (w if owned or w.data_ptr() % ALIGN else None), row_scale
+        rows = rows.clone() if rows is not None and rows.data_ptr() % ALIGN else rows
     else:
         rows, scale = fp8_rows_as_int8(w, row_scale, normalised=normalised)
     scale = torch.ones(w.shape[0], dtype=dtype, device=w.device) if scale is None else scale.to(dtype, copy=True)
-    pad = -w.shape[1] % INT8PACK_K_MULTIPLE
-    if dtype not in INT8PACK_DTYPES or not pad:
-        return Int8Rows(rows, scale, dtype in INT8PACK_DTYPES)
+    grow_rows, grow_cols = max(out_rows - w.shape[0], 0), max(in_cols - w.shape[1], 0)
     # int8pack reads K in steps of 16: zero columns make any K fit (a rank of 460 -> 464), at the
     # cost of this padded copy (stored int8 heads; fp8 ones are re-encoded into a copy anyway).
-    return Int8Rows(F.pad(w if rows is None else rows, (0, pad)).contiguous(), scale, True, pad)
+    pad = -(w.shape[1] + grow_cols) % INT8PACK_K_MULTIPLE if dtype in INT8PACK_DTYPES else 0
+    if grow_rows or grow_cols or pad:
+        rows = F.pad(w if rows is None else rows, (0, grow_cols + pad, 0, grow_rows)).contiguous()
+        scale = F.pad(scale, (0, grow_rows), value=1.0)
+    return Int8Rows(rows, scale, dtype in INT8PACK_DTYPES, pad)
+
+
+def intermediate_width(rank: int, dtype: torch.dtype) -> int:
+    """Width of a low-rank op's intermediate t for activations of ``dtype``: the rank, rounded up to a
+    multiple of 16 where int8pack will read it (stage 1 writes zeros there, stage 2 reads them as is)."""
+    return rank + (-rank % INT8PACK_K_MULTIPLE if dtype in INT8PACK_DTYPES else 0)
+
+
+def component_scale(scale: Tensor, width: int, dtype: torch.dtype) -> Tensor:
+    """A per-component scale cast to ``dtype`` (a copy) and padded with zeros to t's ``width``."""
+    return F.pad(scale.to(dtype, copy=True), (0, width - scale.shape[0]))
 
 
 def int8_path(rows: int, out_features: int, in_features: int, sixteen_bit: bool) -> str:
@@ -263,16 +312,29 @@ def fp8_rows_as_int8(w: Tensor, row_scale: Tensor | None = None, *,
     """
     def make() -> tuple[Tensor, Tensor]:
         values = _fp8_values(w)
-        if normalised:
-            absmax = torch.full((w.shape[0],), FP8_MAX, device=w.device)
-        else:
-            absmax = values.abs().amax(dim=1)
-        scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
-        q = (values / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-        return q.contiguous(), scale if row_scale is None else scale * row_scale.float()
+        absmax = torch.full((w.shape[0],), FP8_MAX, device=w.device) if normalised else None
+        q, scale = _rows_as_int8(values, absmax)
+        return q, scale if row_scale is None else scale * row_scale.float()
 
     also = () if row_scale is None else (row_scale,)
     return derived(w, f"int8rows:{normalised}:{row_scale is None}", make, also=also)
+
+
+def float_rows_as_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Re-encode float rows as int8 with one scale per row, w ~= q * scale[:, None] (step absmax / 127).
+
+    For a 16-bit weight that int8 GEMMs read faster than 16-bit ones (remap's tails): the rounding,
+    at most half a step per element, is the one change, measured in bench/RESULTS.md.
+    """
+    return _rows_as_int8(w.float())
+
+
+def _rows_as_int8(values: Tensor, absmax: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    if absmax is None:
+        absmax = values.abs().amax(dim=1)
+    scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+    q = (values / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale
 
 
 # ----------------------------------------------------------------------------------------------

@@ -177,6 +177,16 @@ def load_and_measure_memory(directory: str | Path, device: str | torch.device = 
     return model, memory
 
 
+def _cpu_path_memory(model) -> dict:
+    """On the CPU: what the fast paths keep beside the stored tensors once they ran (zskernels/_cpu.py:
+    int8 re-encodings, padded copies), in GiB; it adds to ``loaded_gib``."""
+    if next(model.buffers()).device.type != "cpu":
+        return {}
+    from zskernels import _cpu
+
+    return {"cpu_path_gib": _cpu.derived_nbytes(model.buffers()) / 2**30}
+
+
 def bench_serve(directory: str | Path | list, *, batches=(1, 8), prompt_len: int = 64, new_tokens: int = 32,
                 device: str = "cpu", dense: str = "auto", repeats: int = 5, static: bool = False,
                 dtype: torch.dtype | None = None) -> list[dict]:
@@ -200,8 +210,9 @@ def bench_serve(directory: str | Path | list, *, batches=(1, 8), prompt_len: int
         timed = measure_interleaved([model for model, _ in loaded] + [original], batch, prompt_len, new_tokens,
                                     repeats=repeats, static=static)
         compute = {"dtype": str(next(original.parameters()).dtype).removeprefix("torch.")}
-        for d, (_, memory), row in zip(directories, loaded, timed):
-            rows.append({"model": "compressed", "checkpoint": _describe(d), **row, **compute, **memory})
+        for d, (model, memory), row in zip(directories, loaded, timed):
+            rows.append({"model": "compressed", "checkpoint": _describe(d), **row, **compute, **memory,
+                         **_cpu_path_memory(model)})
         rows.append({"model": f"dense ({label})", **timed[-1], **compute})
     for row in rows:
         dense_row = next(r for r in rows if r["batch"] == row["batch"] and r["model"] != "compressed")

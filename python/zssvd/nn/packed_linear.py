@@ -155,7 +155,8 @@ class _PackedBase(nn.Module):
             self.register_buffer(name, tensor)
 
     def packed(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in self._buffer_names}
+        buffers = self._buffers  # not getattr: nn.Module's attribute fallback costs a microsecond a name per call
+        return {name: buffers[name] for name in self._buffer_names}
 
     def _weight_nbytes(self) -> int:
         return tensor_bytes(self.packed())

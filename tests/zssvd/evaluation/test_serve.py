@@ -116,6 +116,7 @@ def test_generate_and_bench_serve_commands(trained, tmp_path, capsys):
     assert [r["batch"] for r in rows] == [1, 1, 2, 2]
     assert all(r["decode_vs_dense"] > 0 and r["prefill_vs_dense"] > 0 for r in rows)
     assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
+    assert all(r["cpu_path_gib"] >= 0 for r in rows if r["model"] == "compressed")  # the CPU paths' own copies
 
     # Several checkpoints of one model, side by side with one dense original, all interleaved.
     out, report = zssvd.compress(copy.deepcopy(model), calib, CompressionConfig(ratio=0.4, storage="hq"),

@@ -36,10 +36,11 @@ def _plan(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor], form: st
         if form == "dense":  # rows scaled to 448 when packed: TP column slices re-encode consistently
             return _Plan(in_features, _cpu.int8_rows(packed["weight_fp8"], packed["weight_scale"], x.dtype,
                                                      normalised=True), None, None, out_features)
+        width = _cpu.intermediate_width(packed["u_scale"].shape[0], x.dtype)  # t, ready for stage 2's int8pack
         return _Plan(in_features,
-                     _cpu.int8_rows(packed["vt_fp8"], packed["v_scale"], x.dtype, normalised=True),
-                     _cpu.int8_rows(packed["u_fp8"], None, x.dtype),
-                     packed["u_scale"].to(x.dtype, copy=True), out_features)
+                     _cpu.int8_rows(packed["vt_fp8"], packed["v_scale"], x.dtype, normalised=True, out_rows=width),
+                     _cpu.int8_rows(packed["u_fp8"], None, x.dtype, in_cols=width),
+                     _cpu.component_scale(packed["u_scale"], width, x.dtype), out_features)
 
     return _cpu.plan(op, x.dtype, packed, make)
 

@@ -1,14 +1,26 @@
-"""remap_matmul's fast CPU path: the 8-bit heads through int8 weight-only GEMMs, the 16-bit tails
-through plain GEMMs, nothing de-quantised whole (``zskernels/_cpu.py`` has the building blocks).
+"""remap_matmul's fast CPU path: int8 weight-only GEMMs, nothing de-quantised per call
+(``zskernels/_cpu.py`` has the building blocks).
+
+16-bit activations (what serving on the CPU uses): the factors are re-encoded once, when the plan is
+built, to two int8 matrices with one scale per row, V_hat^T (k, in) and U_hat (out, k), so a call is two
+int8 GEMMs. Why not the stored layout as it is: it splits each stage into an 8-bit head and a 16-bit
+tail, which on the CPU costs a 16-bit GEMM (about half int8pack's speed at decode, bench/RESULTS.md)
+plus the slices, the scale multiply, the sum and the concatenation around four GEMMs, each a few
+microseconds of dispatch, while a whole SmolLM2 layer takes 20-100 us. The re-encoding rounds each value
+to half a step of its row's absmax / 127 (V's head rows stay exact whenever the tail fits under their
+scale); its cost in perplexity is in bench/RESULTS.md ("remap on the CPU"), and it holds k (out + in)
+bytes beside the stored tensors. t is kept at a multiple of 16 columns (zero rows appended to V_hat^T,
+zero columns to U_hat), so stage 2's int8pack needs no pad per call.
+
+fp32 activations keep the stored layout, exactly (int8pack has no vectorised fp32 kernel):
 
     stage 1  t = x[:, :s] (v_q * v_scale)^T + x[:, s:] v_tail^T            (M, k)
     stage 2  y[:, :s] = (t * u_scale) u_q^T,   y[:, s:] = t u_tail^T          (M, out)
 
-v_q is (k, s), row-major over the reduction, with one scale per row: exactly int8pack's weight.
-u_scale sits on stage 2's reduction index, so it is folded into the rank-k intermediate (M x k
-multiplies instead of s x k). fp8 heads are re-encoded once to int8 (``_cpu.fp8_rows_as_int8``).
-The arguments are checked once per packed dict and x dtype, when the plan is built; a call on the
-same tensors checks only x's last dimension.
+v_q is (k, s), row-major over the reduction, with one scale per row; u_scale sits on stage 2's
+reduction index, so it is folded into the rank-k intermediate. fp8 heads are re-encoded once to int8
+(``_cpu.fp8_rows_as_int8``). The arguments are checked once per packed dict and x dtype, when the plan
+is built; a call on the same tensors checks only x's last dimension.
 """
 from __future__ import annotations
 
@@ -17,6 +29,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ... import _cpu
+from ...formats.remap import unpack_remap
 from .naive import check_call
 
 Tensor = torch.Tensor
@@ -24,22 +37,31 @@ Tensor = torch.Tensor
 
 class _Plan(NamedTuple):
     in_features: int
-    head: int               # s: the rows of each factor held in 8 bits
-    v: _cpu.Int8Rows        # stage 1's 8-bit weight v_q with v_scale
-    u: _cpu.Int8Rows        # stage 2's 8-bit weight u_q (per-row scale 1)
-    u_scale: Tensor         # stage 2's per-component scale, in x's dtype
     out_features: int
+    head: int                    # s_in: V's rows held in 8 bits (fp32 route: x[:, :s_in] meets them)
+    v: _cpu.Int8Rows             # 16-bit x: V_hat^T re-encoded, t's width; fp32: v_q with v_scale
+    u: _cpu.Int8Rows             # 16-bit x: U_hat re-encoded, t's width; fp32: u_q (per-row scale 1)
+    u_scale: Optional[Tensor]    # fp32 x: stage 2's per-component scale (None: folded into u)
 
 
 def _plan(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor]) -> _Plan:
     def make() -> _Plan:
         lay = check_call(x, packed, bias, "remap_matmul")
-        return _Plan(lay.in_features, lay.head,
-                     _cpu.int8_rows(packed["v_q"], packed["v_scale"], x.dtype, normalised=True),
-                     _cpu.int8_rows(packed["u_q"], None, x.dtype),
-                     packed["u_scale"].to(x.dtype, copy=True), lay.out_features)
+        if x.dtype not in _cpu.INT8PACK_DTYPES:
+            return _Plan(lay.in_features, lay.out_features, lay.head,
+                         _cpu.int8_rows(packed["v_q"], packed["v_scale"], x.dtype, normalised=True),
+                         _cpu.int8_rows(packed["u_q"], None, x.dtype), packed["u_scale"].to(x.dtype, copy=True))
+        u_hat, v_hat = unpack_remap(packed)
+        width = _cpu.intermediate_width(u_hat.shape[1], x.dtype)
+        return _Plan(lay.in_features, lay.out_features, lay.head,
+                     _reencoded(v_hat.t(), x.dtype, out_rows=width), _reencoded(u_hat, x.dtype, in_cols=width), None)
 
     return _cpu.plan("remap", x.dtype, packed, make)
+
+
+def _reencoded(w: Tensor, dtype: torch.dtype, **grow) -> _cpu.Int8Rows:
+    q, scale = _cpu.float_rows_as_int8(w)
+    return _cpu.int8_rows(q, scale, dtype, owned=True, **grow)
 
 
 @_cpu.opaque_when_compiled("remap_matmul", lambda packed: packed["u_q"].shape[0] + packed["u_tail"].shape[0])
@@ -48,8 +70,10 @@ def remap_matmul_cpu(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor
     plan = _plan(x, packed, bias)
     if x.dim() < 1 or x.shape[-1] != plan.in_features or not _cpu.bias_fits(bias, plan.out_features):
         check_call(x, packed, bias, "remap_matmul")  # raises, naming what it needs
-    v_tail, u_tail, s = packed["v_tail"], packed["u_tail"], plan.head
     x2d = x.reshape(-1, x.shape[-1])
+    if plan.u_scale is None:  # 16-bit x: two int8 GEMMs
+        return _cpu.finish(_cpu.int8_apply(_cpu.int8_apply(x2d, None, plan.v), None, plan.u), x, bias)
+    v_tail, u_tail, s = packed["v_tail"], packed["u_tail"], plan.head
     if v_tail.shape[1]:
         t = _cpu.int8_apply(x2d[:, :s], packed["v_q"], plan.v) + _cpu.float_linear(x2d[:, s:], v_tail)
     else:
