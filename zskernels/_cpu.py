@@ -16,7 +16,11 @@ Nothing here de-quantises a whole factor per call:
   16-bit GEMM on the CPU. ``int8_path`` picks the route from M and the weight's shape.
 * ``float_linear(x, w)``: F.linear with a 16-bit weight in another dtype, converted in chunks.
 * ``fp8_rows_as_int8(w_fp8)``: a one-time re-encoding of fp8 e4m3 rows to int8 (torch's fp8 -> float
-  conversion is scalar on the CPU, ~30 ns/element), cached by ``derived``.
+  conversion is scalar on the CPU, ~30 ns/element), cached by ``derived``; ``float_rows_as_int8(w)``
+  the same for float rows (remap's de-quantised factors under 16-bit activations).
+* ``intermediate_width`` / ``component_scale``: a low-rank op's rank-k intermediate kept at a multiple
+  of 16 from stage 1 to stage 2 (zero rows and columns in the int8 copies), so int8pack needs no pad
+  per call.
 * ``derived(source, key, make, also)``: a cache of values derived from stored tensors (the cast
   scales, the re-encoded weights, an op's prepared ``plan``). It never touches the module's buffers,
   state_dict or byte counts; an entry is dropped with its source tensor and rebuilt when the source or
@@ -24,10 +28,11 @@ Nothing here de-quantises a whole factor per call:
   always those tensors' current derivative.
 * ``plan(op, dtype, packed, bias, make)``: an op's checked, prepared operands, so that a call on
   unchanged tensors skips the layout checks and casts (per-call overhead was ~50 us a layer).
+  ``derived_nbytes(tensors)``: what the cache holds for them (``bench-serve``'s ``cpu_path_gib``).
 * ``opaque_when_compiled(name, out_features)``: each op's CPU path, seen by torch.compile as one
   opaque op (``zskernels::cpu_path``), so compiled and eager code compute the same numbers.
 
-Thresholds were measured on the development machine (bench/RESULTS.md, /work/notes/results-C.md).
+Thresholds were measured on the development machine (bench/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -193,7 +198,7 @@ def int8_rows(w: Tensor, row_scale: Optional[Tensor], dtype: torch.dtype, *, nor
     ``fp8_rows_as_int8``). ``out_rows`` / ``in_cols``: grow the weight with zero rows (outputs that
     come out 0) or zero columns (the activations arrive that wide) -- how a low-rank op keeps its
     rank-k intermediate at a multiple of 16 from stage 1 to stage 2 without a pad per call.
-    ``owned``: ``w`` is already a copy the caller hands over (e.g. a re-encoded tail), never the stored
+    ``owned``: ``w`` is already a copy the caller hands over (e.g. a re-encoded factor), never the stored
     tensor, so the plan may hold it.
     """
     if w.dtype == torch.int8:

@@ -367,7 +367,7 @@ def sharded_for_passes(model: torch.nn.Module, blocks_path: str | None = None) -
     Rank 0 shards a copy and keeps ``model`` whole, in the memory it was loaded in (host memory under
     ``zssvd compress --shard-model``), because it packs and saves the compressed model: FSDP2 cannot be
     undone in place. The other ranks shard ``model`` itself: from then on they hold their shards, and
-one block at a time whole while it runs.
+    one block at a time whole while it runs.
     """
     passes = copy.deepcopy(model) if is_main() else model
     shard_blocks(passes, blocks_path)

@@ -8,7 +8,7 @@ tail, which on the CPU costs a 16-bit GEMM (about half int8pack's speed at decod
 plus the slices, the scale multiply, the sum and the concatenation around four GEMMs, each a few
 microseconds of dispatch, while a whole SmolLM2 layer takes 20-100 us. The re-encoding rounds each value
 to half a step of its row's absmax / 127 (V's head rows stay exact whenever the tail fits under their
-scale); its cost in perplexity is in bench/RESULTS.md ("remap on the CPU"), and it holds k (out + in)
+scale); its cost in perplexity is in bench/RESULTS.md ("CPU serving after the re-encoding"), and it holds k (out + in)
 bytes beside the stored tensors. t is kept at a multiple of 16 columns (zero rows appended to V_hat^T,
 zero columns to U_hat), so stage 2's int8pack needs no pad per call.
 
