@@ -180,7 +180,8 @@ def load_and_measure_memory(directory: str | Path, device: str | torch.device = 
 def _cpu_path_memory(model) -> dict:
     """On the CPU: what the fast paths keep beside the stored tensors once they ran (zskernels/_cpu.py:
     int8 re-encodings, padded copies), in GiB; it adds to ``loaded_gib``."""
-    if next(model.buffers()).device.type != "cpu":
+    first = next(model.parameters(), None)
+    if first is None or first.device.type != "cpu":
         return {}
     from zskernels import _cpu
 
