@@ -133,8 +133,9 @@ def builtin_text(name: str) -> str:
     return Path(name).read_text()
 
 
-def suite_configs(suite: str, ratios: list[float], corrections: int) -> list[dict]:
-    """The configurations of a suite, as ``zssvd.CompressionConfig`` fields."""
+def suite_configs(suite: str, ratios: list[float], corrections: int, group_sizes=(64,)) -> list[dict]:
+    """The configurations of a suite, as ``zssvd.CompressionConfig`` fields (int4 rows once per group size;
+    64, the default, is left out of the fields so that older rows keep their keys)."""
     configs = []
     for r in ratios:
         if suite in ("issue2", "main"):
@@ -146,7 +147,8 @@ def suite_configs(suite: str, ratios: list[float], corrections: int) -> list[dic
             if r <= 0.5:
                 configs += [dict(ratio=r, storage="hq", strategy=s) for s in ("uniform", "zero-sum", "zero-sum-2nd")]
             if r <= 0.2813:  # int4 factors: at or below the bytes of int4 round-to-nearest (4.5 bits with scales)
-                configs += [dict(ratio=r, storage="int4", strategy=s) for s in ("uniform", "zero-sum", "zero-sum-2nd")]
+                configs += [dict(ratio=r, storage="int4", strategy=s, **({} if g == 64 else {"group_size": g}))
+                            for g in group_sizes for s in ("uniform", "zero-sum", "zero-sum-2nd")]
         if suite == "ablation":
             configs += [dict(ratio=r, strategy=s, ordered=o) for s in ABLATION for o in (True, False)]
     return configs
@@ -194,7 +196,7 @@ def run(args) -> None:
                     "bytes_ratio": round(stored, 5), "ppl": evaluate(quantised),
                     "seconds": round(time.perf_counter() - start, 1)})
     for seed in args.seeds:
-        configs = [{**c, **bos_key} for c in suite_configs(args.suite, args.ratios, args.corrections)]
+        configs = [{**c, **bos_key} for c in suite_configs(args.suite, args.ratios, args.corrections, args.group_sizes)]
         configs = [c for c in configs if config_key(seed, c) not in done
                    and (not args.strategies or c["strategy"] in args.strategies)
                    and (not args.storages or c.get("storage", "dense") in args.storages)
@@ -220,6 +222,7 @@ def run(args) -> None:
                     "calib_source": calib.source, "ppl": evaluate(compressed),
                     **({"evaluated": "dequantised"} if args.dequantised else {}),
                     "correction_losses": report["correction_losses"],
+                    **({"group_size_counts": group_size_counts(report)} if "group_size" in config else {}),
                     "seconds": round(time.perf_counter() - start, 1)})
 
 
@@ -277,7 +280,7 @@ def markdown(results_path: Path) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if not r.get("dense") and "baseline" not in r:
-            groups.setdefault((r["ratio"], r["storage"], r["strategy"], r["ordered"], r["corrections"]), []).append(r)
+            groups.setdefault((r["ratio"], storage_label(r), r["strategy"], r["ordered"], r["corrections"]), []).append(r)
     lines = ["| ratio | storage | strategy | order | corrections | achieved | bytes | " + " | ".join(evals) + " |",
              "|---|---|---|---|---|---|---|" + "---|" * len(evals)]
     if dense:
@@ -305,6 +308,20 @@ def markdown(results_path: Path) -> str:
                                  f"{stats['flip_rate']:.3f} | {stats['weighted_flip_rate']:.3f} | "
                                  f"{stats['pearson']:.3f} |")
     return "\n".join(lines)
+
+
+def group_size_counts(report: dict) -> dict[str, int]:
+    """How many stored int4 matrices of each part took each group size, e.g. {"u g=32": 40, "weight g=64": 75}."""
+    counts: dict[str, int] = {}
+    for parts in report["int4_group_sizes"].values():
+        for part, g in parts.items():
+            counts[f"{part} g={g}"] = counts.get(f"{part} g={g}", 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def storage_label(row: dict) -> str:
+    """The row's storage, with int4's group size when it is not the default 64 (e.g. "int4 g=auto")."""
+    return row["storage"] + (f" g={row['group_size']}" if "group_size" in row else "")
 
 
 def bytes_ratio(row: dict) -> float:
@@ -367,6 +384,8 @@ def main(argv=None) -> int:
                    help="windows without the BOS token even when the tokenizer adds one (default: with it)")
     p.add_argument("--cache-dir", default=str(zssvd.io.models.cache_root() / "stages"))
     p.add_argument("--results", default="bench/results/quality.jsonl")
+    p.add_argument("--group-sizes", nargs="+", default=[64], type=lambda t: t if t == "auto" else int(t), metavar="G",
+                   help="int4 rows: one per group size, e.g. 64 auto (default 64; auto: chosen by measurement)")
     p.add_argument("--tables-only", action="store_true", help="print the markdown tables from --results and exit")
     args = p.parse_args(argv)
     if not args.tables_only:

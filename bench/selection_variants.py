@@ -31,7 +31,7 @@ from zssvd.evaluation.evaluate import perplexity
 from zssvd.stages.gradients import calibration_pass
 from zssvd.stages.packing import pack_model
 from zssvd.pipeline import AnalysisOptions, analyze, truncate
-from zssvd.stages.selection import _finish, select, storage_cost
+from zssvd.stages.selection import DEFAULT_GROUP_SIZE, _Cost, _finish, select, storage_cost
 
 
 def greedy(specs, scores, ratio, *, storage="dense", per_param=False, commit=False, min_rank=1):
@@ -69,7 +69,8 @@ def greedy(specs, scores, ratio, *, storage="dense", per_param=False, commit=Fal
         if kept[i] > min_rank:
             push(i, j - 1)
     keep = {s.name: list(range(kept[i])) for i, s in enumerate(specs)}
-    return _finish(specs, {k: len(v) for k, v in keep.items()}, keep, storage, "variant", True, ratio, [], removed)
+    return _finish(specs, {k: len(v) for k, v in keep.items()}, keep, _Cost(storage, DEFAULT_GROUP_SIZE), "variant", True,
+                   ratio, [], removed)
 
 
 def curvature_scores(model, analysis, calib) -> dict[str, torch.Tensor]:

@@ -18,6 +18,16 @@ from .validate import int_at_least, int_list_at_least, require_text
 log = logging.getLogger("zssvd")
 
 
+
+def group_size_arg(text: str) -> int | str:
+    """``--group-size``: an integer (checked against the int4 format later, with the ratio) or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 16 (e.g. 64) or auto, got {text!r}") from None
+
 def _add_calibration_args(p: argparse.ArgumentParser, samples: int, seq_len: int, required: bool) -> None:
     group = p.add_mutually_exclusive_group(required=required)
     group.add_argument("--calib-file", action="append", metavar="PATH",
@@ -102,9 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "int4: factors and matrices kept dense in 4 bits, asymmetric, a 16-bit scale and zero point "
                         "per --group-size values (ratio <= (4 + 32/g)/16: 0.28125 for g = 64, where nothing is "
                         "factorised and the result is int4 round-to-nearest)")
-    c.add_argument("--group-size", type=int, default=64, metavar="G",
-                   help="int4 storage: values per scale and zero point, a multiple of 16 (default 64); other storages "
-                        "ignore it")
+    c.add_argument("--group-size", type=group_size_arg, default=64, metavar="G",
+                   help="int4 storage: values per scale and zero point, a multiple of 16 (default 64), or 'auto': "
+                        "every factor (V^T, U) and every matrix kept dense gets the group size among 32, 64, 128, "
+                        "256 that buys the most output-error reduction per byte, measured under the calibration "
+                        "activations, within the same byte budget (ratio <= 0.28125, as for 64; the ranks are "
+                        "chosen with 64, then again with the measured sizes; report.json: int4_group_sizes); "
+                        "other storages ignore it")
     c.add_argument("--rank-multiple", type=int_at_least(1), default=1, metavar="G",
                    help="factorised ranks are multiples of G (matrices of rank >= 8G): aligned ranks for the "
                         "kernels, at some cost in quality (default 1)")

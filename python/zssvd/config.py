@@ -16,7 +16,7 @@ from torch import nn
 from .io.models import TargetSet
 from .runtime.blockwise import available_host_bytes, least_host_peak_bytes, statistics_bytes_by_block
 from .stages.gradients import model_device, statistics_on_host
-from .stages.selection import int4_bits
+from .stages.selection import base_group_size, int4_bits
 from .validate import require_int
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,8 @@ class CompressionConfig:
     ``remap``, ``hq`` or ``int4``; ``strategy``: ``zero-sum`` (the paper), ``zero-sum-2nd``, ``uniform``
     or an ablation; ``corrections``: truncate-correct-re-truncate rounds; ``ordered``: components leave a
     matrix smallest sigma first; ``min_rank``: the fewest components a factorised matrix keeps;
-    ``group_size``: int4's values per 16-bit scale and zero point (ignored by the other storages);
+    ``group_size``: int4's values per 16-bit scale and zero point (ignored by the other storages), or
+    ``"auto"``: a group size per factor and per matrix chosen by measurement (``stages.precision``);
     ``rank_multiple``: factorised ranks are multiples of it (matrices of rank >= 8x it): aligned ranks for
     kernels that want reductions in multiples of 16, at some cost in quality (bench/RESULTS.md, "Rank
     multiples"); the CPU paths pad other ranks themselves.
@@ -42,7 +43,7 @@ class CompressionConfig:
     corrections: int = 0
     ordered: bool = True
     min_rank: int = 1
-    group_size: int = 64
+    group_size: int | str = 64
     rank_multiple: int = 1
 
     def __post_init__(self):
@@ -50,7 +51,7 @@ class CompressionConfig:
         require_int("min_rank", self.min_rank, 1)
         require_int("rank_multiple", self.rank_multiple, 1)
         if self.storage == "int4":
-            int4_bits(self.group_size)  # a group size the int4 format takes, else its one-line ValueError
+            int4_bits(base_group_size(self.group_size))  # one the int4 format takes, else its one-line ValueError
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -36,7 +36,8 @@ from .stages.decompose import Factors
 from .stages.gradients import calibration_pass, model_device
 from .stages.packing import pack_model
 from .stages.scores import component_scores
-from .stages.selection import MatrixSpec, Selection, check_ratio, select
+from .stages.precision import all_parts, choose_precisions
+from .stages.selection import AUTO_GROUP_SIZE, MatrixSpec, RatioError, Selection, check_ratio, select
 from .stages.whitening import whitening_factor
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,9 @@ def compress_(model: nn.Module, calib: CalibrationSet, config: CompressionConfig
 
     selection = stages.run("selection", lambda: _select(analysis, config))  # 5
     truncated = truncate(analysis, selection)
+    if config.storage == "int4" and config.group_size == AUTO_GROUP_SIZE:  # 5b: measured before any correction
+        selection = stages.run("precision", lambda: _measured_precisions(analysis, config, targets, selection))
+        truncated = truncate(analysis, selection)
     correction = None
     if config.corrections:  # 6
         passes = analysis.pass_model(model)
@@ -329,13 +333,33 @@ def _factors_from_entry(targets: TargetSet):
     return restore
 
 
-def _select(analysis: Analysis, config: CompressionConfig) -> Selection:
+def _select(analysis: Analysis, config: CompressionConfig, group_sizes: dict | None = None) -> Selection:
     """Stage 5: the zero-sum rule (or another strategy) over every component of every target."""
     sigmas = {name: f.sigma for name, f in analysis.factors.items()}
     return select(analysis.specs, analysis.scores, sigmas, ratio=config.ratio, storage=config.storage,
                   strategy=config.strategy, ordered=config.ordered, min_rank=config.min_rank,
                   curvature=analysis.curvature if config.strategy == "zero-sum-2nd" else None,
-                  group_size=config.group_size, rank_multiple=config.rank_multiple)
+                  group_size=config.group_size, rank_multiple=config.rank_multiple, group_sizes=group_sizes)
+
+
+def _measured_precisions(analysis: Analysis, config: CompressionConfig, targets: TargetSet,
+                         selection: Selection) -> Selection:
+    """Stage 5b (``group_size="auto"``): group sizes measured at the g = 64 ranks, the ranks chosen again
+    with those sizes in the costs, then the sizes measured again at the new ranks (``stages.precision``)."""
+    weights = {t.name: t.module.weight for t in targets}
+    groups = {t.name: t.group for t in targets}
+
+    def measured(sel: Selection) -> Selection:
+        return choose_precisions(sel, weights, truncate(analysis, sel), analysis.whitening, groups)
+
+    first = measured(selection)
+    try:
+        again = _select(analysis, config, group_sizes=all_parts(first.group_sizes))
+    except RatioError:  # the chosen sizes price some matrix's smallest ranks above the budget: keep the first
+        log.info("int4 precision: the ranks could not be chosen again with the measured group sizes; "
+                 "keeping those of the g = 64 selection")
+        return first
+    return measured(again)
 
 
 _LEGACY = ("ratio", "storage", "strategy", "corrections")

@@ -58,6 +58,19 @@ def stored_target_bytes(model: nn.Module, specs: dict, dtype: torch.dtype) -> in
                for name, spec in specs.items())
 
 
+def int4_precision(selection: Selection) -> dict:
+    """int4: every target's group sizes ({"weight": g} or {"v": g, "u": g}) and, when they were measured
+    (``--group-size auto``), the output error each candidate g caused (``stages.precision``)."""
+    if selection.storage != "int4":
+        return {}
+    report = {"int4_group_sizes": {name: selection.int4_group_sizes(name) for name in selection.keep}}
+    if selection.precision_errors:
+        report["int4_precision_errors"] = {name: {part: {str(g): e for g, e in errors.items()}
+                                                  for part, errors in parts.items()}
+                                           for name, parts in selection.precision_errors.items()}
+    return report
+
+
 def build_report(model: nn.Module, analysis, config: CompressionConfig, selection: Selection, timings: dict,
                  correction: CorrectionResult | None, memory: dict | None = None) -> dict:
     """``report.json``: what ``compress`` did to ``model`` (already packed) from ``analysis`` under ``config``."""
@@ -88,6 +101,7 @@ def build_report(model: nn.Module, analysis, config: CompressionConfig, selectio
         "ranks": selection.ranks,
         "full_ranks": {name: s.rank for name, s in specs.items()},
         "kept_dense": sorted(name for name, d in selection.dense.items() if d),
+        **int4_precision(selection),
         "calibration": {"source": analysis.calibration.source, "samples": analysis.calibration.num_samples,
                         "seq_len": analysis.calibration.seq_len, "loss": analysis.loss,
                         "bos": analysis.calibration.bos,  # windows start with the tokenizer's BOS

@@ -104,3 +104,17 @@ def test_contiguous_calibration_starts_each_window_with_bos_unless_told_not_to(t
     args.no_bos = True
     plain = quality._calibration(tokenizer, args, seed=0)
     assert not plain.bos and plain.input_ids.tolist() == ids[:60].view(3, 20).tolist()
+
+
+def test_int4_rows_once_per_group_size_keep_the_default_rows_keys_and_tabulate_apart(tmp_path):
+    configs = [c for c in quality.suite_configs("main", [0.22], 0, [64, "auto"]) if c.get("storage") == "int4"]
+    assert [c.get("group_size") for c in configs] == [None] * 3 + ["auto"] * 3  # 64 rows keep their old keys
+    rows = [{"ratio": 0.22, "storage": "int4", "strategy": "zero-sum", "ordered": True, "corrections": 0,
+             "achieved_ratio": 0.22, "bytes_ratio": 0.22, "ppl": {"t": p}, **extra}
+            for p, extra in ((10.0, {}), (9.0, {"group_size": "auto"}))]
+    results = tmp_path / "rows.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = quality.markdown(results)
+    assert "| 0.22 | int4 | zero-sum |" in table and "| 0.22 | int4 g=auto | zero-sum |" in table
+    report = {"int4_group_sizes": {"a": {"v": 32, "u": 64}, "b": {"weight": 64}, "c": {"v": 32, "u": 32}}}
+    assert quality.group_size_counts(report) == {"u g=32": 1, "u g=64": 1, "v g=32": 2, "weight g=64": 1}

@@ -67,6 +67,19 @@ def test_lowrank_pack_round_trip(rng):
             * (1 + 1e-5) + 1e-7).all()
 
 
+def test_lowrank_factors_may_take_different_group_sizes(rng):
+    """V^T in groups of 32, U in groups of 128: each stage's readers take its own size from its shapes."""
+    U, V = torch.randn(40, 150, generator=rng), torch.randn(70, 150, generator=rng)
+    packed = zk.pack_int4_lowrank(U, V, group_size=32, u_group_size=128)
+    assert packed["v_scales"].shape == (150, 3) and packed["u_scales"].shape == (40, 2)  # 70 -> 96 / 32, 150 -> 256 / 128
+    u_hat, v_hat = zk.unpack_int4_lowrank(packed)
+    assert torch.equal(u_hat, zk.dequantize_int4(zk.quantize_int4(U, 128)))
+    assert torch.equal(v_hat.T, zk.dequantize_int4(zk.quantize_int4(V.T, 32)))
+    x = torch.randn(3, 70, generator=rng)
+    expected = (x @ v_hat) @ u_hat.T
+    assert torch.allclose(zk.int4_lowrank_matmul(x, packed), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_empty_matrices_pack():
     for shape in ((0, 5), (4, 0)):
         packed = zk.quantize_int4(torch.zeros(shape), 16)

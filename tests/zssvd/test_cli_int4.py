@@ -68,13 +68,15 @@ def test_checkpoint_is_no_larger_than_the_ratio_plus_the_untouched_weights(compr
     assert _payload_bytes(compressed / "model.safetensors") <= untouched + RATIO * report["target_bytes_16bit"]
 
 
-def test_reloaded_model_gives_the_same_logits_both_ways(compressed):
+@pytest.mark.parametrize("checkpoint", ["compressed", "measured"])  # one group size; measured ones, mixed
+def test_reloaded_model_gives_the_same_logits_both_ways(checkpoint, request):
     from transformers import AutoModelForCausalLM
 
+    path = request.getfixturevalue(checkpoint)
     ids = random_windows(2, 16, seed=4)
-    a = zssvd.load(compressed)
+    a = zssvd.load(path)
     zssvd.register_hf()
-    b = AutoModelForCausalLM.from_pretrained(compressed)
+    b = AutoModelForCausalLM.from_pretrained(path)
     with torch.no_grad():
         la, lb = a(ids).logits, b(ids).logits
     assert torch.isfinite(la).all() and torch.equal(la, lb)
@@ -98,3 +100,50 @@ def test_int4_ratio_and_group_size_errors_exit_2(workspace, capsys, extra, messa
     code, out, err = _run(capsys, "compress", workspace / "model", "--storage", "int4", "--out", workspace / "bad",
                           "--calib-file", workspace / "calib.txt", "--cache-dir", "none", *extra)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def measured(workspace):
+    """``--group-size auto``: group sizes per factor and per matrix, chosen by measurement."""
+    out = workspace / "out-auto"
+    code = main(["compress", str(workspace / "model"), "--storage", "int4", "--ratio", str(RATIO), "--group-size",
+                 "auto", "--out", str(out), "--calib-file", str(workspace / "calib.txt"), "--calib-samples", "8",
+                 "--seq-len", "64", "--cache-dir", "none", "--no-plots", "--quiet"])
+    assert code == 0
+    return out
+
+
+def _stored_group_sizes(module) -> dict[str, int]:
+    """Group sizes as the checkpoint's shapes carry them: padded width over groups per row."""
+    t = module.packed()
+    prefixes = {"weight": "weight_"} if "weight_codes" in t else {"v": "v_", "u": "u_"}
+    return {part: 2 * t[p + "codes"].shape[1] // t[p + "scales"].shape[1] for part, p in prefixes.items()}
+
+
+def test_measured_group_sizes_are_mixed_recorded_and_within_the_budget_in_exact_bytes(measured):
+    from zskernels.formats.int4 import int4_nbytes_for_shape
+
+    report = json.loads((measured / "report.json").read_text())
+    assert report["config"]["group_size"] == "auto"
+    chosen = report["int4_group_sizes"]
+    assert set(chosen) == set(report["ranks"]) and set(report["int4_precision_errors"]) == set(chosen)
+    assert len({g for parts in chosen.values() for g in parts.values()}) > 1  # a mix, not one size for all
+    assert report["achieved_ratio"] <= RATIO and RATIO - report["achieved_ratio"] < 0.02
+    assert report["achieved_bytes_ratio"] == pytest.approx(report["achieved_ratio"], abs=1e-12)
+    model = zssvd.load(measured)
+    expected = 0
+    for name, parts in chosen.items():
+        module = model.get_submodule(name)
+        assert _stored_group_sizes(module) == parts
+        m, n, k = module.out_features, module.in_features, report["ranks"][name]
+        shapes = {"weight": (m, n), "v": (k, n), "u": (m, k)}
+        expected += sum(int4_nbytes_for_shape(*shapes[part], g) for part, g in parts.items())
+    assert report["target_bytes_stored"] == expected
+
+
+def test_a_group_size_that_is_neither_a_number_nor_auto_exits_2(workspace, capsys):
+    with pytest.raises(SystemExit) as exit_:  # argparse's own usage error
+        _run(capsys, "compress", workspace / "model", "--storage", "int4", "--ratio", "0.2", "--group-size", "fine",
+             "--out", workspace / "bad", "--calib-file", workspace / "calib.txt")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--group-size: must be a multiple of 16 (e.g. 64) or auto, got 'fine'" in err

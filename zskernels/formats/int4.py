@@ -26,7 +26,7 @@ int4 kernel takes 32, 64, 128 and 256 -- other sizes take the chunked CPU path).
 
 A factor pair W ~= U V^T (U: out x k, V: in x k) is two such matrices, keys prefixed::
 
-    pack_int4_lowrank(U, V, g) -> {"v_" + key: quantize_int4(V^T)[key], "u_" + key: quantize_int4(U)[key]}
+    pack_int4_lowrank(U, V, g, u_g) -> {"v_" + key: quantize_int4(V^T, g)[key], "u_" + key: quantize_int4(U, u_g)[key]}
     y = (x V_hat) U_hat^T: stage 1 reduces over in (groups along in), stage 2 over k (groups along k).
 
 Storage per weight: 4 bits + 2 x 16 bits per group of g (``int4_bits_per_weight``), plus 8 bytes
@@ -154,14 +154,19 @@ def dequantize_int4(packed: dict[str, torch.Tensor], prefix: str = "") -> torch.
     return w[:, :true_in_features(packed, prefix)].contiguous()
 
 
-def pack_int4_lowrank(U: torch.Tensor, V: torch.Tensor, group_size: int = 64) -> dict[str, torch.Tensor]:
-    """Quantise W ~= U V^T (U: out x k, V: in x k): V^T (k x in) under "v_", U (out x k) under "u_"."""
+def pack_int4_lowrank(U: torch.Tensor, V: torch.Tensor, group_size: int = 64,
+                      u_group_size: int | None = None) -> dict[str, torch.Tensor]:
+    """Quantise W ~= U V^T (U: out x k, V: in x k): V^T (k x in) under "v_", U (out x k) under "u_".
+
+    ``u_group_size`` (default ``group_size``) lets U take its own group size: each stage's readers
+    take the group size from that stage's shapes, so the two factors may differ."""
     if not isinstance(U, torch.Tensor) or not isinstance(V, torch.Tensor) or U.dim() != 2 or V.dim() != 2 \
             or U.shape[1] != V.shape[1]:
         raise ValueError(f"need U (out x k) and V (in x k) with the same k, got "
                          f"{tuple(getattr(U, 'shape', ()))} and {tuple(getattr(V, 'shape', ()))}")
     check_same_device(U=U, V=V)
-    stage1, stage2 = quantize_int4(V.T, group_size), quantize_int4(U, group_size)
+    stage1 = quantize_int4(V.T, group_size)
+    stage2 = quantize_int4(U, group_size if u_group_size is None else u_group_size)
     return {**{"v_" + key: t for key, t in stage1.items()}, **{"u_" + key: t for key, t in stage2.items()}}
 
 

@@ -97,8 +97,9 @@ register_storage(LowRankStorage(
     unpack=lambda t: _kernels().dequantize_fp8(t)))
 register_storage(LowRankStorage(
     "int4",  # both factors in 4 bits, float16 scale + min per group (zskernels.int4_lowrank_matmul); the group
-    # size is the codes' padded width over the groups per row, so a checkpoint's shapes carry it
-    pack=lambda U, V, group_size=64: _kernels().pack_int4_lowrank(U, V, group_size),
+    # size is the codes' padded width over the groups per row, so a checkpoint's shapes carry it (per factor:
+    # ``u_group_size`` gives U its own, e.g. a precision chosen by measurement, zssvd.stages.precision)
+    pack=lambda U, V, group_size=64, u_group_size=None: _kernels().pack_int4_lowrank(U, V, group_size, u_group_size),
     forward=lambda x, t, bias, backend: _kernels().int4_lowrank_matmul(x, t, bias, backend=backend),
     unpack=lambda t: _kernels().unpack_int4_lowrank(t)))
 LOWRANK_STORAGES = tuple(STORAGES)  # the built-in ones

@@ -5,7 +5,8 @@ Z_k sqrt(Sigma_k) (= (sqrt(Sigma_k) V_k^T S^{-1})^T), in the storage the budget 
 the model's own float dtype for ``dense``, remap-packed 8/16-bit for ``remap``, fp8 for ``hq``,
 4-bit groups for ``int4``. A matrix the selection keeps dense stays the original ``nn.Linear`` --
 or, in ``hq`` and ``int4`` mode, becomes a ``PackedDenseLinear`` in fp8 / int4 (round-to-nearest
-of the original weight, in groups of the selection's ``group_size``).
+of the original weight, in groups of the selection's ``group_size``, or of each factor's and
+matrix's own when ``stages.precision`` measured them).
 """
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ def pack_model(model: nn.Module, targets: TargetSet, truncated: dict[str, Factor
     model is still needed.
     """
     manifest = {}
-    options = _options(selection)
     for target in targets:
+        options = _options(selection, target.name)
         linear = target.module
         weight, bias = linear.weight, linear.bias
         if selection.dense[target.name]:
@@ -53,9 +54,15 @@ def pack_model(model: nn.Module, targets: TargetSet, truncated: dict[str, Factor
     return manifest
 
 
-def _options(selection: Selection) -> dict:
-    """Keyword options of the storage's packers: int4's group size."""
-    return {"group_size": selection.group_size} if selection.storage == "int4" else {}
+def _options(selection: Selection, name: str) -> dict:
+    """Keyword options of the storage's packers for one target: int4's group size (V^T's or the dense
+    weight's), and U's own when the precisions were measured per factor."""
+    if selection.storage != "int4":
+        return {}
+    groups = selection.int4_group_sizes(name)
+    if "weight" in groups:
+        return {"group_size": groups["weight"]}
+    return {"group_size": groups["v"], "u_group_size": groups["u"]}
 
 
 def pack_lowrank(U: torch.Tensor, V: torch.Tensor, bias, storage: str, options: dict) -> PackedLowRankLinear:

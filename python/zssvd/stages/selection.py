@@ -39,6 +39,10 @@ Storage accounting, in 16-bit-parameter units, for a matrix m x n keeping k comp
   components leave by the chosen rule, and a matrix is stored as factors once they cost less than
   its dense int4 form (the headers make ratio b/16 itself factorise a matrix or two).
 
+With ``group_size="auto"`` (``AUTO_GROUP_SIZE``) the ranks are chosen here with g = 64, then
+``zssvd.stages.precision`` picks every factor's and dense matrix's group size by measurement within
+the same budget (``Selection.group_sizes``).
+
 The budget is ``ratio x`` the targets' dense parameters; the result is the first point where
 the stored size is at or below it, so the achieved ratio never exceeds the target and falls
 short of it by at most one component's cost.
@@ -53,6 +57,7 @@ import torch
 STRATEGIES = ("zero-sum", "zero-sum-2nd", "uniform", "most-negative", "abs-dl", "sigma")
 STORAGES = ("dense", "remap", "hq", "int4")
 DEFAULT_GROUP_SIZE = 64  # int4: values per scale / zero point (a CompressionConfig field)
+AUTO_GROUP_SIZE = "auto"  # int4: a group size per factor and matrix, chosen by measurement (stages.precision)
 # Above b/16, int4 accepts ratios this much larger: plain round-to-nearest costs b/16 plus each matrix's
 # 8-byte header (the true K), 8e-6 of SmolLM2's targets, so ``--ratio 0.2813`` (g = 64) gives it exactly.
 INT4_HEADER_SLACK = 1e-4
@@ -77,6 +82,17 @@ class MatrixSpec:
         return self.out_features * self.in_features
 
 
+def base_group_size(group_size: int | str) -> int:
+    """The group size ranks are budgeted with: ``group_size`` itself, or 64 for "auto" (whose measured
+    precisions then spend the same budget differently, ``zssvd.stages.precision``)."""
+    if isinstance(group_size, str):
+        if group_size != AUTO_GROUP_SIZE:
+            raise ValueError(f"group_size must be a positive multiple of 16 (e.g. 64) or {AUTO_GROUP_SIZE!r}, "
+                             f"got {group_size!r}")
+        return DEFAULT_GROUP_SIZE
+    return group_size
+
+
 def int4_bits(group_size: int) -> float:
     """Bits per int4 weight with group size g, its scale and zero point included (4 + 32/g); a
     ValueError naming the rule for a group size the format does not take."""
@@ -92,9 +108,23 @@ def int4_matrix_cost(rows: int, K: int, group_size: int) -> float:
     return int4_nbytes_for_shape(rows, K, group_size) / 2
 
 
-def _int4_lowrank_cost(m: int, n: int, k: int, group_size: int) -> float:
+def _int4_lowrank_cost(m: int, n: int, k: int, groups: dict[str, int]) -> float:
     """V^T (k x n) grouped along n, U (m x k) grouped along k: the layout of ``pack_int4_lowrank``."""
-    return int4_matrix_cost(k, n, group_size) + int4_matrix_cost(m, k, group_size)
+    return int4_matrix_cost(k, n, groups["v"]) + int4_matrix_cost(m, k, groups["u"])
+
+
+def int4_cost(m: int, n: int, k: int, groups: dict[str, int]) -> float:
+    """int4 cost with a group size per part ({"weight": g, "v": g, "u": g}): the cheaper of the dense
+    matrix and the factor pair."""
+    return min(int4_matrix_cost(m, n, groups["weight"]), _int4_lowrank_cost(m, n, k, groups))
+
+
+def int4_stays_dense(m: int, n: int, k: int, groups: dict[str, int]) -> bool:
+    return _int4_lowrank_cost(m, n, k, groups) >= int4_matrix_cost(m, n, groups["weight"])
+
+
+def _same_groups(group_size: int) -> dict[str, int]:
+    return {"weight": group_size, "v": group_size, "u": group_size}
 
 
 def storage_cost(storage: str, m: int, n: int, k: int, group_size: int = DEFAULT_GROUP_SIZE) -> float:
@@ -103,7 +133,7 @@ def storage_cost(storage: str, m: int, n: int, k: int, group_size: int = DEFAULT
     ``group_size`` matters for ``int4`` only.
     """
     if storage == "int4":
-        return min(int4_matrix_cost(m, n, group_size), _int4_lowrank_cost(m, n, k, group_size))
+        return int4_cost(m, n, k, _same_groups(group_size))
     if storage == "dense":
         return float(min(m * n, k * (m + n)))
     if storage == "remap":
@@ -116,7 +146,7 @@ def storage_cost(storage: str, m: int, n: int, k: int, group_size: int = DEFAULT
 def stays_dense(storage: str, m: int, n: int, k: int, group_size: int = DEFAULT_GROUP_SIZE) -> bool:
     """Whether a matrix keeping k components is cheaper (or no dearer) stored as a full matrix."""
     if storage == "int4":
-        return _int4_lowrank_cost(m, n, k, group_size) >= int4_matrix_cost(m, n, group_size)
+        return int4_stays_dense(m, n, k, _same_groups(group_size))
     if storage == "remap":
         return k >= min(m, n)
     return k * (m + n) >= m * n
@@ -136,14 +166,27 @@ class Selection:
     running_sum: list[float] = field(default_factory=list)  # s after each removal (zero-sum and others)
     removed: list[tuple[str, int]] = field(default_factory=list)  # in removal order
     group_size: int = DEFAULT_GROUP_SIZE  # int4: values per scale and zero point
+    # int4 with measured precisions: name -> {"weight": g} (kept dense) or {"v": g, "u": g} (V^T and U of
+    # a pair); empty: every matrix uses ``group_size``. ``precision_errors`` holds the measurements behind them.
+    group_sizes: dict[str, dict[str, int]] = field(default_factory=dict)
+    precision_errors: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
 
     @property
     def ranks(self) -> dict[str, int]:
         return {name: int(idx.numel()) for name, idx in self.keep.items()}
 
+    def int4_group_sizes(self, name: str) -> dict[str, int]:
+        """int4 group size of each stored part of ``name``: {"weight": g} or {"v": g, "u": g}."""
+        if name in self.group_sizes:
+            return dict(self.group_sizes[name])
+        return {"weight": self.group_size} if self.dense[name] else {"v": self.group_size, "u": self.group_size}
+
 
 def check_ratio_range(ratio: float, storage: str, group_size: int = DEFAULT_GROUP_SIZE) -> None:
-    """The checks that need no model: 0 < ratio < 1, a known storage, hq at most 0.5, int4 at most b/16."""
+    """The checks that need no model: 0 < ratio < 1, a known storage, hq at most 0.5, int4 at most b/16
+    (b of the base group size: 64 for "auto")."""
+    if storage == "int4":
+        group_size = base_group_size(group_size)
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
     if not 0.0 < ratio < 1.0:
@@ -165,6 +208,7 @@ def check_ratio(specs: list[MatrixSpec], ratio: float, storage: str, min_rank: i
                 group_size: int = DEFAULT_GROUP_SIZE) -> None:
     """Raise a RatioError naming the reachable range when ``ratio`` cannot be met."""
     check_ratio_range(ratio, storage, group_size)
+    group_size = base_group_size(group_size)
     total = sum(s.params for s in specs)
     floor = sum(storage_cost(storage, s.out_features, s.in_features, min(min_rank, s.rank), group_size)
                 for s in specs) / total
@@ -176,11 +220,14 @@ def check_ratio(specs: list[MatrixSpec], ratio: float, storage: str, min_rank: i
 def select(specs: list[MatrixSpec], scores: dict[str, torch.Tensor], sigmas: dict[str, torch.Tensor], *,
            ratio: float, storage: str = "dense", strategy: str = "zero-sum", ordered: bool = True,
            min_rank: int = 1, curvature: dict[str, torch.Tensor] | None = None,
-           group_size: int = DEFAULT_GROUP_SIZE, rank_multiple: int = 1) -> Selection:
+           group_size: int | str = DEFAULT_GROUP_SIZE, rank_multiple: int = 1,
+           group_sizes: dict[str, dict[str, int]] | None = None) -> Selection:
     """Choose kept components for every matrix so that the stored size meets ``ratio``.
 
     ``curvature`` (second-order terms, per component) is required by ``zero-sum-2nd``;
-    ``group_size`` is int4's (values per scale and zero point); ``rank_multiple``: factorised
+    ``group_size`` is int4's (values per scale and zero point; "auto" budgets with 64, and
+    ``stages.precision`` chooses the precisions afterwards); ``group_sizes`` (int4): name -> {"weight": g,
+    "v": g, "u": g} overriding ``group_size`` in that matrix's costs; ``rank_multiple``: factorised
     matrices (of rank >= 8x it, with ``ordered``) keep a multiple of it (``rank_step``).
     """
     if not isinstance(rank_multiple, int) or rank_multiple < 1:
@@ -188,14 +235,15 @@ def select(specs: list[MatrixSpec], scores: dict[str, torch.Tensor], sigmas: dic
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     check_ratio(specs, ratio, storage, min_rank, group_size)
-    cost = _Cost(storage, group_size)
+    group_size = base_group_size(group_size)
+    cost = _Cost(storage, group_size, group_sizes or {})
     if strategy == "zero-sum-2nd":
         if curvature is None:
             raise ValueError("strategy zero-sum-2nd needs the second-order terms (zssvd.stages.curvature)")
         scores = {name: scores[name].double() + curvature[name].double() for name in scores}
     if strategy == "uniform":
         kept = {s.name: _round_down(_uniform_rank(s, ratio, cost), s, rank_multiple) for s in specs}
-        return _finish(specs, kept, None, storage, strategy, ordered, ratio, [], [], group_size)
+        return _finish(specs, kept, None, cost, strategy, ordered, ratio, [], [])
     return _greedy(specs, scores, sigmas, ratio, cost, strategy, ordered, min_rank, rank_multiple)
 
 
@@ -206,16 +254,31 @@ def _round_down(k: int, spec: MatrixSpec, rank_multiple: int) -> int:
 
 @dataclass(frozen=True)
 class _Cost:
-    """One storage's accounting (with int4's group size): ``cost(m, n, k)``, ``dense(m, n, k)``."""
+    """One storage's accounting (with int4's group size, or a matrix's own group sizes):
+    ``cost(spec, k)``, ``dense(spec, k)``."""
 
     storage: str
     group_size: int
+    group_sizes: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    def __call__(self, m: int, n: int, k: int) -> float:
-        return storage_cost(self.storage, m, n, k, self.group_size)
+    def __call__(self, spec: MatrixSpec, k: int) -> float:
+        groups = self.group_sizes.get(spec.name)
+        if groups is None:
+            return storage_cost(self.storage, spec.out_features, spec.in_features, k, self.group_size)
+        return int4_cost(spec.out_features, spec.in_features, k, groups)
 
-    def dense(self, m: int, n: int, k: int) -> bool:
-        return stays_dense(self.storage, m, n, k, self.group_size)
+    def dense(self, spec: MatrixSpec, k: int) -> bool:
+        groups = self.group_sizes.get(spec.name)
+        if groups is None:
+            return stays_dense(self.storage, spec.out_features, spec.in_features, k, self.group_size)
+        return int4_stays_dense(spec.out_features, spec.in_features, k, groups)
+
+    def parts(self, spec: MatrixSpec, k: int) -> dict[str, int]:
+        """The overriding group sizes of the stored parts ({"weight": g} or {"v": g, "u": g}), or {}."""
+        groups = self.group_sizes.get(spec.name)
+        if groups is None:
+            return {}
+        return {"weight": groups["weight"]} if self.dense(spec, k) else {"v": groups["v"], "u": groups["u"]}
 
 
 def _uniform_rank(spec: MatrixSpec, ratio: float, cost: _Cost) -> int:
@@ -227,7 +290,7 @@ def _uniform_rank(spec: MatrixSpec, ratio: float, cost: _Cost) -> int:
         low, high = 0, spec.rank
         while low < high:
             mid = (low + high + 1) // 2
-            low, high = (mid, high) if cost(m, n, mid) <= limit else (low, mid - 1)
+            low, high = (mid, high) if cost(spec, mid) <= limit else (low, mid - 1)
         return low
     if storage == "dense":
         k = int(limit // (m + n))
@@ -264,7 +327,7 @@ def _greedy(specs, scores, sigmas, ratio, cost_of: _Cost, strategy, ordered, min
         tail = block(i)
         pools.push(i, tail.stop - 1, sum(dl[i][j] for j in tail), sg[i][tail.start])
 
-    cost = sum(cost_of(s.out_features, s.in_features, s.rank) for s in specs)
+    cost = sum(cost_of(s, s.rank) for s in specs)
     pools = _Pools(strategy)
     for i, s in enumerate(specs):
         if ordered:
@@ -283,8 +346,7 @@ def _greedy(specs, scores, sigmas, ratio, cost_of: _Cost, strategy, ordered, min
         gone = block(i) if ordered else range(j, j + 1)
         if kept[i] - len(gone) < min_rank:
             continue  # this matrix is exhausted; discard its candidate
-        m, n = s.out_features, s.in_features
-        cost += cost_of(m, n, kept[i] - len(gone)) - cost_of(m, n, kept[i])
+        cost += cost_of(s, kept[i] - len(gone)) - cost_of(s, kept[i])
         kept[i] -= len(gone)
         running += sum(dl[i][g] for g in gone)
         trace.append(running)
@@ -295,8 +357,8 @@ def _greedy(specs, scores, sigmas, ratio, cost_of: _Cost, strategy, ordered, min
     for name, j in removed:
         gone.setdefault(name, set()).add(j)
     keep_sets = {s.name: [j for j in range(s.rank) if j not in gone.get(s.name, ())] for s in specs}
-    return _finish(specs, {k: len(v) for k, v in keep_sets.items()}, keep_sets, cost_of.storage, strategy, ordered,
-                   ratio, trace, removed, cost_of.group_size)
+    return _finish(specs, {k: len(v) for k, v in keep_sets.items()}, keep_sets, cost_of, strategy, ordered,
+                   ratio, trace, removed)
 
 
 class _Pools:
@@ -330,17 +392,17 @@ class _Pools:
         return i, j
 
 
-def _finish(specs, kept_counts, keep_sets, storage, strategy, ordered, ratio, trace, removed,
-            group_size: int = DEFAULT_GROUP_SIZE) -> Selection:
-    keep, dense, cost, cost_of = {}, {}, 0.0, _Cost(storage, group_size)
+def _finish(specs, kept_counts, keep_sets, cost_of: _Cost, strategy, ordered, ratio, trace, removed) -> Selection:
+    keep, dense, parts, cost = {}, {}, {}, 0.0
     for s in specs:
         k = kept_counts[s.name]
-        m, n = s.out_features, s.in_features
         indices = keep_sets[s.name] if keep_sets is not None else list(range(k))
         keep[s.name] = torch.tensor(indices, dtype=torch.long)
-        dense[s.name] = cost_of.dense(m, n, k)
-        cost += cost_of(m, n, k)
+        dense[s.name] = cost_of.dense(s, k)
+        cost += cost_of(s, k)
+        if cost_of.parts(s, k):
+            parts[s.name] = cost_of.parts(s, k)
     achieved = cost / sum(s.params for s in specs)
     return Selection(storage=cost_of.storage, strategy=strategy, ordered=ordered, target_ratio=ratio, keep=keep,
                      dense=dense, achieved_ratio=achieved, running_sum=trace, removed=removed,
-                     group_size=cost_of.group_size)
+                     group_size=cost_of.group_size, group_sizes=parts)
