@@ -4,8 +4,11 @@ Runs ``zssvd.analyze`` (stage 1 calibration pass: forward, backward, covariances
 sharded whitened SVDs; scores; the curvature pass of zero-sum-2nd) on a LLaMA-shaped model with
 random weights and random calibration tokens, with no stage cache, and reports per stage and per
 rank: wall seconds, the CPU seconds of the process, the seconds spent inside collectives (the
-all-reduces of the statistics and the broadcasts of the factors, including the copies into and out of
-the flat buffers and any wait for a slower rank), and the bytes each rank sent into them.
+reductions of the statistics to their owners, the factors and whitening factors sent to rank 0, the
+scores shared with every rank, including the copies into and out of the flat buffers and any wait for
+a slower rank), and the bytes each rank sent into them. Per rank also: the bytes of statistics
+(covariances, gradients) it kept after the reduction and held during the pass, the bytes of factors
+and whitening factors it holds at the end, and the process's peak resident memory.
 Scaling efficiency = wall(1 process) / (N x wall(N processes)); with the CPUs shared it is also given
 on CPU seconds (work(1) / sum of work(N)), which the other processes on the machine do not change.
 
@@ -23,6 +26,7 @@ import argparse
 import faulthandler
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -34,6 +38,8 @@ import torch
 PRESETS = {
     "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "medium": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
+                   num_key_value_heads=8, vocab_size=8000, max_position_embeddings=1024),
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=4, vocab_size=2000, max_position_embeddings=1024),
     "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -98,9 +104,11 @@ def instrument(meter: Meter) -> None:
         module.sum_across_ranks = meter.timed_collective(module.sum_across_ranks, _tensor_bytes)
     gradients.sum_scalar_across_ranks = meter.timed_collective(gradients.sum_scalar_across_ranks,
                                                                lambda v: 8 if _communicating() else 0)
-    # the factors' broadcasts (decompose_sharded); only the sending rank's bytes count as sent
+    # broadcasts (scores; factors for the curvature pass) and sends to rank 0 (factors, whitening factors):
+    # only the sending rank's bytes count as sent
     dist.broadcast = meter.timed_collective(
         dist.broadcast, lambda t, src, *a, **k: t.numel() * t.element_size() if src == dist.get_rank() else 0)
+    dist.send = meter.timed_collective(dist.send, lambda t, *a, **k: t.numel() * t.element_size())
 
     def staged(name, fn):
         def run(*args, **kwargs):
@@ -111,8 +119,11 @@ def instrument(meter: Meter) -> None:
     pipeline._statistics = staged("calibration_pass", pipeline._statistics)
     pipeline.whitening_factor = staged("whitening", pipeline.whitening_factor)
     pipeline.decompose_sharded = staged("decomposition", pipeline.decompose_sharded)
+    pipeline._whitening_on_rank0 = staged("decomposition", pipeline._whitening_on_rank0)
     pipeline.component_scores = staged("scores", pipeline.component_scores)
+    pipeline._scores_everywhere = staged("scores", pipeline._scores_everywhere)
     pipeline.curvature_terms = staged("curvature", pipeline.curvature_terms)
+    pipeline._bases_everywhere = staged("curvature", pipeline._bases_everywhere)
 
 
 def build_model(args, device: str):
@@ -152,6 +163,10 @@ def measure(args) -> dict | None:
         torch.cuda.synchronize()
     row = {"rank": rank, "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
            "windows": analysis.windows_per_rank[rank] if analysis.windows_per_rank else args.samples,
+           "stat_bytes_kept": analysis.stat_bytes["kept"][rank],
+           "stat_bytes_during_pass": analysis.stat_bytes["during_pass"][rank],
+           "factor_bytes_held": _nbytes(t for f in analysis.factors.values() for t in (f.U, f.sigma, f.Z)),
+           "whitening_bytes_held": _nbytes(analysis.whitening.values()), "peak_rss_bytes": peak_rss_bytes(),
            "stages": {s: {"wall_s": meter.wall_s[s], "cpu_s": meter.cpu_s[s], "comm_s": meter.comm_s[s],
                           "comm_bytes": meter.comm_bytes[s]} for s in STAGES}}
     rows = [None] * world_size
@@ -166,6 +181,15 @@ def measure(args) -> dict | None:
             "threads_per_rank": torch.get_num_threads(), "preset": args.preset, "layers": cfg["num_hidden_layers"],
             "dtype": args.dtype, "samples": args.samples, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
             "pass_order": analysis.options.pass_order, "load_average": os.getloadavg()[0], "ranks": rows}
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _spawned(rank, world_size, init_file, args, out_file):
@@ -236,6 +260,20 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def memory_table(results: list[dict]) -> str:
+    """Per rank: the statistics kept after the reduction and held during the pass, the factors and whitening
+    factors held at the end, and the peak resident memory (MB)."""
+    lines = ["| procs | rank | windows | statistics kept MB | statistics during pass MB | factors held MB "
+             "| whitening held MB | peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
+    for result in results:
+        for r in result["ranks"]:
+            megabytes = [r[k] / 1e6 for k in ("stat_bytes_kept", "stat_bytes_during_pass", "factor_bytes_held",
+                                              "whitening_bytes_held")]
+            lines.append(f"| {result['world_size']} | {r['rank']} | {r['windows']} | "
+                         + " | ".join(f"{mb:.1f}" for mb in megabytes) + f" | {r['peak_rss_bytes'] / 1e6:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4], help="process counts of the CPU sweep")
@@ -261,6 +299,7 @@ def main(argv=None) -> int:
         if result is not None:
             print(json.dumps(result), flush=True)
             print(table([result]))
+            print(memory_table([result]))
         return 0
     results = sweep(args)
     if args.json:
@@ -268,6 +307,7 @@ def main(argv=None) -> int:
             for r in results:
                 f.write(json.dumps(r) + "\n")
     print(table(results))
+    print(memory_table(results))
     return 0
 
 

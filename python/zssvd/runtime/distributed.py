@@ -4,15 +4,30 @@ Data parallel calibration: every gradient pass over the calibration set (statist
 corrections, rescoring) gives each rank a contiguous share of the windows (``window_share``;
 shares differ by at most one window, and a rank may have none). Each rank divides its losses by
 the token count of the WHOLE set, so the sum over ranks of its gradients, covariance sums, loss
-and curvature sums is exactly the one-process quantity; ``sum_across_ranks`` adds them up
-(all-reduce, in buckets, each bucket's copy overlapped with the previous one's communication).
-Every rank ends with the same statistics, up to summation order equal to a one-process run.
+and curvature sums is exactly the one-process quantity; ``sum_across_ranks`` adds them up in
+buckets, each bucket's copy overlapped with the previous one's communication, up to summation order
+equal to a one-process run.
+
+Who holds what (``owners_by_input_group``): every matrix has one owner rank, and the matrices that
+share an input (q/k/v, gate/up) share their owner, so each input covariance is needed on one rank.
+The calibration pass reduces a matrix's gradient and its group's covariance to that owner only
+(``dist.reduce`` per bucket; the other ranks drop their partial sums), so after the pass each rank
+holds about 1/world_size of the float64 covariances and float32 gradients. In the block order each block's
+covariances are reduced as soon as the block is done (``CovarianceCollector.reduce_when_finished``); the
+gradients, and the batch order's covariances, are reduced when the pass ends. The owner whitens the
+group, decomposes its matrices and scores them; the scores and singular values (a few numbers per
+component) then go to every rank (``share_from_owners``), which all run the same selection. The
+factors and whitening factors go to rank 0 only (``decompose_sharded(owners=...)``, ``share_tensors``),
+which packs and saves; the other ranks keep only their own. Stages that run on every rank over the
+whole model get what they need from rank 0 when they run: the curvature pass the bases U, the
+correction rounds the truncated factors and the whitening factors. The loss, token counts and
+curvature sums (small, needed by every rank's selection) are all-reduced; the curvature pass's weight
+gradients, which nothing reads, are not summed at all; the correction rounds' gradients are all-reduced,
+because every rank corrects every matrix.
 
 Decomposition: ``decompose_sharded`` gives each rank a share of the matrices, balanced by the
-estimated cost of their SVDs; each rank decomposes its share, then every matrix's factors are
-broadcast from the rank that computed them. The whitening (one Cholesky per input group, cheap
-next to the SVDs), scores, selection and packing run identically on every rank and need no
-communication. Every rank holds the whole model, unless it is sharded (``AnalysisOptions.shard_model``,
+estimated cost of their SVDs (whole input groups, with owners); each rank decomposes its share. Every
+rank holds the whole model, unless it is sharded (``AnalysisOptions.shard_model``,
 ``zssvd compress --shard-model``): then ``sharded_for_passes`` shards it with FSDP2 (``shard_blocks``) for
 every gradient pass, each rank running as many micro-batches as the others (``padded_share``), each
 matrix is gathered whole only to be decomposed (``decompose_sharded``) or corrected, and rank 0 keeps a
@@ -34,6 +49,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import re
 import signal
@@ -147,48 +163,64 @@ def windows_per_rank(windows: int) -> list[int]:
 BUCKET_BYTES = 64 << 20
 
 
-def sum_across_ranks(tensors: Sequence[torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> None:
-    """Replace every tensor by its sum over the ranks, in place (a collective: every rank passes
+def sum_across_ranks(tensors: Sequence[torch.Tensor], bucket_bytes: int = BUCKET_BYTES,
+                     owners: Sequence[int] | None = None) -> None:
+    """Replace tensors by their sum over the ranks, in place (a collective: every rank passes
     tensors of the same shapes and dtypes in the same order).
 
-    Tensors are packed into flat buckets of one dtype on the communication device (the GPU for
-    NCCL, the CPU for gloo), so host-resident statistics cross to the GPU a bucket at a time;
+    ``owners`` (one rank per tensor): only that rank needs the sum, so it alone receives it
+    (``dist.reduce``); on the other ranks the tensor is left as it was, a partial sum for the caller
+    to drop. Without ``owners`` every rank receives every sum (all-reduce).
+
+    Tensors are packed into flat buckets of one dtype and one owner on the communication device (the
+    GPU for NCCL, the CPU for gloo), so host-resident statistics cross to the GPU a bucket at a time;
     while one bucket is being reduced, the next one is packed.
     """
     if not active():
         return
-    device = comm_device()
+    device, rank = comm_device(), dist.get_rank()
     pending = None
-    for bucket in _buckets(tensors, bucket_bytes):
+    for owner, bucket in _buckets(tensors, bucket_bytes, owners):
         flat = torch.cat([t.detach().reshape(-1).to(device) for t in bucket])
         with collective(SUMMING):
-            work = dist.all_reduce(flat, async_op=True)
+            if owner is None:
+                work = dist.all_reduce(flat, async_op=True)
+            else:
+                work = dist.reduce(flat, dst=owner, async_op=True)
         if pending is not None:
             _unpack(*pending)
-        pending = (work, flat, bucket)
+        pending = (work, flat, bucket if owner in (None, rank) else [])
     if pending is not None:
         _unpack(*pending)
 
 
-def _buckets(tensors: Sequence[torch.Tensor], bucket_bytes: int):
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for group in by_dtype.values():
+def _buckets(tensors: Sequence[torch.Tensor], bucket_bytes: int, owners: Sequence[int] | None):
+    """``(owner, tensors)`` buckets of one dtype and one owner (None: every rank), at most ``bucket_bytes``
+    unless one tensor is larger."""
+    if owners is None:
+        owners = [None] * len(tensors)
+    elif len(owners) != len(tensors):
+        raise ValueError(f"{len(owners)} owners for {len(tensors)} tensors: pass one owner rank per tensor")
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t, owner in zip(tensors, owners):
+        groups.setdefault((owner, t.dtype), []).append(t)
+    for (owner, _), group in groups.items():
         bucket, size = [], 0
         for t in group:
             if bucket and size + t.numel() * t.element_size() > bucket_bytes:
-                yield bucket
+                yield owner, bucket
                 bucket, size = [], 0
             bucket.append(t)
             size += t.numel() * t.element_size()
         if bucket:
-            yield bucket
+            yield owner, bucket
 
 
 def _unpack(work, flat: torch.Tensor, bucket: list[torch.Tensor]) -> None:
     with collective(SUMMING):
         work.wait()
+    if not bucket:  # reduced to another rank: nothing comes back here
+        return
     for t, part in zip(bucket, flat.split([t.numel() for t in bucket])):
         t.copy_(part.view_as(t))
 
@@ -451,24 +483,138 @@ def shard(names: Sequence[str], costs: Mapping[str, float] | Sequence[float], wo
     return [[name for name in names if owner[name] == rank] for rank in range(world_size)]
 
 
+def owners_by_input_group(groups: Mapping[str, Sequence[tuple[str, tuple[int, int]]]],
+                          world_size: int) -> dict[str, int]:
+    """The owner rank of every matrix: ``groups`` maps each input group to its matrices' ``(name, shape)``.
+
+    Whole groups are shared out (``shard``, balanced by the summed cost of their SVDs), so the matrices
+    that read one input covariance (q/k/v, gate/up) have one owner, which alone needs that covariance
+    and its whitening factor. Every rank computes the same assignment from the same arguments.
+    """
+    costs = {g: sum(svd_cost(*shape) for _, shape in members) for g, members in groups.items()}
+    shares = shard(list(groups), costs, world_size)
+    return {name: rank for rank, share in enumerate(shares) for g in share for name, _ in groups[g]}
+
+
+def share_from_owners(owned: Mapping[str, torch.Tensor], numels: Mapping[str, int], owners: Mapping[str, int],
+                      dtype: torch.dtype = torch.float64,
+                      device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Every matrix's 1-D tensor (scores, singular values: a few numbers per component) on every rank,
+    from its owner, which passes it in ``owned``. One broadcast per rank, of all that rank's tensors
+    packed flat in the order of ``numels`` (the same on every rank). A collective."""
+    if not active():
+        return {name: owned[name] for name in numels}
+    rank, comm = dist.get_rank(), comm_device()
+    out = {}
+    for src in range(dist.get_world_size()):
+        names = [n for n in numels if owners[n] == src]
+        if not names:
+            continue
+        if src == rank:
+            flat = torch.cat([owned[n].reshape(-1).to(device=comm, dtype=dtype) for n in names])
+        else:
+            flat = torch.empty(sum(numels[n] for n in names), dtype=dtype, device=comm)
+        with collective("sharing the scores"):
+            dist.broadcast(flat, src=src)
+        out.update(zip(names, (part.to(device) for part in flat.split([numels[n] for n in names]))))
+    return {name: out[name] for name in numels}
+
+
+def share_tensors(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple], sources: Mapping[str, int], *,
+                  to_all: bool, dtype: torch.dtype = torch.float32,
+                  what: str = "sharing the whitened SVDs") -> dict[str, torch.Tensor]:
+    """Send each named tensor from its source rank (which passes it in ``tensors``) to every rank
+    (``to_all``) or to rank 0 only; returns the tensors this rank holds afterwards, in the order of
+    ``shapes`` (the same on every rank), on the communication device. A collective.
+
+    The source, too, takes its tensor back through the flat buffer: the same values in the same
+    (contiguous) layout on every rank that holds it, so later stages compute bit for bit alike.
+    """
+    rank, comm = world()[0], comm_device() if active() else torch.device("cpu")
+    out = {}
+    for name, shape in shapes.items():
+        src = sources[name]
+        if rank == src:
+            flat = tensors[name].detach().reshape(-1).to(device=comm, dtype=dtype)
+        elif to_all or rank == 0:
+            flat = torch.empty(math.prod(shape), dtype=dtype, device=comm)
+        else:
+            continue  # neither the source nor a receiver: nothing to do for this tensor
+        if active() and (to_all or src != 0):
+            with collective(what):
+                if to_all:
+                    dist.broadcast(flat, src=src)
+                elif rank == src:
+                    dist.send(flat, dst=0)
+                else:
+                    dist.recv(flat, src=src)
+        out[name] = flat.reshape(shape)
+    return out
+
+
+def factor_shapes(weight_shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str, int] | None = None) -> dict:
+    """``(m, r, n)`` of every matrix's factors: U m x r, sigma r, Z n x r (``ranks``: kept components;
+    default the full rank min(m, n))."""
+    return {name: (m, min(m, n) if ranks is None else ranks[name], n) for name, (m, n) in weight_shapes.items()}
+
+
+def share_factors(factors: Mapping[str, Factors], shapes: Mapping[str, tuple[int, int, int]],
+                  sources: Mapping[str, int], *, to_all: bool,
+                  dtype: torch.dtype = torch.float32) -> dict[str, Factors]:
+    """``share_tensors`` for factors (``shapes`` from ``factor_shapes``): each matrix's U, sigma and Z
+    travel as one flat tensor, made when that matrix's turn comes (not a second copy of them all at once)."""
+    flats = _FlatFactors(factors)
+    sizes = {name: (m * r + r + n * r,) for name, (m, r, n) in shapes.items()}
+    got = share_tensors(flats, sizes, sources, to_all=to_all, dtype=dtype)
+    out = {}
+    for name, flat in got.items():
+        m, r, n = shapes[name]
+        U, sigma, Z = flat.split([m * r, r, n * r])
+        out[name] = Factors(U.reshape(m, r), sigma, Z.reshape(n, r))
+    return out
+
+
+class _FlatFactors(Mapping):
+    """Each matrix's factors as one flat tensor, concatenated when it is asked for."""
+
+    def __init__(self, factors: Mapping[str, Factors]):
+        self.factors = factors
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        f = self.factors[name]
+        return torch.cat([f.U.reshape(-1), f.sigma.reshape(-1), f.Z.reshape(-1)])
+
+    def __iter__(self):
+        return iter(self.factors)
+
+    def __len__(self) -> int:
+        return len(self.factors)
+
+
 def decompose_sharded(weights: dict[str, torch.Tensor], factor_of: dict[str, torch.Tensor], *,
                       method: str = "gram", out_dtype: torch.dtype = torch.float32,
                       device: torch.device | str | None = None, out_device: torch.device | str | None = None,
-                      stats: dict | None = None) -> dict[str, Factors]:
+                      stats: dict | None = None, owners: Mapping[str, int] | None = None) -> dict[str, Factors]:
     """``decompose_all`` with the matrices shared out across the ranks of the process group.
 
-    A collective: every rank must call it with the same names, shapes and settings (the values
-    only matter on the rank that owns a matrix). Every rank returns all the factors, on the
-    device of the corresponding weight (``device``: where to compute, see ``decompose_all``). ``stats``, if given, receives ``rank``, ``world_size``,
-    ``shards`` (the names each rank decomposes) and ``computed`` (those this rank decomposed).
-    Sharded weights (DTensors) are gathered one matrix at a time and kept by their owner only.
+    A collective: every rank must call it with the same names, shapes and settings (the values, and
+    ``factor_of``, only matter on the rank that owns a matrix). Without ``owners`` the matrices are
+    shared out one by one (``shard``) and every rank returns all the factors. With ``owners`` (matrix ->
+    rank, ``owners_by_input_group``) each rank decomposes its own, and the factors go to rank 0 only,
+    which packs: rank 0 returns all of them, the others their own. Factors are returned on
+    ``out_device``, by default the device of the corresponding weight (``device``: where to compute, see
+    ``decompose_all``). ``stats``, if given, receives ``rank``, ``world_size``, ``shards`` (the names each
+    rank decomposes) and ``computed`` (those this rank decomposed). Sharded weights (DTensors) are
+    gathered one matrix at a time and kept by their owner only.
     """
     rank, world_size = world()
     names = list(weights)
     if world_size == 1:
         shares = [names]
-    else:
+    elif owners is None:
         shares = shard(names, {n: svd_cost(*weights[n].shape) for n in names}, world_size)
+    else:
+        shares = [[n for n in names if owners[n] == r] for r in range(world_size)]
     mine = _owned_whole(weights, shares[rank])
     if stats is not None:
         stats.update(rank=rank, world_size=world_size, shards=shares, computed=list(mine))
@@ -476,32 +622,15 @@ def decompose_sharded(weights: dict[str, torch.Tensor], factor_of: dict[str, tor
                         out_device=out_device)
     if world_size == 1:
         return own
-
-    device = comm_device()
-    owner = {n: r for r, share in enumerate(shares) for n in share}
-    factors: dict[str, Factors] = {}
-    for name in names:  # the same order on every rank
-        m, n = weights[name].shape
-        r = min(m, n)
-        shapes = [(m, r), (r,), (n, r)]
-        sizes = [m * r, r, n * r]
-        if owner[name] == rank:
-            f = own[name]
-            got = [tuple(f.U.shape), tuple(f.sigma.shape), tuple(f.Z.shape)]
-            if got != shapes:
-                raise RuntimeError(f"{name}: factors of shapes {got}, expected {shapes}")
-            flat = torch.cat([f.U.reshape(-1), f.sigma.reshape(-1), f.Z.reshape(-1)]).to(device)
-            with collective("sharing the whitened SVDs"):
-                dist.broadcast(flat, src=rank)
-        else:
-            flat = torch.empty(sum(sizes), dtype=out_dtype, device=device)
-            with collective("sharing the whitened SVDs"):
-                dist.broadcast(flat, src=owner[name])
-        # The owner, too, takes its factors from the buffer: the same values and the same (contiguous)
-        # layout on every rank, so that the later stages compute bit for bit the same on all of them.
-        parts = [p.reshape(s).to(out_device or weights[name].device) for p, s in zip(flat.split(sizes), shapes)]
-        factors[name] = Factors(*parts)
-    return factors
+    shapes = factor_shapes({n: tuple(weights[n].shape) for n in names})
+    for name, f in own.items():
+        got = (tuple(f.U.shape), tuple(f.sigma.shape), tuple(f.Z.shape))
+        m, r, n = shapes[name]
+        if got != ((m, r), (r,), (n, r)):
+            raise RuntimeError(f"{name}: factors of shapes {got}, expected {((m, r), (r,), (n, r))}")
+    source = {n: r for r, share in enumerate(shares) for n in share}
+    factors = share_factors(own, shapes, source, to_all=owners is None, dtype=out_dtype)
+    return {name: f.to(device=out_device or weights[name].device) for name, f in factors.items()}
 
 
 def _owned_whole(weights: dict[str, torch.Tensor], owned: Sequence[str]) -> dict[str, torch.Tensor]:

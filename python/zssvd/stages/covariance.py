@@ -17,11 +17,12 @@ micro-batch; ``new_batch`` lets the hook count each group once per micro-batch.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 
 import torch
 
 from ..io.models import TargetSet
-from ..runtime.distributed import active, sum_across_ranks
+from ..runtime.distributed import active, sum_across_ranks, world
 
 
 @contextlib.contextmanager
@@ -51,6 +52,9 @@ class CovarianceCollector:
         self._counted = (1, 1)  # (windows that count, windows) of this micro-batch
         self._finite: dict[str, torch.Tensor] = {}  # group -> device flag, all products so far finite
         self._averaged: set[str] = set()  # groups whose sums ``covariances`` has turned into means
+        self._owners: Mapping[str, int] | None = None  # set by ``reduce_when_finished``
+        self._reduced: set[str] = set()  # groups already reduced to their owners (block order, torchrun)
+        self.peak_bytes = 0  # the most bytes of sums this collector held at once
         self._handles = []
 
     def __enter__(self):
@@ -95,6 +99,7 @@ class CovarianceCollector:
             if group not in self.sums:
                 device = self._device or product.device
                 self.sums[group] = torch.zeros_like(product, dtype=torch.float64, device=device)
+                self.peak_bytes = max(self.peak_bytes, self._held_bytes())
             self.sums[group] += product.to(self.sums[group].device)
             self.tokens[group] += x.shape[0]
 
@@ -127,25 +132,63 @@ class CovarianceCollector:
             self._device = self.home
 
     def send_home(self, groups) -> None:
-        """Move the sums of finished ``groups`` (e.g. one block's) home, freeing their memory here."""
+        """Move the sums of finished ``groups`` (e.g. one block's) home, freeing their memory here; after
+        ``reduce_when_finished`` they are reduced to their owners at once (a collective)."""
         for group in groups:
             if group in self.sums and self.home is not None:
                 self.sums[group] = self.sums[group].to(self.home)
+        if self._owners is not None:
+            finished = set(groups)  # in the collector's order: a set's order differs between processes
+            self._reduce_to_owners([g for g in self._leaders if g in finished and g not in self._reduced])
 
-    def sum_across_ranks(self) -> None:
-        """Under torchrun: add up every rank's sums and token counts (every rank gets the totals).
+    def reduce_when_finished(self, owners: Mapping[str, int]) -> None:
+        """Under torchrun, reduce each group's sums to the owner of its matrices (target name -> rank) as soon
+        as ``send_home`` says they are final, and drop them on the other ranks: the block order then holds its
+        own groups and one block's others instead of every group's partial sums until the pass ends. Every
+        rank must finish the same groups in the same order (every rank runs every block)."""
+        if active():
+            self._owners = owners
 
-        A rank that saw no windows contributes zeros, so every rank reduces the same groups.
+    def _held_bytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.sums.values())
+
+    def _reduce_to_owners(self, groups: list[str]) -> None:
+        """Reduce ``groups`` to their owners; the other ranks drop them (a rank that saw no windows adds zeros)."""
+        self._zeros_for_missing(groups)
+        owner = [self._owners[self._leaders[g].name] for g in groups]
+        sum_across_ranks([self.sums[g] for g in groups], owners=owner)
+        rank = world()[0]
+        for group, dst in zip(groups, owner):
+            if dst != rank:
+                del self.sums[group]
+        self._reduced.update(groups)
+
+    def _zeros_for_missing(self, groups: list[str]) -> None:
+        """Zero sums for the ``groups`` this rank saw no activations of, so that every rank reduces the same."""
+        for group in groups:
+            if group not in self.sums:
+                width = self._leaders[group].shape[1]
+                self.sums[group] = torch.zeros(width, width, dtype=torch.float64, device=self.home or "cpu")
+
+    def sum_across_ranks(self, owners: Mapping[str, int] | None = None) -> None:
+        """Under torchrun: add up every rank's sums and token counts.
+
+        Without ``owners`` every rank gets every total; with ``owners`` (target name -> rank) a group's
+        total goes to the owner of its matrices only and the other ranks drop their partial sums of it,
+        keeping about 1/world_size of the covariances (groups ``reduce_when_finished`` reduced already are
+        not reduced again). The token counts (one number per group) reach every rank.
         """
         if not active():
             return
-        for group, leader in self._leaders.items():
-            if group not in self.sums:
-                width = leader.shape[1]
-                self.sums[group] = torch.zeros(width, width, dtype=torch.float64, device=self.home or "cpu")
         groups = list(self._leaders)
+        if owners is None:
+            self._zeros_for_missing(groups)
+            sum_across_ranks([self.sums[g] for g in groups])
+        else:
+            self._owners = owners
+            self._reduce_to_owners([g for g in groups if g not in self._reduced])
         tokens = torch.tensor([self.tokens[g] for g in groups], dtype=torch.float64)
-        sum_across_ranks([self.sums[g] for g in groups] + [tokens])
+        sum_across_ranks([tokens])
         self.tokens = {g: int(n) for g, n in zip(groups, tokens.tolist())}
 
     def covariances(self) -> dict[str, torch.Tensor]:

@@ -62,9 +62,11 @@ def curvature_terms(model, targets: TargetSet, input_ids: torch.Tensor, factors:
             # The first blocks' inputs need no gradient; the hooks still get the outputs' gradients,
             # which is all they use, and torch warns about exactly that.
             warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+            # owners={}: this pass reads the output gradients only, so its weight gradients are summed
+            # across ranks nowhere (under torchrun that would move every float32 gradient for nothing)
             result = calibration_pass(model, targets, input_ids, micro_batch=micro_batch,
                                       checkpointing=checkpointing, offload=offload, device=device,
-                                      order=order, desc="gradient pass (curvature)")
+                                      order=order, desc="gradient pass (curvature)", owners={})
     finally:
         for handle in handles:
             handle.remove()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -20,8 +21,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from ..runtime.blockwise import block_order_pass, replaced_forwards
-from ..runtime.distributed import (counted_windows, is_sharded, padded_share, sum_across_ranks,
-                                   sum_scalar_across_ranks, windows_per_rank)
+from ..runtime.distributed import (active, counted_windows, is_sharded, padded_share, sum_across_ranks,
+                                   sum_scalar_across_ranks, windows_per_rank, world)
 from ..runtime.memory import large_blocks_mapped, return_freed_memory
 from .covariance import CovarianceCollector
 from ..io.models import TargetSet, find_blocks
@@ -295,7 +296,7 @@ def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torc
                      checkpointing: bool = False, offload: str | None = None,
                      device: torch.device | str | None = None, grad_device: torch.device | str | None = None,
                      order: str = "batch", segment: int | None = None,
-                     desc: str = "gradient pass") -> GradientResult:
+                     desc: str = "gradient pass", owners: Mapping[str, int] | None = None) -> GradientResult:
     """Forward + backward over ``input_ids`` (N x L); returns float32 gradients of the mean loss.
 
     ``order="batch"`` runs each micro-batch through the whole model; ``order="block"`` walks the
@@ -307,6 +308,11 @@ def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torc
     they do with ``grad_device="cpu"`` (for models whose float32 gradients would not fit beside them).
     In batch order, offloading implies activation checkpointing: otherwise autograd would keep every
     block's loaded weights alive for the backward.
+
+    Under torchrun the ranks' sums are added up: by default every rank gets every gradient and
+    covariance; with ``owners`` (target name -> rank, ``distributed.owners_by_input_group``) a target's
+    gradient and its input group's covariance go to its owner only, and the result holds only this
+    rank's own (the loss and token counts reach every rank); ``owners={}`` sums no gradient at all.
     """
     if order not in ("batch", "block"):
         raise ValueError(f"order must be 'batch' or 'block', not {order!r}")
@@ -318,6 +324,11 @@ def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torc
     total_windows = input_ids.shape[0]
     total_tokens = total_windows * (input_ids.shape[1] - 1)
     input_ids, counted = padded_share(input_ids, pad=is_sharded(model))
+    # Block order: each block's covariances go to their owners as soon as the block is done, when every rank
+    # runs every block (it has windows, or pads its share); the reductions are collectives in block order.
+    if covariances is not None and owners is not None and order == "block" and \
+            (is_sharded(model) or min(windows_per_rank(total_windows)) > 0):
+        covariances.reduce_when_finished(owners)
     grad_device = grad_device or ("cpu" if statistics_on_host(offload, order) else device)
     grads = {t.name: torch.zeros(t.shape, dtype=torch.float32, device=grad_device) for t in targets}
     # Batch order accumulates straight into ``grads``; block order swaps one block's device sinks in.
@@ -343,12 +354,25 @@ def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torc
     finally:
         model.train(was_training)
         return_freed_memory()  # the pass's last free pages, before the next stage's allocations
-    sum_across_ranks(list(grads.values()))
+    grads = _summed_for_owners(grads, owners)
     if covariances is not None:
-        covariances.sum_across_ranks()
+        covariances.sum_across_ranks(owners)
     loss_total = sum_scalar_across_ranks(loss_total)
     return GradientResult(grads=grads, loss=loss_total / total_tokens, tokens=total_tokens,
                           windows_per_rank=windows_per_rank(total_windows))
+
+
+def _summed_for_owners(grads: dict[str, torch.Tensor], owners: Mapping[str, int] | None) -> dict[str, torch.Tensor]:
+    """Every rank's gradients added up, on every rank or (``owners``) on each gradient's owner only: the
+    others drop their partial sums here, so a rank keeps about 1/world_size of the gradients. A target
+    missing from ``owners`` is needed nowhere (the curvature pass reads no gradient): it is not summed."""
+    if owners is None or not active():
+        sum_across_ranks(list(grads.values()))
+        return grads
+    needed = {name: g for name, g in grads.items() if name in owners}
+    sum_across_ranks(list(needed.values()), owners=[owners[name] for name in needed])
+    rank = world()[0]
+    return {name: g for name, g in needed.items() if owners[name] == rank}
 
 
 def statistics_on_host(offload: str | None, order: str) -> bool:

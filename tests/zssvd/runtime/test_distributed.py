@@ -14,8 +14,8 @@ import zssvd
 from tiny_models import english_text, random_windows, save_tiny_model_dir, tiny_model
 from zssvd.stages.calibration import CalibrationSet
 from zssvd.stages.decompose import decompose_all
-from zssvd.runtime.distributed import decompose_sharded, shard, svd_cost, world
-from zssvd.io.models import find_targets
+from zssvd.runtime.distributed import decompose_sharded, owners_by_input_group, shard, svd_cost, world
+from zssvd.io.models import assign_input_groups, find_targets
 from zssvd.pipeline import AnalysisOptions, analyze
 
 WORLD = 2
@@ -74,11 +74,22 @@ def test_single_process_is_exactly_decompose_all():
 
 
 def _factor_tensors(analysis):
-    out = {}
+    """What one rank holds: the factors it has (rank 0 all, the others their own) and every score."""
+    out = {f"scores::{name}": s for name, s in analysis.scores.items()}
+    out.update({f"sigmas::{name}": s for name, s in analysis.sigmas.items()})
     for name, f in analysis.factors.items():
-        out.update({f"U::{name}": f.U, f"sigma::{name}": f.sigma, f"Z::{name}": f.Z,
-                    f"scores::{name}": analysis.scores[name]})
+        out.update({f"U::{name}": f.U, f"sigma::{name}": f.sigma, f"Z::{name}": f.Z})
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def _owners(model):
+    """The owner of each target, as every rank computes it (whole input groups, ``owners_by_input_group``)."""
+    targets = find_targets(model)
+    assign_input_groups(model, targets, _calib().input_ids[:1, :16])
+    groups = {}
+    for t in targets:
+        groups.setdefault(t.group, []).append((t.name, tuple(t.shape)))
+    return owners_by_input_group(groups, WORLD)
 
 
 def _worker(rank, world_size, init_file, out_dir):
@@ -141,12 +152,18 @@ def test_two_gloo_ranks_share_the_work_and_agree_with_one_process(tmp_path):
     finally:
         torch.set_num_threads(threads)
     targets = [t.name for t in find_targets(tiny_model("llama"))]
-    expected = shard(targets, {t.name: svd_cost(*t.shape) for t in find_targets(tiny_model("llama"))}, WORLD)
+    owners = _owners(tiny_model("llama", seed=5))
+    expected = [[n for n in targets if owners[n] == r] for r in range(WORLD)]
+    assert all(expected)  # each rank owns some matrices
 
     results = {(tag, r): load_file(tmp_path / f"{tag}-{r}.safetensors")
                for tag in ("first", "second", "third") for r in range(WORLD)}
     for (tag, rank), tensors in results.items():
-        assert tensors.keys() == reference.keys(), (tag, rank)
+        # Rank 0 holds every factor (it packs), the other ranks their own; every rank every score.
+        held = targets if rank == 0 else expected[rank]
+        want_keys = {f"{kind}::{n}" for kind in ("scores", "sigmas") for n in targets}
+        want_keys |= {f"{kind}::{n}" for kind in ("U", "sigma", "Z") for n in held}
+        assert tensors.keys() == want_keys, (tag, rank)
         for key, value in tensors.items():
             # Each rank calibrates on half of the windows: the float32 products behind the covariances
             # and the float32 gradients are summed in another order than in one process. Singular
@@ -154,24 +171,25 @@ def test_two_gloo_ranks_share_the_work_and_agree_with_one_process(tmp_path):
             # values may turn within their subspace, so U and Z are compared across ranks only (and
             # the one-process statistics themselves in test_data_parallel.py, in float64).
             kind = key.split("::")[0]
-            if kind in ("sigma", "scores"):
-                atol = (1e-3 if kind == "scores" else 1e-5) * float(reference[key].abs().max())
-                torch.testing.assert_close(value, reference[key], rtol=1e-4, atol=atol, msg=f"{tag}/{rank}/{key}")
+            if kind in ("sigma", "sigmas", "scores"):
+                ref = reference[key]
+                atol = (1e-3 if kind == "scores" else 1e-5) * float(ref.abs().max())
+                torch.testing.assert_close(value, ref, rtol=1e-4, atol=atol, msg=f"{tag}/{rank}/{key}")
             assert torch.equal(value, results["first", 0][key]), (tag, rank, key)  # the same on every rank
 
     logs = [json.loads((tmp_path / f"log-{r}.json").read_text()) for r in range(WORLD)]
     for rank, log in enumerate(logs):
         first = log["first"]
         assert first["asked"] == expected[rank] and first["svds"] == len(expected[rank])  # its share, no more
-        assert first["stores"] == (["stats", "factors"] if rank == 0 else [])
-        assert log["shared_cache"]["svds"] == first["svds"]  # the cached factors were used everywhere
+        own_entries = [f"stats.rank{rank}-of-{WORLD}", f"factors.rank{rank}-of-{WORLD}"]
+        assert first["stores"] == own_entries  # every rank caches what it holds
+        assert log["shared_cache"]["svds"] == first["svds"]  # the cached entries were used everywhere
         assert log["shared_cache"]["stores"] == first["stores"]
         again = log["private_cache"]
         assert again["asked"] == expected[rank] * 2 and again["svds"] == 2 * first["svds"]
-        # Rank 0 found its statistics cached, but they are computed together now (each rank its share
-        # of the windows), so it calibrated and decomposed with rank 1 and offered both entries again
-        # (the cache keeps the entries it already has); rank 1 still writes nothing.
-        assert again["stores"] == first["stores"] + (["stats", "factors"] if rank == 0 else [])
+        # Rank 1's cache is empty, so every rank computes again (together, each its share of the windows
+        # and of the matrices) and offers its entries again (the cache keeps the entries it already has).
+        assert again["stores"] == own_entries * 2
     assert sorted(logs[0]["first"]["asked"] + logs[1]["first"]["asked"]) == sorted(targets)
 
 

@@ -61,13 +61,14 @@ def test_a_killed_rank_fails_the_job_and_the_rerun_resumes_from_the_cache(tmp_pa
                         r"the cache \(--cache-dir\) are reused", lines[0]), lines[0]
     assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s+exitcode\s*: -9", killed.stderr)  # torchrun's report agrees
     assert not list(out.glob("*.safetensors"))  # no checkpoint
-    entries = sorted(p.name.split("-")[0] for p in cache.iterdir() if not p.name.startswith("."))
-    assert entries == ["factors", "stats"]  # done before the kill; the curvature was not
+    entries = sorted(p.name.rsplit("-", 1)[0] for p in cache.iterdir() if not p.name.startswith("."))
+    # done before the kill, each rank its own part; the curvature was not
+    assert entries == [f"{stage}.rank{r}-of-{WORLD}" for stage in ("factors", "stats") for r in range(WORLD)]
 
     rerun = _torchrun(tmp_path, cli, out, cache)
     assert rerun.returncode == 0, rerun.stderr
-    assert "stats: reused from the stage cache" in rerun.stderr
-    assert "factors: reused from the stage cache" in rerun.stderr
+    assert "stats.rank0-of-2: reused from the stage cache" in rerun.stderr  # (rank 0 logs for every rank)
+    assert "factors.rank0-of-2: reused from the stage cache" in rerun.stderr
     timings = json.loads((out / "report.json").read_text())["timings"]
     assert "curvature" in timings and "calibration_pass" not in timings and "decomposition" not in timings
     want, got = _tensors(tmp_path / "reference"), _tensors(out)
