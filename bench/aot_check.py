@@ -161,6 +161,9 @@ def record_all(gpu: GPU, x_dtypes: tuple, tokens: tuple) -> list[Launch]:
             stores["int4-dense"] = (zskernels.int4_linear, zskernels.quantize_int4(dense, 64))
             stores["int4-lowrank"] = (zskernels.int4_lowrank_matmul, zskernels.pack_int4_lowrank(
                 torch.randn(out, hq_rank, generator=gen), torch.randn(in_, hq_rank, generator=gen), 64))
+            # --group-size auto: each stage its own group, so its own K tile (32 under V's groups of 32)
+            stores["int4-lowrank-g32u256"] = (zskernels.int4_lowrank_matmul, zskernels.pack_int4_lowrank(
+                torch.randn(out, hq_rank, generator=gen), torch.randn(in_, hq_rank, generator=gen), 32, 256))
             for dtype, m, (storage, (op, packed)) in itertools.product(x_dtypes, tokens, stores.items()):
                 x = torch.randn(m, in_, generator=gen).to(dtype)
                 for bias in (None, torch.zeros(out, dtype=dtype)) if m == 1 else (None,):

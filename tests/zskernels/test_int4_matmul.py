@@ -3,8 +3,10 @@ torch reference and the CPU fast path, each against float64 products of the *deq
 
 Every kernel path (GEMV, 16-row tl.dot, prefill tiles) is forced in turn through the config hook on
 odd shapes: K = 1, odd K, K not a multiple of the group, N = 1, groups whose size is not a power of
-two (the K tile shrinks to divide them). bf16 tl.dot does not run in the interpreter: the Triton
-cases use fp16 and fp32 there; the GPU tests add bf16.
+two (the K tile shrinks to divide them), and factor pairs whose two stages have different group
+sizes (``--group-size auto`` stores them so: each stage must take its group and K tile from its own
+shapes). bf16 tl.dot does not run in the interpreter: the Triton cases use fp16 and fp32 there; the
+GPU tests add bf16.
 """
 import pytest
 import torch
@@ -29,7 +31,7 @@ PATHS = {
     "dot-splitk": dict(path="decode", USE_DOT=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT_K=3),
     "prefill": dict(path="prefill", USE_DOT=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2),
 }
-# (out, in, rank, group, x shape without the last dim, bias)
+# (out, in, rank, group, x shape without the last dim, bias); group: one size, or (V's, U's) for a factor pair
 CASES = [
     (37, 23, 9, 16, (1,), True),     # K odd, K % g != 0
     (1, 1, 1, 64, (3,), False),       # N = 1, K = 1, rank 1
@@ -37,10 +39,19 @@ CASES = [
     (40, 130, 33, 64, (1, 3), True),  # K spans three groups, the last one padded
     (16, 64, 40, 32, (5,), False),    # exact multiples
 ]
+# Group sizes of --group-size auto: V (stage 1, groups along the inputs) and U (stage 2, along the rank) differ.
+MIXED_CASES = [
+    (37, 70, 130, (32, 128), (1,), True),    # in % 32 != 0; rank 130: U's second group of 128 almost all padding
+    (40, 300, 20, (256, 32), (3,), False),   # two V groups of 256, the second padded; rank 20 below U's group
+    (9, 33, 5, (32, 128), (2, 35), True),    # rank 5 below either group; M = 70 rows: several row tiles
+    (33, 257, 100, (256, 32), (1, 1), True),  # in one past a group; rank 100 not a multiple of 32
+]
+DENSE_GROUPS = [(21, 300, 0, 256, (2,), True), (21, 70, 0, 32, (1,), False)]  # dense int4 at the extremes
 
 
 def case_id(case) -> str:
     out_f, in_f, k, g, lead, with_bias = case
+    g = "v{}u{}".format(*g) if isinstance(g, tuple) else g
     return f"{out_f}x{in_f}k{k}g{g}-x{'x'.join(map(str, lead))}{'-bias' if with_bias else ''}"
 
 
@@ -51,13 +62,15 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 def _problem(gen, case, dtype, form):
     """(x, packed, bias, float64 reference from the dequantised weights), on DEVICE."""
     out_f, in_f, k, g, lead, with_bias = case
+    g, u_g = g if isinstance(g, tuple) else (g, g)
     x = torch.randn(*lead, in_f, generator=gen).to(dtype)
     bias = torch.randn(out_f, generator=gen) if with_bias else None
     if form == "dense":
         packed = zk.quantize_int4(torch.randn(out_f, in_f, generator=gen), g)
         ref = x.double() @ zk.dequantize_int4(packed).double().T
     else:
-        packed = zk.pack_int4_lowrank(torch.randn(out_f, k, generator=gen), torch.randn(in_f, k, generator=gen), g)
+        packed = zk.pack_int4_lowrank(torch.randn(out_f, k, generator=gen), torch.randn(in_f, k, generator=gen), g,
+                                      u_g)
         u_hat, v_hat = zk.unpack_int4_lowrank(packed)
         ref = (x.double() @ v_hat.double()) @ u_hat.double().T
     if bias is not None:
@@ -109,6 +122,68 @@ def test_every_shipped_config_bucket(bucket, form, rng):
         assert _rel_err(_run(form, x, packed, bias), ref) < TOL[torch.float16]
 
 
+# Paths whose K tile is larger than the smaller group: the host must lower it for that stage only.
+WIDE_K_PATHS = {
+    "gemv-splitk-k64": dict(path="decode", USE_DOT=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=64, SPLIT_K=3),
+    "prefill-k128": dict(path="prefill", USE_DOT=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, GROUP_M=2),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
+@pytest.mark.parametrize("path", list(PATHS) + list(WIDE_K_PATHS))
+@pytest.mark.parametrize("form, case", [("lowrank", c) for c in MIXED_CASES] + [("dense", c) for c in DENSE_GROUPS],
+                         ids=lambda v: v if isinstance(v, str) else case_id(v))
+def test_kernel_with_mixed_group_sizes_matches_float64(form, case, path, dtype, monkeypatch, rng, poison_empty):
+    x, packed, bias, ref = _problem(rng, case, dtype, form)
+    _force(monkeypatch, {**PATHS, **WIDE_K_PATHS}[path])
+    y = _run(form, x, packed, bias)
+    assert y.shape == (*case[4], case[0]) and y.dtype == dtype
+    assert torch.isfinite(y).all()
+    assert _rel_err(y, ref) < TOL[dtype]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", MIXED_CASES[:2], ids=case_id)
+@pytest.mark.parametrize("bucket, m", [(0, 1), (1, 16), (2, 64), (3, 65)], ids=lambda v: str(v))
+def test_shipped_configs_with_mixed_group_sizes(bucket, m, case, rng):
+    """Each shipped config at its largest row count (65: one past the last decode bucket, so prefill
+    tiles); its BLOCK_K of 64 exceeds V's or U's group of 32 and fits the other's."""
+    cfg = _configs.table("int4_matmul")["default"][bucket]
+    x, packed, bias, ref = _problem(rng, (*case[:4], (m,), case[5]), torch.float16, "lowrank")
+    with _configs.use_config("int4_matmul", cfg):
+        assert _rel_err(_run("lowrank", x, packed, bias), ref) < TOL[torch.float16]
+
+
+def _recording_launch(real_launch, seen: list):
+    """A stand-in for ``_triton.launch`` (``launch(kernel)[grid](...)``) that records the (GROUP, BLOCK_K)
+    of each int4 matmul launch, then runs it."""
+    class Launcher:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                if "GROUP" in kwargs:
+                    seen.append((kwargs["GROUP"], kwargs["BLOCK_K"]))
+                return real_launch(self.kernel)[grid](*args, **kwargs)
+            return run
+    return Launcher
+
+
+@needs_triton
+@pytest.mark.parametrize("v_group, u_group, k_tiles", [(32, 128, (32, 64)), (256, 32, (64, 32)), (48, 256, (16, 64))])
+def test_each_stage_takes_its_group_and_k_tile_from_its_own_shapes(v_group, u_group, k_tiles, rng, monkeypatch):
+    """The two launches of int4_lowrank_matmul: GROUP from that stage's codes / scales, BLOCK_K the
+    config's 64 lowered to divide that group (not the other stage's)."""
+    launched = []
+    monkeypatch.setattr(im, "launch", _recording_launch(im.launch, launched))
+    _force(monkeypatch, dict(path="decode", USE_DOT=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=1))
+    x, packed, bias, ref = _problem(rng, (20, 300, 70, (v_group, u_group), (3,), True), torch.float16, "lowrank")
+    assert _rel_err(_run("lowrank", x, packed, bias), ref) < TOL[torch.float16]
+    assert launched == [(v_group, k_tiles[0]), (u_group, k_tiles[1])]
+
+
 def test_split_k_covers_k_in_whole_steps(monkeypatch):
     """Decode splits K in whole BLOCK_K steps until about programs_per_sm programs per SM exist."""
     monkeypatch.setattr(_device, "num_sms", lambda device: 132)
@@ -127,7 +202,7 @@ def test_block_k_divides_the_group():
 @pytest.mark.parametrize("dtype", list(TOL), ids=str)
 @pytest.mark.parametrize("form", ["dense", "lowrank"])
 @pytest.mark.parametrize("backend", ["torch", "auto"])
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", CASES + MIXED_CASES, ids=case_id)
 def test_torch_and_cpu_paths_match_float64(case, backend, form, dtype, rng, one_thread):
     x, packed, bias, ref = _problem(rng, case, dtype, form)
     x, packed, bias = x.cpu(), {n: t.cpu() for n, t in packed.items()}, None if bias is None else bias.cpu()

@@ -9,8 +9,12 @@ fuses. For a factor pair W ~= U V^T this is exact without touching the numbers:
 
 Per-component scales (remap, fp8) belong to the replicated rank dimension, so they are kept whole;
 HQ's dense fp8 matrices keep one scale per output row, which is sliced with the rows. int4 keeps
-one scale and min per group of inputs of each row: output rows slice with their groups, and an
-input slice must consist of whole groups (its bounds multiples of the group size, or the end). remap's
+one scale and min per group of inputs of each row: output rows slice with their groups (a factor
+pair's U has its own groups, along the rank, which no slice cuts), and an input slice keeps whole
+groups of V^T's (or the dense weight's) size. When its bounds fall inside groups (``--group-size auto``
+may give o_proj groups of 256 and tp 3 slices 192 inputs), the groups are first split exactly into
+smaller ones sharing their scale and min (the largest size dividing the group and both bounds; it
+must be a multiple of 16, as the format's). remap's
 8-bit head covers rows [0, s) of each factor and its 16-bit tail rows [s, L): a slice keeps the
 head rows it contains, then the tail rows it contains. Its two heads then differ in length (one may
 be empty); ``zskernels.remap_matmul`` reads each factor's head length from its own tensor, so the
@@ -20,6 +24,7 @@ slice runs the same op (Triton on a GPU, the fast CPU path on the CPU) as the wh
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -100,15 +105,34 @@ _SLICES = {
 INT4_INPUTS = {"int4": "v_", "dense-int4": "weight_"}  # the int4 matrix whose inputs a row slice cuts
 
 
+def _int4_group(t: Tensors, prefix: str) -> int:
+    """The group size one int4 matrix was stored with: its padded width over its groups per row."""
+    return 2 * t[prefix + "codes"].shape[1] // max(t[prefix + "scales"].shape[1], 1)
+
+
+def _split_groups(t: Tensors, prefix: str, parts: int) -> Tensors:
+    """The same matrix with every group split into ``parts`` groups that share its scale and min: the
+    de-quantised weights are unchanged, only the bounds a slice may take get finer."""
+    out = dict(t)
+    for key in ("scales", "mins"):
+        out[prefix + key] = t[prefix + key].repeat_interleave(parts, dim=1).contiguous()
+    return out
+
+
 def _slice_int4_inputs(t: Tensors, prefix: str, a: int, b: int, name: str) -> Tensors:
-    """Input columns [a, b) of one int4 matrix (``prefix`` + codes / scales / mins / in_features): whole groups."""
-    codes, scales = t[prefix + "codes"], t[prefix + "scales"]
-    group = 2 * codes.shape[1] // max(scales.shape[1], 1)
+    """Input columns [a, b) of one int4 matrix (``prefix`` + codes / scales / mins / in_features): whole
+    groups, after splitting the stored ones where a bound falls inside a group."""
+    from zskernels.formats.int4 import GROUP_MULTIPLE  # here: importing zskernels imports Triton
+
+    codes, stored = t[prefix + "codes"], _int4_group(t, prefix)
     true_in = int(t[prefix + "in_features"])
-    if a % group or (b % group and b != true_in):
-        raise ShardingError(f"{name}: int4 groups of {group} inputs cannot be split at [{a}, {b}); use a "
-                            f"tensor-parallel size whose slices are whole groups, or re-compress with a "
-                            f"--group-size dividing {b - a}")
+    group = math.gcd(stored, a, 0 if b == true_in else b)  # the last slice may end inside its padded group
+    if group % GROUP_MULTIPLE:
+        raise ShardingError(f"{name}: int4 groups of {stored} inputs cannot be split at [{a}, {b}) into groups "
+                            f"of a multiple of {GROUP_MULTIPLE}; use a tensor-parallel size whose slices are "
+                            f"multiples of {GROUP_MULTIPLE} inputs")
+    if group < stored:
+        t = _split_groups(t, prefix, stored // group)
     g0, g1 = a // group, -(-b // group)
     out = dict(t)
     out[prefix + "codes"] = _cols(codes, g0 * group // 2, g1 * group // 2)
