@@ -69,6 +69,7 @@ def _names(row: dict, usual_calib: str) -> tuple[str, str]:
         group = f"g{row['group']}" if row.get("group") else "per row"
         return f"{row['method'].upper()} {group}", row["baseline"]
     series = f"ZS-SVD {row['storage']} {row['strategy']}"
+    series += f" g={row['group_size']}" if row.get("group_size", 64) != 64 else ""  # int4's group size (64 unless set)
     series += "" if row.get("ordered", True) else " unordered"
     series += f" +{row['corrections']} corrections" if row.get("corrections") else ""
     series += "" if _calib(row) == usual_calib else f" (calibrated on {_calib(row)})"
@@ -79,6 +80,9 @@ def points(rows: list[dict], chosen: str | None = None) -> tuple[Point | None, l
     """(the dense model's point, every other configuration's, the setting used); rows without
     perplexities (quality.py's sign-flip rows) are skipped."""
     rows = [r for r in rows if "signflip" not in r and "ppl" in r]
+    # A row copied from one result file into another (same configuration and seed: quality.py's "key")
+    # is one measurement, not a second seed.
+    rows = list({r.get("key") or json.dumps(r, sort_keys=True): r for r in rows}.values())
     if not rows:
         raise SystemExit("frontier: the result files hold no perplexity rows")
     chosen = chosen or Counter(setting(r) for r in rows if not r.get("dense")).most_common(1)[0][0]

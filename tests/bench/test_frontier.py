@@ -72,6 +72,20 @@ def test_points_average_seeds_and_keep_one_setting():
     assert [p.label for p in bos_pts] == ["rtn-int4-g64"]
 
 
+def test_a_measured_group_size_is_its_own_series_and_a_copied_row_counts_once():
+    zs = {"key": "int4 0.22 seed 0", "seed": 0, "storage": "int4", "strategy": "zero-sum", "ordered": True, "corrections": 0, "ratio": 0.22,
+          "achieved_ratio": 0.22, "bytes_ratio": 0.22, "calib_source": "files:valid.txt",
+          "ppl": {"wikitext2": 68.0, "pydoc": 168.0}}
+    auto = {**zs, "key": "int4 0.22 auto seed 0", "group_size": "auto", "ppl": {"wikitext2": 59.0, "pydoc": 152.0}}
+    seed1 = {**zs, "key": "int4 0.22 seed 1", "seed": 1, "group_size": 64, "ppl": {"wikitext2": 70.0, "pydoc": 170.0}}
+    _, pts, _ = frontier.points([zs, dict(zs), auto, seed1])  # dict(zs): the row copied into a second file
+    by_label = {p.label: p for p in pts}
+    assert set(by_label) == {"ZS-SVD int4 zero-sum 0.22", "ZS-SVD int4 zero-sum g=auto 0.22"}
+    g64 = by_label["ZS-SVD int4 zero-sum 0.22"]  # group_size 64 written out or not: one configuration
+    assert g64.seeds == 2 and g64.ppl["wikitext2"] == pytest.approx(69.0)  # zs once, seed 1 once
+    assert by_label["ZS-SVD int4 zero-sum g=auto 0.22"].ppl == {"pydoc": 152.0, "wikitext2": 59.0}
+
+
 def test_table_marks_each_texts_front():
     dense, pts, chosen = frontier.points(_rows())
     lines = frontier.table([dense] + pts, ["wikitext2", "pydoc"], chosen).splitlines()
