@@ -203,6 +203,7 @@ def _spawned(rank, world_size, init_file, args, out_file):
         if result is not None:
             with open(out_file, "w") as f:
                 json.dump(result, f)
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -205,12 +205,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _split_workspace(t: Traffic, a: dict, rows_cols: int, programs: int, tiles: int) -> None:
-    """remap's deterministic split-K: every split stores its fp32 partial and bumps its tile's
-    counter; the last program of each tile reloads all partials."""
-    if a["SPLIT_K"]:
-        t.add("ws_ptr", "store", a["n_split"] * rows_cols * 4)
-        t.add("ws_ptr", "load", a["n_split"] * rows_cols * 4)
+def _split_workspace(t: Traffic, on: bool, n_split: int, rows_cols: int, programs: int) -> None:
+    """Deterministic split-K inside a launch (remap, both fp8 forms): every split stores its fp32
+    partial and bumps its tile's counter; the last program of each tile reloads all partials."""
+    if on:
+        t.add("ws_ptr", "store", n_split * rows_cols * 4)
+        t.add("ws_ptr", "load", n_split * rows_cols * 4)
         t.add("cnt_ptr", "atomic", programs * 4)
 
 
@@ -224,7 +224,7 @@ def remap_stage1(la: Launch) -> Traffic:
     if tail:
         t.add("vt_ptr", "load", tiles_m * k * tail * a["vt_ptr"].itemsize)
     t.add("sv_ptr", "load", tiles_m * a["n_split"] * k * 4)  # every program loads its v_scale slice
-    _split_workspace(t, a, m * k, la.programs, tiles_m * tiles_n)
+    _split_workspace(t, a["SPLIT_K"], a["n_split"], m * k, la.programs)
     t.add("su_ptr", "load", tiles_m * k * 4)  # epilogue, once per tile
     t.add("th_ptr", "store", m * k * a["th_ptr"].itemsize)
     if a["HAS_U_TAIL"]:
@@ -247,7 +247,7 @@ def remap_stage2(la: Launch) -> Traffic:
     if a["HAS_U_TAIL"]:
         t.add("tt_ptr", "load", m * k * ts * tiles_tail)
         t.add("ut_ptr", "load", tiles_m * (out - s) * k * a["ut_ptr"].itemsize)
-    _split_workspace(t, a, m * out, la.programs, la.grid[0])
+    _split_workspace(t, a["SPLIT_K"], a["n_split"], m * out, la.programs)
     if a["HAS_BIAS"]:
         t.add("bias_ptr", "load", tiles_m * out * a["bias_ptr"].itemsize)
     t.add("y_ptr", "store", m * out * a["y_ptr"].itemsize)
@@ -264,29 +264,19 @@ def fp8_matmul(la: Launch) -> Traffic:
     m, n, k, splits = a["M"], a["N"], a["K"], la.grid[1]
     tiles_m, tiles_n = cdiv(m, a["BLOCK_M"]), cdiv(n, a["BLOCK_N"])
     asz, osz = a["a_ptr"].itemsize, a["out_ptr"].itemsize
-    t.add("a_ptr", "load", a["A_SPLITS"] * m * k * asz * tiles_n)  # (summed split partials) re-read per column tile
+    t.add("a_ptr", "load", m * k * asz * tiles_n)  # re-read per column tile
     t.add("w_ptr", "load", tiles_m * n * k * a["w_ptr"].itemsize)
-    for flag, name in (("HAS_S1", "s1_ptr"), ("HAS_S2", "s2_ptr")):
+    for flag, name in (("HAS_S1", "s1_ptr"), ("HAS_S2", "s2_ptr")):  # one epilogue per tile (its last split)
         if a[flag]:
-            t.add(name, "load", splits * tiles_m * n * 4)
+            t.add(name, "load", tiles_m * n * 4)
     if a["HAS_BIAS"]:
         t.add("bias_ptr", "load", tiles_m * n * a["bias_ptr"].itemsize)
-    t.add("out_ptr", "store", splits * m * n * osz)
+    t.add("out_ptr", "store", m * n * osz)
+    _split_workspace(t, a["LAST_SUMS"], splits, m * n, la.programs)
     t.must = {"a_ptr": m * k * asz, "w_ptr": n * k * a["w_ptr"].itemsize, "out_ptr": m * n * osz,
               "s1_ptr": 4 * n * a["HAS_S1"], "s2_ptr": 4 * n * a["HAS_S2"],
               "bias_ptr": n * a["bias_ptr"].itemsize * a["HAS_BIAS"]}
     t.flops = 2 * m * n * k
-    return t
-
-
-def splitk_reduce(la: Launch) -> Traffic:
-    a, t = la.args, Traffic()
-    m, n = a["M"], a["N"]
-    t.add("ws_ptr", "load", a["SPLITS"] * m * n * 4)
-    if a["HAS_BIAS"]:
-        t.add("bias_ptr", "load", cdiv(m, a["BLOCK_M"]) * n * a["bias_ptr"].itemsize)
-    t.add("out_ptr", "store", m * n * a["out_ptr"].itemsize)
-    t.must = {"out_ptr": m * n * a["out_ptr"].itemsize, "bias_ptr": n * a["bias_ptr"].itemsize * a["HAS_BIAS"]}
     return t
 
 
@@ -355,7 +345,7 @@ def batched_reduce(la: Launch) -> Traffic:
 
 FORMULAS: dict[str, Callable[[Launch], Traffic]] = {
     "_remap_stage1_kernel": remap_stage1, "_remap_stage2_kernel": remap_stage2,
-    "_matmul_kernel": fp8_matmul, "_splitk_reduce_kernel": splitk_reduce,
+    "_matmul_kernel": fp8_matmul,
     "_score_kernel": score, "_reduce_kernel": reduce_rows,
     "_batched_score_kernel": batched_score, "_batched_reduce_kernel": batched_reduce,
 }

@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import traffic  # noqa: E402
 
-KERNELS = {"_remap_stage1_kernel", "_remap_stage2_kernel", "_matmul_kernel", "_splitk_reduce_kernel",
+KERNELS = {"_remap_stage1_kernel", "_remap_stage2_kernel", "_matmul_kernel",
            "_score_kernel", "_reduce_kernel", "_batched_score_kernel", "_batched_reduce_kernel"}
 
 

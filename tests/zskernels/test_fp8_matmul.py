@@ -36,6 +36,7 @@ CASES = [
     (37, 23, 9, (17,), torch.float16, False),
     (23, 37, 40, (1, 3), torch.float16, True),  # k > 2 blocks: stage 2 splits too
     (37, 23, 1, (17,), torch.float32, True),
+    (1, 37, 5, (1,), torch.float16, True),  # N = 1, odd k below one block, K = 37 not a multiple of BLOCK_K
 ]
 
 
@@ -162,6 +163,97 @@ def test_empty_batch_and_rank_zero(backend, rng):
     assert torch.equal(y, bias.expand(3, 37))
 
 
+def _record_launches(monkeypatch) -> list[dict]:
+    """Every launch of the fp8 module from now on: kernel, grid, named arguments, and the split-K
+    counters as they were before and after the launch."""
+    seen, real = [], fm.launch
+
+    class launch:  # noqa: N801 -- used as launch(kernel)[grid](*args), like _triton.launch
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                named = {**dict(zip(self.kernel.arg_names, args)), **kwargs}
+                cnt = named["cnt_ptr"] if named.get("LAST_SUMS") else None
+                before = None if cnt is None else cnt.clone()
+                real(self.kernel)[grid](*args, **kwargs)
+                seen.append(dict(kernel=self.kernel, grid=tuple(grid), args=named, cnt_before=before,
+                                 cnt_after=None if cnt is None else cnt.clone()))
+            return run
+
+    monkeypatch.setattr(fm, "launch", launch)
+    return seen
+
+
+@needs_triton
+@pytest.mark.parametrize("path", ["gemv-splitk", "dot-splitk"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_lowrank_split_k_sums_once_in_stage_1(path, dtype, monkeypatch, rng, poison_empty):
+    """Decode split-K of form (b): stage 1's last split of each tile sums the partials, so stage 2
+    reads one t (M x k, x's dtype) and the result does not depend on how K was split."""
+    x, packed, bias, ref = _problem(rng, 37, 41, 20, (3,), dtype, True, "lowrank")  # K = 41: a partial block
+    results = {}
+    for split in (1, 2, 3):
+        _force(monkeypatch, {**PATHS[path], "SPLIT_K": split})
+        seen = _record_launches(monkeypatch)
+        results[split] = _run("lowrank", x, packed, bias)
+        assert [la["kernel"] for la in seen] == [fm._matmul_kernel] * 2  # two launches, no reduction kernel
+        stage1, stage2 = seen
+        assert stage1["grid"][1] == split and stage1["args"]["LAST_SUMS"] == (split > 1)
+        t = stage2["args"]["a_ptr"]
+        assert t.shape == (3, 20) and t.dtype == dtype and t is stage1["args"]["out_ptr"]
+        if split > 1:  # counters zero before the launch, and every split of every tile arrived once
+            assert not stage1["cnt_before"].any() and stage1["cnt_before"].numel() == stage1["grid"][0]
+            assert torch.equal(stage1["cnt_after"], torch.full_like(stage1["cnt_after"], split))
+        _, v_hat = zk.dequantize_fp8(packed)
+        t_ref = (x.double() @ v_hat.double()) * packed["u_scale"].double() * fm.FOLD  # what stage 1 folds in
+        assert _rel_err(t, t_ref) < TOL[dtype]
+        assert _rel_err(results[split], ref) < TOL[dtype]
+    # the splits differ only in the fp32 order of the partial sums
+    assert _rel_err(results[2], results[1].double()) < TOL[dtype] / 4
+    assert _rel_err(results[3], results[1].double()) < TOL[dtype] / 4
+
+
+@needs_triton
+@pytest.mark.parametrize("path", ["gemv-splitk", "dot-splitk"])
+def test_dense_split_k_sums_in_one_launch(path, monkeypatch, rng, poison_empty):
+    """Decode split-K of form (a): the last split of each tile sums the partials and adds the bias
+    inside the one launch (no reduction kernel); the result does not depend on how K was split."""
+    x, packed, bias, ref = _problem(rng, 37, 41, None, (3,), torch.float32, True, "dense")
+    results = {}
+    for split in (1, 2, 3):
+        _force(monkeypatch, {**PATHS[path], "SPLIT_K": split})
+        seen = _record_launches(monkeypatch)
+        results[split] = _run("dense", x, packed, bias)
+        assert [la["kernel"] for la in seen] == [fm._matmul_kernel]
+        (la,) = seen
+        assert la["grid"][1] == split and la["args"]["LAST_SUMS"] == (split > 1) and la["args"]["HAS_BIAS"]
+        if split > 1:
+            assert not la["cnt_before"].any() and torch.equal(la["cnt_after"], torch.full_like(la["cnt_after"], split))
+        assert _rel_err(results[split], ref) < TOL[torch.float32]
+    assert _rel_err(results[3], results[1].double()) < TOL[torch.float32] / 4
+
+
+@needs_triton
+@pytest.mark.parametrize("path", ["gemv-splitk", "dot-splitk"])
+def test_split_k_workspace_and_counters_across_calls(path, monkeypatch, rng, poison_empty):
+    """Consecutive calls (another shape in between) give bit-identical results: each call zeroes
+    fresh counters (stale ones would leave tiles of the NaN-poisoned output unwritten)."""
+    _force(monkeypatch, PATHS[path])
+    a = _problem(rng, 37, 41, 20, (3,), torch.float16, True, "lowrank")
+    b = _problem(rng, 23, 50, 9, (1,), torch.float16, False, "lowrank")
+    seen = _record_launches(monkeypatch)
+    first = _run("lowrank", *a[:3])
+    other = _run("lowrank", *b[:3])
+    again = _run("lowrank", *a[:3])
+    assert torch.equal(first, again) and torch.isfinite(first).all()
+    assert _rel_err(other, b[3]) < TOL[torch.float16]
+    split = [la for la in seen if la["args"]["LAST_SUMS"]]
+    assert len(split) >= 3  # stage 1 of every call splits K (41 and 50 columns, BLOCK_K 16)
+    assert all(not la["cnt_before"].any() for la in split)
+
+
 # ---------------------------------------------------------------------------------------------
 # Host-side dispatch
 # ---------------------------------------------------------------------------------------------
@@ -186,13 +278,14 @@ def test_split_k_fills_the_gpu_and_covers_k(monkeypatch):
 
 def test_pipeline_depth_fits_shared_memory(monkeypatch):
     cfg = fm._choose_config(16, torch.device("cpu"))  # 16 x 16 tiles, BLOCK_K 256, 4 stages
-    fake_a = lambda splits, size: SimpleNamespace(  # noqa: E731
-        device=torch.device("cuda"), shape=(splits, 16, 4096), element_size=lambda: size)
-    for smem, splits, size, stages in [(227 * 1024, 4, 4, 4), (163 * 1024, 1, 2, 4),
-                                       (99 * 1024, 1, 2, 4), (99 * 1024, 2, 4, 3), (99 * 1024, 8, 4, 1)]:
+    fake_a = lambda size: SimpleNamespace(  # noqa: E731
+        device=torch.device("cuda"), shape=(16, 4096), element_size=lambda: size)
+    # (stages - 1) x (A tile 16 x 256 x size + W tile 4 KiB) + 16 KiB of converted copies
+    for smem, size, stages in [(227 * 1024, 4, 4), (99 * 1024, 4, 4), (99 * 1024, 2, 4),
+                               (48 * 1024, 2, 3), (48 * 1024, 4, 2), (20 * 1024, 4, 1)]:
         props = SimpleNamespace(shared_memory_per_block_optin=smem)
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None, p=props: p)
-        assert fm._num_stages(cfg, 16, fake_a(splits, size)) == stages
+        assert fm._num_stages(cfg, 16, fake_a(size)) == stages
 
 
 def test_native_fp8_needs_compute_capability_8_9(monkeypatch):

@@ -8,7 +8,8 @@
 
 Paths, chosen on the host from the token count M (``configs/fp8_matmul.json``): decode = GEMV
 (M = 1) or a small-tile ``tl.dot``, with deterministic split-K when the output alone leaves SMs
-idle (partials summed in a fixed order by ``_splitk_reduce_kernel``, or by stage 2 as it loads t);
+idle (fp32 partials summed in split order inside the launch by the last split of each tile to
+arrive: one launch for form (a), two for form (b), whose stage 2 reads a single t);
 prefill = tiled ``tl.dot`` GEMM in grouped tile order. fp8 bytes are converted in registers
 (uint8 codes decoded by ``_triton.e4m3_bits_to_f32`` before sm_89). Notes: ``zskernels/README.md``.
 
@@ -59,14 +60,26 @@ def _load_weight(ptrs, mask, NATIVE_FP8: tl.constexpr, CDT: tl.constexpr):
 
 
 @jit_later
-def _load_a(ptrs, mask, split_stride, A_SPLITS: tl.constexpr):
-    """An activation tile; with A_SPLITS > 1 the fixed-order fp32 sum of split-K partials (form b, decode)."""
-    a = tl.load(ptrs, mask=mask, other=0.0)
-    if A_SPLITS > 1:
-        a = a.to(tl.float32)
-    for s in tl.static_range(1, A_SPLITS):
-        a += tl.load(ptrs + s * split_stride, mask=mask, other=0.0)
-    return a
+def _last_split_sums(acc, ws_ptr, cnt_ptr, tile, split, splits, offs_m, offs_n, M, N):
+    """Deterministic split-K inside one launch: (sum of the tile's partials, whether this program has it).
+
+    Every split stores its fp32 partial to ws[split] (M x N), then -- after a CTA barrier, so that
+    every thread's stores are released with it -- bumps the tile's counter (acq_rel). The program
+    that finds splits - 1 arrivals already counted arrives last: it reloads the partials from L2
+    (.cg: other SMs wrote them) and adds them in split order, whatever order they arrived in.
+    The host zeroes the counters for each call.
+    """
+    offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    plane = M * N
+    tl.store(ws_ptr + split * plane + offs, acc, mask=mask)
+    tl.debug_barrier()
+    last = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == splits - 1
+    if last:
+        acc = tl.zeros_like(acc)
+        for s in range(0, splits):
+            acc += tl.load(ws_ptr + s * plane + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    return acc, last
 
 
 @jit_later
@@ -98,16 +111,15 @@ def _epilogue(acc, offs_m, offs_n, M, N, out_ptr, stride_om, s1_ptr, s2_ptr, bia
 
 
 @jit_later
-def _matmul_kernel(a_ptr, w_ptr, out_ptr, s1_ptr, s2_ptr, bias_ptr,
-                   M, N, K, stride_as, stride_am, stride_wn, stride_os, stride_om, k_per_split,
-                   A_SPLITS: tl.constexpr,
+def _matmul_kernel(a_ptr, w_ptr, out_ptr, s1_ptr, s2_ptr, bias_ptr, ws_ptr, cnt_ptr,
+                   M, N, K, stride_am, stride_wn, stride_om, k_per_split,
                    HAS_S1: tl.constexpr, HAS_S2: tl.constexpr, ALPHA: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   USE_DOT: tl.constexpr, NATIVE_FP8: tl.constexpr, CDT: tl.constexpr,
+                   LAST_SUMS: tl.constexpr, USE_DOT: tl.constexpr, NATIVE_FP8: tl.constexpr, CDT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """out[split] = epilogue(A @ W^T over one K split), W (N x K) fp8 row-major, A (splits, M, K).
+    """out = epilogue(A @ W^T), W (N x K) fp8 row-major, A (M x K), over one K split per program.
 
-    The epilogue's scales and ALPHA apply to each split's partial sum (they are linear); bias is
-    added only where the splits meet (HAS_BIAS is off unless there is a single split).
+    Several K splits (LAST_SUMS) meet inside the launch: the last split of each tile to arrive sums
+    the fp32 partials from ``ws`` in split order and alone runs the epilogue into out (M x N).
 
     Grid: (M tiles * N tiles, K splits). Tiles are numbered in groups of GROUP_M row tiles, so
     neighbouring programs share weight tiles in L2 (prefill); decode has a single row tile.
@@ -130,15 +142,21 @@ def _matmul_kernel(a_ptr, w_ptr, out_ptr, s1_ptr, s2_ptr, bias_ptr,
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
-        a = _load_a(a_rows + offs_k[None, :], m_ok[:, None] & k_ok[None, :], stride_as, A_SPLITS)
+        a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w_mask = n_ok[:, None] & k_ok[None, :]
         if USE_DOT:
             acc = _dot(_to_cdt(a, CDT), _load_weight(w_rows + offs_k[None, :], w_mask, NATIVE_FP8, CDT), acc, CDT)
         else:  # (1, BLOCK_K) * (BLOCK_N, BLOCK_K), summed over k
             w = _load_weight(w_rows + offs_k[None, :], w_mask, NATIVE_FP8, 2)
             acc += tl.sum(a.to(tl.float32) * w, axis=1)[None, :]
-    _epilogue(acc, offs_m, offs_n, M, N, out_ptr + pid_s * stride_os, stride_om, s1_ptr, s2_ptr, bias_ptr,
-              HAS_S1, HAS_S2, ALPHA, HAS_BIAS)
+    if LAST_SUMS:
+        acc, last = _last_split_sums(acc, ws_ptr, cnt_ptr, pid, pid_s, tl.num_programs(1), offs_m, offs_n, M, N)
+        if last:
+            _epilogue(acc, offs_m, offs_n, M, N, out_ptr, stride_om, s1_ptr, s2_ptr, bias_ptr,
+                      HAS_S1, HAS_S2, ALPHA, HAS_BIAS)
+    else:  # one split
+        _epilogue(acc, offs_m, offs_n, M, N, out_ptr, stride_om, s1_ptr, s2_ptr, bias_ptr,
+                  HAS_S1, HAS_S2, ALPHA, HAS_BIAS)
 
 
 @jit_later
@@ -146,7 +164,9 @@ def _splitk_reduce_kernel(ws_ptr, out_ptr, s1_ptr, s2_ptr, bias_ptr, M, N, strid
                           SPLITS: tl.constexpr, HAS_S1: tl.constexpr, HAS_S2: tl.constexpr,
                           ALPHA: tl.constexpr, HAS_BIAS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out = epilogue(sum of the split-K partials ws[s] (M x N fp32), in the order s = 0, 1, ...)."""
+    """out = epilogue(sum of the split-K partials ws[s] (M x N fp32), in the order s = 0, 1, ...).
+
+    The int4 ops' split-K reduction (``int4.kernels``); the fp8 ops sum their splits in-launch."""
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -206,15 +226,15 @@ def _split_k(cfg: dict, tiles: int, k: int, device: torch.device) -> tuple[int, 
 def _num_stages(cfg: dict, block_m: int, a: torch.Tensor) -> int:
     """The config's pipeline depth, lowered until its tiles fit the GPU's shared memory.
 
-    H100 / A100 (227 / 163 KiB per block) take every shipped config as is; GPUs with ~99 KiB
-    (sm_86, sm_89) need fewer stages for the fp32 or split-summing tiles. The estimate is
-    conservative: (stages - 1) buffered A and W tiles plus fp16 copies of both for the dot.
+    H100 / A100 (227 / 163 KiB per block) take every shipped config as is; GPUs with less shared
+    memory may need fewer stages for the fp32 tiles. The estimate is conservative: (stages - 1)
+    buffered A and W tiles plus fp16 copies of both for the dot.
     """
     stages = cfg["num_stages"]
     if a.device.type != "cuda":
         return stages
     limit = _device.shared_memory_per_block(a.device)
-    a_tile = a.shape[0] * block_m * cfg["BLOCK_K"] * a.element_size()
+    a_tile = block_m * cfg["BLOCK_K"] * a.element_size()
     w_tile = cfg["BLOCK_N"] * cfg["BLOCK_K"]
     converted = 2 * (block_m + cfg["BLOCK_N"]) * cfg["BLOCK_K"]
     while stages > 1 and (stages - 1) * (a_tile + w_tile) + converted > limit:
@@ -223,54 +243,46 @@ def _num_stages(cfg: dict, block_m: int, a: torch.Tensor) -> int:
 
 
 
-_REDUCE_BLOCK = (16, 128)  # (rows, columns) per program of the split-K reduction
+_REDUCE_BLOCK = (16, 128)  # (rows, columns) per program of the split-K reduction (int4 ops)
 
 
 def _matmul(a: torch.Tensor, w: torch.Tensor, cfg: dict, *, out_dtype: torch.dtype, cdt: int,
-            scales: tuple = (), alpha: float = 1.0, bias: Optional[torch.Tensor] = None,
-            partials: bool = False) -> torch.Tensor:
-    """(A @ W^T) * scales * alpha + bias, with A (S, M, K) -- S > 1: split-K partials, summed on load.
+            scales: tuple = (), alpha: float = 1.0, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(A @ W^T) * scales * alpha + bias in ``out_dtype``, with A (M, K) and W (N, K) fp8: one launch.
 
-    W is (N, K) fp8; each of ``scales`` is an (N,) vector. With ``partials=True`` the result stays
-    as split-K partials (splits, M, N) in ``out_dtype``, already scaled, without bias: for a consumer
-    that sums them as it loads them (form (b)'s stage 2). Otherwise several splits go through an
-    fp32 workspace and ``_splitk_reduce_kernel`` sums them in order, adds the bias and casts.
+    Each of ``scales`` is an (N,) vector. Several K splits meet in an fp32 workspace inside the
+    launch: the last split of each output tile to finish sums them in split order and writes the
+    tile (per-tile counters, zeroed per call).
     """
     # Python ints: host-side choices need them (under torch.compile this specialises on the shape).
-    m, k, n = int(a.shape[1]), int(a.shape[2]), int(w.shape[0])
+    m, k, n = int(a.shape[0]), int(a.shape[1]), int(w.shape[0])
     native = _device.native_fp8(a.device)
     w = w if native else w.view(torch.uint8)
     block_m = _block_m(cfg, m)
     tiles = cdiv(m, block_m) * cdiv(n, cfg["BLOCK_N"])
     splits, per_split = _split_k(cfg, tiles, k, a.device)
-    direct = splits == 1 and not partials  # the whole result from one kernel
-    workspace = splits > 1 and not partials
-    out = empty((m, n) if direct else (splits, m, n), torch.float32 if workspace else out_dtype, a.device)
+    out = empty((m, n), out_dtype, a.device)
+    ws, cnt = out, out  # stand-ins, unused without LAST_SUMS
+    if splits > 1:
+        ws = empty((splits, m, n), torch.float32, a.device)
+        cnt = torch.zeros(tiles, dtype=torch.int32, device=a.device)
     s1, s2 = (tuple(scales) + (None, None))[:2]
     # Absent optional pointers get the (read-only) weight as a stand-in: their flags are off.
     s1_ptr, s2_ptr, bias_ptr = (t if t is not None else w for t in (s1, s2, bias))
     launch(_matmul_kernel)[(tiles, splits)](
-        a, w, out, s1_ptr, s2_ptr, bias_ptr, m, n, k, a.stride(0), a.stride(1), w.stride(0), m * n, n, per_split,
-        A_SPLITS=a.shape[0], HAS_S1=s1 is not None, HAS_S2=s2 is not None, ALPHA=alpha,
-        HAS_BIAS=direct and bias is not None, USE_DOT=cfg["USE_DOT"], NATIVE_FP8=native, CDT=cdt,
+        a, w, out, s1_ptr, s2_ptr, bias_ptr, ws, cnt, m, n, k, a.stride(0), w.stride(0), n, per_split,
+        HAS_S1=s1 is not None, HAS_S2=s2 is not None, ALPHA=alpha, HAS_BIAS=bias is not None,
+        LAST_SUMS=splits > 1, USE_DOT=cfg["USE_DOT"], NATIVE_FP8=native, CDT=cdt,
         BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 1),
         num_warps=cfg["num_warps"], num_stages=_num_stages(cfg, block_m, a))
-    if direct or partials:
-        return out
-    y = empty((m, n), out_dtype, a.device)
-    bm, bn = _REDUCE_BLOCK
-    launch(_splitk_reduce_kernel)[(cdiv(n, bn), cdiv(m, bm))](
-        out, y, out, out, bias_ptr, m, n, m * n, SPLITS=splits, HAS_S1=False, HAS_S2=False, ALPHA=1.0,
-        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
-    return y
+    return out
 
 
 def _fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                        bias: Optional[torch.Tensor]) -> torch.Tensor:
     """Body of zskernels::fp8_linear: x (M, in) with unit column stride, checks already done."""
     cfg = _choose_config(int(x.shape[0]), x.device)
-    return _matmul(x.unsqueeze(0), weight, cfg, out_dtype=x.dtype, cdt=_CDT_CODE[x.dtype],
-                   scales=(scale,), bias=bias)
+    return _matmul(x, weight, cfg, out_dtype=x.dtype, cdt=_CDT_CODE[x.dtype], scales=(scale,), bias=bias)
 
 
 def _fp8_lowrank_triton(x: torch.Tensor, u: torch.Tensor, u_scale: torch.Tensor, vt: torch.Tensor,
@@ -278,15 +290,9 @@ def _fp8_lowrank_triton(x: torch.Tensor, u: torch.Tensor, u_scale: torch.Tensor,
     """Body of zskernels::fp8_lowrank_matmul: x (M, in) with unit column stride, checks done."""
     cfg = _choose_config(int(x.shape[0]), x.device)
     cdt = _CDT_CODE[x.dtype]
-    # Stage 1: t = (x Vt^T) * v_scale * u_scale * 2^8. Decode keeps it as split-K partials, which
-    # stage 2 sums as it loads them (fp32 for the GEMV; x's dtype, half the shared memory, for the
-    # dot); prefill stores it in x's dtype, the next tensor-core operand.
-    stage1 = dict(cdt=cdt, scales=(v_scale, u_scale), alpha=FOLD)
-    if cfg["path"] == "decode":
-        part_dtype = x.dtype if cfg["USE_DOT"] else torch.float32
-        t = _matmul(x.unsqueeze(0), vt, cfg, out_dtype=part_dtype, partials=True, **stage1)
-    else:
-        t = _matmul(x.unsqueeze(0), vt, cfg, out_dtype=x.dtype, **stage1).unsqueeze(0)
+    # Stage 1: t = (x Vt^T) * v_scale * u_scale * 2^8, in x's dtype (the next tensor-core operand).
+    # Split-K (decode) sums its partials inside the launch, so stage 2 reads one t, not every split's.
+    t = _matmul(x, vt, cfg, out_dtype=x.dtype, cdt=cdt, scales=(v_scale, u_scale), alpha=FOLD)
     return _matmul(t, u, cfg, out_dtype=x.dtype, cdt=cdt, alpha=1.0 / FOLD, bias=bias)
 
 
