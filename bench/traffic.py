@@ -206,7 +206,7 @@ def cdiv(a: int, b: int) -> int:
 
 
 def _split_workspace(t: Traffic, on: bool, n_split: int, rows_cols: int, programs: int) -> None:
-    """Deterministic split-K inside a launch (remap, both fp8 forms): every split stores its fp32
+    """Deterministic split-K inside a launch (remap, both fp8 forms, int4): every split stores its fp32
     partial and bumps its tile's counter; the last program of each tile reloads all partials."""
     if on:
         t.add("ws_ptr", "store", n_split * rows_cols * 4)
@@ -280,6 +280,27 @@ def fp8_matmul(la: Launch) -> Traffic:
     return t
 
 
+def int4_matmul(la: Launch) -> Traffic:
+    """int4 codes (two per byte) with a float16 scale and min per group: one (scale, min) load per
+    output row and K step (BLOCK_K divides the group), activations re-read per column tile."""
+    a, t = la.args, Traffic()
+    m, n, k, splits, bk = a["M"], a["N"], a["K"], la.grid[1], a["BLOCK_K"]
+    tiles_m, tiles_n, steps = cdiv(m, a["BLOCK_M"]), cdiv(n, a["BLOCK_N"]), cdiv(k, bk)
+    asz, osz = a["a_ptr"].itemsize, a["out_ptr"].itemsize
+    t.add("a_ptr", "load", m * k * asz * tiles_n)
+    t.add("codes_ptr", "load", tiles_m * n * steps * bk // 2)
+    for name in ("scales_ptr", "mins_ptr"):
+        t.add(name, "load", tiles_m * n * steps * a[name].itemsize)
+    if a["HAS_BIAS"]:
+        t.add("bias_ptr", "load", tiles_m * n * a["bias_ptr"].itemsize)
+    t.add("out_ptr", "store", m * n * osz)  # by the last split of each tile
+    _split_workspace(t, a["LAST_SUMS"], splits, m * n, la.programs)
+    t.must = {"a_ptr": m * k * asz, "out_ptr": m * n * osz, "bias_ptr": n * a["bias_ptr"].itemsize * a["HAS_BIAS"],
+              **{name: a[name].end - a[name].start for name in ("codes_ptr", "scales_ptr", "mins_ptr")}}
+    t.flops = 2 * m * n * k
+    return t
+
+
 def _score_item(t: Traffic, m: int, n: int, k: int, sizes: tuple, bm: int, bk: int,
                 names=("u_ptr", "h_ptr", "v_ptr", "part_ptr")) -> None:
     """One triple's scoring tiles: H re-read per column block, V per row block, U once."""
@@ -345,7 +366,7 @@ def batched_reduce(la: Launch) -> Traffic:
 
 FORMULAS: dict[str, Callable[[Launch], Traffic]] = {
     "_remap_stage1_kernel": remap_stage1, "_remap_stage2_kernel": remap_stage2,
-    "_matmul_kernel": fp8_matmul,
+    "_matmul_kernel": fp8_matmul, "_int4_matmul_kernel": int4_matmul,
     "_score_kernel": score, "_reduce_kernel": reduce_rows,
     "_batched_score_kernel": batched_score, "_batched_reduce_kernel": batched_reduce,
 }
@@ -406,6 +427,28 @@ def fp8_packed(out: int, in_: int, k: int | None, fill: bool = True) -> dict:
             "vt_fp8": torch.empty(k, in_, dtype=torch.float8_e4m3fn), "v_scale": torch.empty(k)}
 
 
+def int4_packed(out: int, in_: int, k: int | None, fill: bool = True, group: int = 64,
+                u_group: int | None = None) -> dict:
+    """int4 factors (k given; U may take its own group size) or an int4 dense matrix (k None), random
+    or uninitialised: codes two per byte (rows padded to whole groups), a float16 scale and min per group."""
+    g = torch.Generator().manual_seed(out + 5 * in_)
+    if fill:
+        if k is None:
+            return zskernels.quantize_int4(torch.randn(out, in_, generator=g), group)
+        return zskernels.pack_int4_lowrank(torch.randn(out, k, generator=g), torch.randn(in_, k, generator=g), group,
+                                           u_group_size=u_group)
+
+    def stored(rows: int, cols: int, gs: int, prefix: str = "") -> dict:
+        groups = cdiv(cols, gs)
+        return {prefix + "codes": torch.empty(rows, groups * gs // 2, dtype=torch.uint8),
+                prefix + "scales": torch.empty(rows, groups, dtype=torch.float16),
+                prefix + "mins": torch.empty(rows, groups, dtype=torch.float16),
+                prefix + "in_features": torch.tensor(cols)}
+    if k is None:
+        return stored(out, in_, group)
+    return {**stored(k, in_, group, "v_"), **stored(out, k, u_group or group, "u_")}
+
+
 @dataclass
 class Case:
     name: str
@@ -419,7 +462,11 @@ def _stores(out: int, in_: int, ranks: dict, fill: bool) -> dict:
     makers = {"remap-int8": lambda k: (zskernels.remap_matmul, remap_packed(out, in_, k, "int8", fill)),
               "remap-int8 rho0.8": lambda k: (zskernels.remap_matmul, remap_packed(out, in_, k, "int8", fill)),
               "fp8-lowrank": lambda k: (zskernels.fp8_lowrank_matmul, fp8_packed(out, in_, k, fill)),
-              "fp8-dense": lambda k: (zskernels.fp8_linear, fp8_packed(out, in_, None, fill))}
+              "fp8-dense": lambda k: (zskernels.fp8_linear, fp8_packed(out, in_, None, fill)),
+              "int4-lowrank": lambda k: (zskernels.int4_lowrank_matmul, int4_packed(out, in_, k, fill)),
+              "int4-lowrank mixed": lambda k: (zskernels.int4_lowrank_matmul,
+                                               int4_packed(out, in_, k, fill, group=64, u_group=32)),
+              "int4-dense": lambda k: (zskernels.int4_linear, int4_packed(out, in_, None, fill))}
     return {name: makers[name](rank and rank(out, in_)) for name, rank in ranks.items()}
 
 
@@ -480,14 +527,19 @@ SMALL_SCORES = ((70, 50, 20), (150, 90, 100), (300, 130, 260))  # one per sigma_
 SMALL_RANKS = {"remap-int8": lambda o, i: 48, "fp8-lowrank": lambda o, i: 32, "fp8-dense": None,
                "remap-int8 rho0.8": lambda o, i: 96}
 SMALL_FP8_RANKS = {"fp8-lowrank": lambda o, i: 32, "fp8-dense": None}
+SMALL_INT4_RANKS = {"int4-lowrank": lambda o, i: 48, "int4-dense": None,
+                    "int4-lowrank mixed": lambda o, i: 40}  # V groups of 64, U groups of 32 (padded k)
 
 
 def small_cases(quick: bool = False) -> list[Case]:
+    int4 = SMALL_INT4_RANKS  # at the remap shapes and at the long-K fp8 shape
     if quick:
-        return (matmul_cases(SMALL_MATMUL_SHAPES[:1], (1, 16, 300), SMALL_RANKS, True, bias_at_m1=True)
-                + matmul_cases(SMALL_FP8_SHAPES, (1, 16), SMALL_FP8_RANKS, True) + score_cases(SMALL_SCORES[:2], True))
-    return (matmul_cases(SMALL_MATMUL_SHAPES, SMALL_TOKENS, SMALL_RANKS, True, bias_at_m1=True)
-            + matmul_cases(SMALL_FP8_SHAPES, (1, 16), SMALL_FP8_RANKS, True) + score_cases(SMALL_SCORES, True))
+        return (matmul_cases(SMALL_MATMUL_SHAPES[:1], (1, 16, 300), {**SMALL_RANKS, **int4}, True, bias_at_m1=True)
+                + matmul_cases(SMALL_FP8_SHAPES, (1, 16), {**SMALL_FP8_RANKS, **int4}, True)
+                + score_cases(SMALL_SCORES[:2], True))
+    return (matmul_cases(SMALL_MATMUL_SHAPES, SMALL_TOKENS, {**SMALL_RANKS, **int4}, True, bias_at_m1=True)
+            + matmul_cases(SMALL_FP8_SHAPES, (1, 16), {**SMALL_FP8_RANKS, **int4}, True)
+            + score_cases(SMALL_SCORES, True))
 
 
 def mismatches(la: Launch) -> list[str]:
@@ -521,7 +573,9 @@ TOKENS_7B = (1, 16, 2048)
 RANKS_7B = {"remap-int8": lambda o, i: round(0.6 * min(o, i) / 16) * 16,  # rho 0.6, as bench_remap_matmul.py
             "remap-int8 rho0.8": lambda o, i: round(0.8 * min(o, i) / 16) * 16,
             "fp8-lowrank": lambda o, i: int(0.8 * o * i / (o + i)) // 16 * 16,  # storage 0.4, as bench_fp8_matmul.py
-            "fp8-dense": None}
+            "fp8-dense": None,
+            "int4-lowrank": lambda o, i: int(0.8 * o * i / (o + i)) // 16 * 16,  # fp8-lowrank's rank
+            "int4-dense": None}
 SCORES_7B = ((4096, 4096, 4096), (4096, 4096, 2048), (11008, 4096, 4096))
 
 
@@ -555,7 +609,7 @@ def describe_config(la: Launch) -> str:
     return f"{blocks}{path}, grid {la.grid[0]}x{la.grid[1]}"
 
 
-WEIGHT_KERNELS = ("_remap_stage1_kernel", "_remap_stage2_kernel", "_matmul_kernel")
+WEIGHT_KERNELS = ("_remap_stage1_kernel", "_remap_stage2_kernel", "_matmul_kernel", "_int4_matmul_kernel")
 
 
 def _decode(case: str) -> bool:

@@ -169,6 +169,29 @@ def _register(module: str) -> None:
 # Jitted helpers shared by the kernels
 # ----------------------------------------------------------------------------------------------
 @jit_later
+def last_split_sums(acc, ws_ptr, cnt_ptr, tile, split, splits, offs_m, offs_n, M, N):
+    """Deterministic split-K inside one launch: (sum of the tile's partials, whether this program has it).
+
+    Every split stores its fp32 partial to ws[split] (M x N), then -- after a CTA barrier, so that
+    every thread's stores are released with it -- bumps the tile's counter (acq_rel). The program
+    that finds splits - 1 arrivals already counted arrives last: it reloads the partials from L2
+    (.cg: other SMs wrote them) and adds them in split order, whatever order they arrived in.
+    The host zeroes the counters for each call.
+    """
+    offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    plane = M * N
+    tl.store(ws_ptr + split * plane + offs, acc, mask=mask)
+    tl.debug_barrier()
+    last = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == splits - 1
+    if last:
+        acc = tl.zeros_like(acc)
+        for s in range(0, splits):
+            acc += tl.load(ws_ptr + s * plane + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    return acc, last
+
+
+@jit_later
 def tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
     """(row tile, column tile) of a linear tile index, GROUP_M row tiles per column sweep, so
     programs running together share column-operand tiles in L2; GROUP_M = 1 is row-major."""

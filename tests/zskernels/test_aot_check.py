@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("triton")
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "aot_check.py"
 KERNELS = ("_score_kernel", "_reduce_kernel", "_batched_score_kernel", "_batched_reduce_kernel",
-           "_remap_stage1_kernel", "_remap_stage2_kernel", "_matmul_kernel", "_splitk_reduce_kernel",
+           "_remap_stage1_kernel", "_remap_stage2_kernel", "_matmul_kernel",
            "_int4_matmul_kernel")
 
 

@@ -163,40 +163,17 @@ def test_empty_batch_and_rank_zero(backend, rng):
     assert torch.equal(y, bias.expand(3, 37))
 
 
-def _record_launches(monkeypatch) -> list[dict]:
-    """Every launch of the fp8 module from now on: kernel, grid, named arguments, and the split-K
-    counters as they were before and after the launch."""
-    seen, real = [], fm.launch
-
-    class launch:  # noqa: N801 -- used as launch(kernel)[grid](*args), like _triton.launch
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def run(*args, **kwargs):
-                named = {**dict(zip(self.kernel.arg_names, args)), **kwargs}
-                cnt = named["cnt_ptr"] if named.get("LAST_SUMS") else None
-                before = None if cnt is None else cnt.clone()
-                real(self.kernel)[grid](*args, **kwargs)
-                seen.append(dict(kernel=self.kernel, grid=tuple(grid), args=named, cnt_before=before,
-                                 cnt_after=None if cnt is None else cnt.clone()))
-            return run
-
-    monkeypatch.setattr(fm, "launch", launch)
-    return seen
-
-
 @needs_triton
 @pytest.mark.parametrize("path", ["gemv-splitk", "dot-splitk"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_lowrank_split_k_sums_once_in_stage_1(path, dtype, monkeypatch, rng, poison_empty):
+def test_lowrank_split_k_sums_once_in_stage_1(path, dtype, monkeypatch, rng, poison_empty, record_launches):
     """Decode split-K of form (b): stage 1's last split of each tile sums the partials, so stage 2
     reads one t (M x k, x's dtype) and the result does not depend on how K was split."""
     x, packed, bias, ref = _problem(rng, 37, 41, 20, (3,), dtype, True, "lowrank")  # K = 41: a partial block
     results = {}
     for split in (1, 2, 3):
         _force(monkeypatch, {**PATHS[path], "SPLIT_K": split})
-        seen = _record_launches(monkeypatch)
+        seen = record_launches(fm)
         results[split] = _run("lowrank", x, packed, bias)
         assert [la["kernel"] for la in seen] == [fm._matmul_kernel] * 2  # two launches, no reduction kernel
         stage1, stage2 = seen
@@ -217,14 +194,14 @@ def test_lowrank_split_k_sums_once_in_stage_1(path, dtype, monkeypatch, rng, poi
 
 @needs_triton
 @pytest.mark.parametrize("path", ["gemv-splitk", "dot-splitk"])
-def test_dense_split_k_sums_in_one_launch(path, monkeypatch, rng, poison_empty):
+def test_dense_split_k_sums_in_one_launch(path, monkeypatch, rng, poison_empty, record_launches):
     """Decode split-K of form (a): the last split of each tile sums the partials and adds the bias
     inside the one launch (no reduction kernel); the result does not depend on how K was split."""
     x, packed, bias, ref = _problem(rng, 37, 41, None, (3,), torch.float32, True, "dense")
     results = {}
     for split in (1, 2, 3):
         _force(monkeypatch, {**PATHS[path], "SPLIT_K": split})
-        seen = _record_launches(monkeypatch)
+        seen = record_launches(fm)
         results[split] = _run("dense", x, packed, bias)
         assert [la["kernel"] for la in seen] == [fm._matmul_kernel]
         (la,) = seen
@@ -237,21 +214,13 @@ def test_dense_split_k_sums_in_one_launch(path, monkeypatch, rng, poison_empty):
 
 @needs_triton
 @pytest.mark.parametrize("path", ["gemv-splitk", "dot-splitk"])
-def test_split_k_workspace_and_counters_across_calls(path, monkeypatch, rng, poison_empty):
-    """Consecutive calls (another shape in between) give bit-identical results: each call zeroes
-    fresh counters (stale ones would leave tiles of the NaN-poisoned output unwritten)."""
+def test_split_k_workspace_and_counters_across_calls(path, monkeypatch, rng, poison_empty, split_calls_repeat):
+    """Consecutive calls (another shape in between) give bit-identical results (``split_calls_repeat``)."""
     _force(monkeypatch, PATHS[path])
     a = _problem(rng, 37, 41, 20, (3,), torch.float16, True, "lowrank")
     b = _problem(rng, 23, 50, 9, (1,), torch.float16, False, "lowrank")
-    seen = _record_launches(monkeypatch)
-    first = _run("lowrank", *a[:3])
-    other = _run("lowrank", *b[:3])
-    again = _run("lowrank", *a[:3])
-    assert torch.equal(first, again) and torch.isfinite(first).all()
+    other = split_calls_repeat(fm, lambda: _run("lowrank", *a[:3]), lambda: _run("lowrank", *b[:3]))
     assert _rel_err(other, b[3]) < TOL[torch.float16]
-    split = [la for la in seen if la["args"]["LAST_SUMS"]]
-    assert len(split) >= 3  # stage 1 of every call splits K (41 and 50 columns, BLOCK_K 16)
-    assert all(not la["cnt_before"].any() for la in split)
 
 
 # ---------------------------------------------------------------------------------------------

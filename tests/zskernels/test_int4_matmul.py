@@ -184,6 +184,74 @@ def test_each_stage_takes_its_group_and_k_tile_from_its_own_shapes(v_group, u_gr
     assert launched == [(v_group, k_tiles[0]), (u_group, k_tiles[1])]
 
 
+def _check_split(la: dict, split: int) -> None:
+    """One launch with ``split`` K splits: counters zero before it, every split of every tile arrived once."""
+    assert la["grid"][1] == split and la["args"]["LAST_SUMS"] == (split > 1)
+    if split > 1:
+        assert not la["cnt_before"].any() and la["cnt_before"].numel() == la["grid"][0]
+        assert torch.equal(la["cnt_after"], torch.full_like(la["cnt_after"], split))
+
+
+@needs_triton
+@pytest.mark.parametrize("path", ["gemv-splitk", "dot-splitk"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("group", [16, (32, 16)], ids=["g16", "v32u16"])
+def test_lowrank_split_k_sums_in_each_launch(path, dtype, group, monkeypatch, rng, poison_empty, record_launches):
+    """Decode split-K of the factor pair: each stage's last split of each tile sums the partials in
+    its own launch (no reduction kernel), so stage 2 reads one t (M x k, x's dtype on every path), and
+    the result does not depend on how K was split."""
+    case = (37, 70, 20, group, (3,), True)  # K = 70: a partial step; rank 20: U's second group padded
+    x, packed, bias, ref = _problem(rng, case, dtype, "lowrank")
+    u_hat, v_hat = zk.unpack_int4_lowrank({n: t.cpu() for n, t in packed.items()})
+    results = {}
+    for split in (1, 2, 3):
+        _force(monkeypatch, {**PATHS[path], "SPLIT_K": split})
+        seen = record_launches(im)
+        results[split] = _run("lowrank", x, packed, bias)
+        assert [la["kernel"] for la in seen] == [im._int4_matmul_kernel] * 2  # two launches, no reduction kernel
+        stage1, stage2 = seen
+        _check_split(stage1, split)
+        _check_split(stage2, min(split, 2))  # rank 20 in K steps of 16: at most two splits
+        assert stage1["args"]["HAS_BIAS"] is False and stage2["args"]["HAS_BIAS"] is True
+        t = stage2["args"]["a_ptr"]
+        assert t.shape == (3, 20) and t.dtype == dtype and t is stage1["args"]["out_ptr"]
+        assert _rel_err(t, x.double().cpu() @ v_hat.double()) < TOL[dtype]
+        assert _rel_err(results[split], ref) < TOL[dtype]
+    # the splits differ only in the fp32 order of the partial sums
+    assert _rel_err(results[2], results[1].double()) < TOL[dtype] / 4
+    assert _rel_err(results[3], results[1].double()) < TOL[dtype] / 4
+
+
+@needs_triton
+@pytest.mark.parametrize("path", ["gemv-splitk", "dot-splitk"])
+def test_dense_split_k_sums_in_one_launch(path, monkeypatch, rng, poison_empty, record_launches):
+    """Decode split-K of int4_linear: the last split of each tile sums the partials and adds the bias
+    inside the one launch; the result does not depend on how K was split."""
+    x, packed, bias, ref = _problem(rng, (37, 41, 0, 16, (3,), True), torch.float32, "dense")
+    results = {}
+    for split in (1, 2, 3):
+        _force(monkeypatch, {**PATHS[path], "SPLIT_K": split})
+        seen = record_launches(im)
+        results[split] = _run("dense", x, packed, bias)
+        assert [la["kernel"] for la in seen] == [im._int4_matmul_kernel]
+        (la,) = seen
+        _check_split(la, split)
+        assert la["args"]["HAS_BIAS"]
+        assert _rel_err(results[split], ref) < TOL[torch.float32]
+    assert _rel_err(results[3], results[1].double()) < TOL[torch.float32] / 4
+
+
+@needs_triton
+@pytest.mark.parametrize("path", ["gemv-splitk", "dot-splitk"])
+def test_split_k_workspace_and_counters_across_calls(path, monkeypatch, rng, poison_empty, split_calls_repeat):
+    """Consecutive calls (another shape in between) give bit-identical results (``split_calls_repeat``)."""
+    _force(monkeypatch, PATHS[path])
+    a = _problem(rng, (37, 41, 20, 16, (3,), True), torch.float16, "lowrank")
+    b = _problem(rng, (23, 50, 9, (32, 16), (1,), False), torch.float16, "lowrank")
+    other = split_calls_repeat(im, lambda: _run("lowrank", *a[:3]), lambda: _run("lowrank", *b[:3]))
+    assert _rel_err(other, b[3]) < TOL[torch.float16]
+
+
 def test_split_k_covers_k_in_whole_steps(monkeypatch):
     """Decode splits K in whole BLOCK_K steps until about programs_per_sm programs per SM exist."""
     monkeypatch.setattr(_device, "num_sms", lambda device: 132)

@@ -25,7 +25,7 @@ import torch
 from ... import _device, _triton
 from ..._backend import cpu_fast_path, resolve_backend
 from ..._configs import pick_config
-from ..._triton import cdiv, e4m3_bits_to_f32, empty, jit_later, launch, tile_coords
+from ..._triton import cdiv, e4m3_bits_to_f32, empty, jit_later, last_split_sums, launch, tile_coords
 from .cpu import fp8_linear_cpu, fp8_lowrank_matmul_cpu
 from .naive import check_call, fp8_linear_reference, fp8_lowrank_matmul_reference
 
@@ -57,29 +57,6 @@ def _load_weight(ptrs, mask, NATIVE_FP8: tl.constexpr, CDT: tl.constexpr):
     else:
         w = _to_cdt(e4m3_bits_to_f32(tl.load(ptrs, mask=mask, other=0)), CDT)
     return w
-
-
-@jit_later
-def _last_split_sums(acc, ws_ptr, cnt_ptr, tile, split, splits, offs_m, offs_n, M, N):
-    """Deterministic split-K inside one launch: (sum of the tile's partials, whether this program has it).
-
-    Every split stores its fp32 partial to ws[split] (M x N), then -- after a CTA barrier, so that
-    every thread's stores are released with it -- bumps the tile's counter (acq_rel). The program
-    that finds splits - 1 arrivals already counted arrives last: it reloads the partials from L2
-    (.cg: other SMs wrote them) and adds them in split order, whatever order they arrived in.
-    The host zeroes the counters for each call.
-    """
-    offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    plane = M * N
-    tl.store(ws_ptr + split * plane + offs, acc, mask=mask)
-    tl.debug_barrier()
-    last = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == splits - 1
-    if last:
-        acc = tl.zeros_like(acc)
-        for s in range(0, splits):
-            acc += tl.load(ws_ptr + s * plane + offs, mask=mask, other=0.0, cache_modifier=".cg")
-    return acc, last
 
 
 @jit_later
@@ -150,31 +127,13 @@ def _matmul_kernel(a_ptr, w_ptr, out_ptr, s1_ptr, s2_ptr, bias_ptr, ws_ptr, cnt_
             w = _load_weight(w_rows + offs_k[None, :], w_mask, NATIVE_FP8, 2)
             acc += tl.sum(a.to(tl.float32) * w, axis=1)[None, :]
     if LAST_SUMS:
-        acc, last = _last_split_sums(acc, ws_ptr, cnt_ptr, pid, pid_s, tl.num_programs(1), offs_m, offs_n, M, N)
+        acc, last = last_split_sums(acc, ws_ptr, cnt_ptr, pid, pid_s, tl.num_programs(1), offs_m, offs_n, M, N)
         if last:
             _epilogue(acc, offs_m, offs_n, M, N, out_ptr, stride_om, s1_ptr, s2_ptr, bias_ptr,
                       HAS_S1, HAS_S2, ALPHA, HAS_BIAS)
     else:  # one split
         _epilogue(acc, offs_m, offs_n, M, N, out_ptr, stride_om, s1_ptr, s2_ptr, bias_ptr,
                   HAS_S1, HAS_S2, ALPHA, HAS_BIAS)
-
-
-@jit_later
-def _splitk_reduce_kernel(ws_ptr, out_ptr, s1_ptr, s2_ptr, bias_ptr, M, N, stride_ws,
-                          SPLITS: tl.constexpr, HAS_S1: tl.constexpr, HAS_S2: tl.constexpr,
-                          ALPHA: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out = epilogue(sum of the split-K partials ws[s] (M x N fp32), in the order s = 0, 1, ...).
-
-    The int4 ops' split-K reduction (``int4.kernels``); the fp8 ops sum their splits in-launch."""
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in tl.static_range(SPLITS):
-        acc += tl.load(ptrs + s * stride_ws, mask=mask, other=0.0)
-    _epilogue(acc, offs_m, offs_n, M, N, out_ptr, N, s1_ptr, s2_ptr, bias_ptr, HAS_S1, HAS_S2, ALPHA, HAS_BIAS)
 
 
 @jit_later
@@ -240,10 +199,6 @@ def _num_stages(cfg: dict, block_m: int, a: torch.Tensor) -> int:
     while stages > 1 and (stages - 1) * (a_tile + w_tile) + converted > limit:
         stages -= 1
     return stages
-
-
-
-_REDUCE_BLOCK = (16, 128)  # (rows, columns) per program of the split-K reduction (int4 ops)
 
 
 def _matmul(a: torch.Tensor, w: torch.Tensor, cfg: dict, *, out_dtype: torch.dtype, cdt: int,

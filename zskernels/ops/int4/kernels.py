@@ -2,9 +2,11 @@
 
 * ``int4_linear``: y = x W_hat^T + b, W_hat[n, k] = q[n, k] * scale[n, g] + min[n, g], g = k // GROUP;
 * ``int4_lowrank_matmul``: y = (x V_hat) U_hat^T + b, two launches of the same kernel: stage 1 writes
-  t = x V_hat, stage 2 reads it. t is fp32 for the GEMV (fp32 math throughout) and x's dtype for the
-  tl.dot paths, which cast their operand to it anyway (an fp32 t only doubled the traffic, and took
-  a stack frame at the 128 x 128 tile on sm_80).
+  t = x V_hat (its K splits summed in fp32 inside the launch), stage 2 reads it. t is in x's dtype on
+  every path, as the fp8 ops' t: the tl.dot paths cast their operand to it anyway (an fp32 t took a
+  stack frame at the 128 x 128 tile on sm_80), and the GEMV, which re-reads t once per column tile,
+  requested 1.23x its bytes at M = 1 with an fp32 t (bench/traffic.py); rounding t costs half an
+  ulp of x's dtype.
 
 The K tile (BLOCK_K) divides the group, so a tile needs one (scale, min) per output row: two
 float16 loads per row and tile. Each weight tile is de-quantised in registers (one fp32 FMA per
@@ -13,8 +15,9 @@ scales out of the dot instead (scale * (x . q) + min * sum(x)) keeps a second ac
 at the 128 x 128 prefill tile that took 255 registers and a 496-byte stack (bench/aot_check.py, sm_90).
 Paths, chosen on the host from the token count M (``configs/int4_matmul.json``): decode = GEMV
 (M = 1: multiply and sum on the CUDA cores in fp32) or a 16/64-row tl.dot, with deterministic
-split-K when the output tiles alone leave SMs idle (the same rule and the same fixed-order fp32
-reduction kernel as the fp8 ops: ``fp8.kernels._split_k`` / ``_splitk_reduce_kernel``); prefill =
+split-K when the output tiles alone leave SMs idle (the fp8 ops' rule and in-launch sum: fp32
+partials summed in split order by the last split of each tile to arrive: ``fp8.kernels._split_k``,
+``_triton.last_split_sums``; one launch per stage, stage 2 reads a single t); prefill =
 tiled tl.dot in grouped tile order. Codes are loaded as (BLOCK_N, BLOCK_K / 2) bytes and split into two nibble
 tiles, interleaved back to (BLOCK_N, BLOCK_K) by tl.join + reshape.
 
@@ -31,8 +34,8 @@ import torch
 from ... import _triton
 from ..._backend import cpu_fast_path, resolve_backend
 from ..._configs import pick_config
-from ..._triton import cdiv, empty, jit_later, launch, tile_coords
-from ..fp8 import kernels as fp8_kernels  # its row-tile and split-K rules, its reduction kernel
+from ..._triton import cdiv, empty, jit_later, last_split_sums, launch, tile_coords
+from ..fp8 import kernels as fp8_kernels  # its row-tile and split-K rules
 from .cpu import int4_linear_cpu, int4_lowrank_matmul_cpu
 from .naive import check_call, int4_linear_reference, int4_lowrank_matmul_reference
 
@@ -51,17 +54,20 @@ def _load_codes(rows, byte0, n_ok, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr)
 
 
 @jit_later
-def _int4_matmul_kernel(a_ptr, codes_ptr, scales_ptr, mins_ptr, out_ptr, bias_ptr,
-                        M, N, K, stride_am, stride_cn, stride_gn, stride_os, stride_om, k_per_split, bytes_per_split,
-                        HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, CDT: tl.constexpr, GROUP: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _int4_matmul_kernel(a_ptr, codes_ptr, scales_ptr, mins_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr,
+                        M, N, K, stride_am, stride_cn, stride_gn, stride_om, k_per_split, bytes_per_split,
+                        HAS_BIAS: tl.constexpr, LAST_SUMS: tl.constexpr, USE_DOT: tl.constexpr, CDT: tl.constexpr,
+                        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr):
     """out = A @ W_hat^T (+ bias), A (M, K) in x's dtype (any float dtype for the GEMV), W_hat from
     codes (N, Kp / 2) and per-group scales / mins (N, Kp / GROUP) float16. GROUP % BLOCK_K == 0.
     Columns k >= K are masked off in A, so the padded codes multiply zeros. Without USE_DOT
     (BLOCK_M == 1) it is a GEMV in fp32.
 
     Grid: (M tiles * N tiles, K splits); split s covers [s k_per_split, (s + 1) k_per_split) (whole
-    BLOCK_K steps) and writes its partial sum to out + s * stride_os (bias only with one split).
+    BLOCK_K steps). Several splits (LAST_SUMS) meet inside the launch as the fp8 ops' do
+    (``_triton.last_split_sums``): each stores its fp32 partial to ws[s], and the last split of
+    each tile to arrive sums them in split order and alone adds the bias and writes out (M x N).
     Code bytes are addressed from s * bytes_per_split (= k_per_split / 2, an argument of its own so
     that Triton sees it divisible by 16 and can issue 16-byte loads; k_lo // 2 would only be known
     divisible by 8)."""
@@ -93,10 +99,23 @@ def _int4_matmul_kernel(a_ptr, codes_ptr, scales_ptr, mins_ptr, out_ptr, bias_pt
                 acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
         else:  # (1, BLOCK_K) * (BLOCK_N, BLOCK_K), summed over k
             acc += tl.sum(a.to(tl.float32) * w, axis=1)[None, :]
+    if LAST_SUMS:
+        acc, last = last_split_sums(acc, ws_ptr, cnt_ptr, tl.program_id(0), tl.program_id(1), tl.num_programs(1),
+                                     offs_m, offs_n, M, N)
+        if last:
+            _store_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
+    else:  # one split
+        _store_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
+
+
+@jit_later
+def _store_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS: tl.constexpr):
+    """acc (+ bias), cast to the output's dtype and stored (the tile's one writer)."""
+    n_ok = offs_n < N
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out_rows = out_ptr + tl.program_id(1) * stride_os + offs_m[:, None].to(tl.int64) * stride_om
-    tl.store(out_rows + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    out_rows = out_ptr + offs_m[:, None].to(tl.int64) * stride_om  # int64: M x N may pass 2^31
+    tl.store(out_rows + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & n_ok[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,8 +131,9 @@ def _matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: to
             out_dtype: torch.dtype, cdt: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A (M, K) @ W_hat^T (+ bias) in ``out_dtype``; K is A's width (<= the codes' padded width).
 
-    Several K splits write fp32 partials to a workspace, summed in split order (then bias, cast) by
-    the fp8 ops' reduction kernel.
+    Several K splits meet in an fp32 workspace inside the launch: the last split of each output tile
+    to finish sums them in split order, adds the bias and writes the tile (per-tile counters, zeroed
+    per call): one launch whatever the split.
     """
     m, k, n = int(a.shape[0]), int(a.shape[1]), int(codes.shape[0])
     group_size = 2 * int(codes.shape[1]) // max(1, int(scales.shape[1]))
@@ -121,22 +141,19 @@ def _matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: to
     block_m, block_n = fp8_kernels._block_m(cfg, m), cfg["BLOCK_N"]  # same row-tile rule
     tiles = cdiv(m, block_m) * cdiv(n, block_n)
     splits, per_split = fp8_kernels._split_k(cfg, tiles, k, a.device)
-    out = empty((m, n) if splits == 1 else (splits, m, n), out_dtype if splits == 1 else torch.float32, a.device)
+    out = empty((m, n), out_dtype, a.device)
+    ws, cnt = out, out  # stand-ins, unused without LAST_SUMS
+    if splits > 1:
+        ws = empty((splits, m, n), torch.float32, a.device)
+        cnt = torch.zeros(tiles, dtype=torch.int32, device=a.device)
     bias_ptr = bias if bias is not None else scales  # a stand-in when absent: HAS_BIAS is off
     launch(_int4_matmul_kernel)[(tiles, splits)](
-        a, codes, scales, mins, out, bias_ptr, m, n, k,
-        a.stride(0), codes.stride(0), scales.stride(0), m * n, n, per_split, per_split // 2,
-        HAS_BIAS=splits == 1 and bias is not None, USE_DOT=cfg["USE_DOT"], CDT=cdt, GROUP=group_size,
+        a, codes, scales, mins, out, bias_ptr, ws, cnt, m, n, k,
+        a.stride(0), codes.stride(0), scales.stride(0), n, per_split, per_split // 2,
+        HAS_BIAS=bias is not None, LAST_SUMS=splits > 1, USE_DOT=cfg["USE_DOT"], CDT=cdt, GROUP=group_size,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 1),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if splits == 1:
-        return out
-    y = empty((m, n), out_dtype, a.device)
-    bm, bn = fp8_kernels._REDUCE_BLOCK
-    launch(fp8_kernels._splitk_reduce_kernel)[(cdiv(n, bn), cdiv(m, bm))](
-        out, y, out, out, bias_ptr, m, n, m * n, SPLITS=splits, HAS_S1=False, HAS_S2=False, ALPHA=1.0,
-        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
-    return y
+    return out
 
 
 def _int4_linear_triton(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
@@ -152,13 +169,12 @@ def _int4_lowrank_triton(x: torch.Tensor, v_codes: torch.Tensor, v_scales: torch
     """Body of zskernels::int4_lowrank_matmul: stage 1 t = x V_hat, stage 2 y = t U_hat^T + b."""
     cfg = pick_config("int4_matmul", int(x.shape[0]), x.device)
     cdt = _CDT_CODE[x.dtype]
-    t = _matmul(x, v_codes, v_scales, v_mins, cfg, out_dtype=x.dtype if cfg["USE_DOT"] else torch.float32, cdt=cdt)
+    t = _matmul(x, v_codes, v_scales, v_mins, cfg, out_dtype=x.dtype, cdt=cdt)  # one t, x's dtype, every path
     return _matmul(t, u_codes, u_scales, u_mins, cfg, out_dtype=x.dtype, cdt=cdt, bias=bias)
 
 
 def _ready() -> None:
-    """Jit this module's kernels and the fp8 module's (its split-K reduction runs here too)."""
-    _triton.ready(fp8_kernels.__name__)
+    """Jit this module's kernels (it launches no other module's since split-K is summed in-launch)."""
     _triton.ready(__name__)
 
 
