@@ -63,3 +63,18 @@ def split_calls_repeat(record_launches):
         return other
 
     return check
+
+
+def assert_split_launch(la: dict, split: int) -> None:
+    """One recorded launch with ``split`` K splits: counters zero before it, every split of every tile
+    arrived once (``record_launches``)."""
+    assert la["grid"][1] == split and la["args"]["LAST_SUMS"] == (split > 1)
+    if split > 1:
+        assert not la["cnt_before"].any() and la["cnt_before"].numel() == la["grid"][0]
+        assert torch.equal(la["cnt_after"], torch.full_like(la["cnt_after"], split))
+
+
+@pytest.fixture
+def check_split():
+    """``assert_split_launch``, for the kernel test files (a fixture: they do not import conftest)."""
+    return assert_split_launch

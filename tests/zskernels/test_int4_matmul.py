@@ -184,19 +184,12 @@ def test_each_stage_takes_its_group_and_k_tile_from_its_own_shapes(v_group, u_gr
     assert launched == [(v_group, k_tiles[0]), (u_group, k_tiles[1])]
 
 
-def _check_split(la: dict, split: int) -> None:
-    """One launch with ``split`` K splits: counters zero before it, every split of every tile arrived once."""
-    assert la["grid"][1] == split and la["args"]["LAST_SUMS"] == (split > 1)
-    if split > 1:
-        assert not la["cnt_before"].any() and la["cnt_before"].numel() == la["grid"][0]
-        assert torch.equal(la["cnt_after"], torch.full_like(la["cnt_after"], split))
-
-
 @needs_triton
 @pytest.mark.parametrize("path", ["gemv-splitk", "dot-splitk"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("group", [16, (32, 16)], ids=["g16", "v32u16"])
-def test_lowrank_split_k_sums_in_each_launch(path, dtype, group, monkeypatch, rng, poison_empty, record_launches):
+def test_lowrank_split_k_sums_in_each_launch(path, dtype, group, monkeypatch, rng, poison_empty, record_launches,
+                                             check_split):
     """Decode split-K of the factor pair: each stage's last split of each tile sums the partials in
     its own launch (no reduction kernel), so stage 2 reads one t (M x k, x's dtype on every path), and
     the result does not depend on how K was split."""
@@ -210,8 +203,8 @@ def test_lowrank_split_k_sums_in_each_launch(path, dtype, group, monkeypatch, rn
         results[split] = _run("lowrank", x, packed, bias)
         assert [la["kernel"] for la in seen] == [im._int4_matmul_kernel] * 2  # two launches, no reduction kernel
         stage1, stage2 = seen
-        _check_split(stage1, split)
-        _check_split(stage2, min(split, 2))  # rank 20 in K steps of 16: at most two splits
+        check_split(stage1, split)
+        check_split(stage2, min(split, 2))  # rank 20 in K steps of 16: at most two splits
         assert stage1["args"]["HAS_BIAS"] is False and stage2["args"]["HAS_BIAS"] is True
         t = stage2["args"]["a_ptr"]
         assert t.shape == (3, 20) and t.dtype == dtype and t is stage1["args"]["out_ptr"]
@@ -224,7 +217,7 @@ def test_lowrank_split_k_sums_in_each_launch(path, dtype, group, monkeypatch, rn
 
 @needs_triton
 @pytest.mark.parametrize("path", ["gemv-splitk", "dot-splitk"])
-def test_dense_split_k_sums_in_one_launch(path, monkeypatch, rng, poison_empty, record_launches):
+def test_dense_split_k_sums_in_one_launch(path, monkeypatch, rng, poison_empty, record_launches, check_split):
     """Decode split-K of int4_linear: the last split of each tile sums the partials and adds the bias
     inside the one launch; the result does not depend on how K was split."""
     x, packed, bias, ref = _problem(rng, (37, 41, 0, 16, (3,), True), torch.float32, "dense")
@@ -235,7 +228,7 @@ def test_dense_split_k_sums_in_one_launch(path, monkeypatch, rng, poison_empty, 
         results[split] = _run("dense", x, packed, bias)
         assert [la["kernel"] for la in seen] == [im._int4_matmul_kernel]
         (la,) = seen
-        _check_split(la, split)
+        check_split(la, split)
         assert la["args"]["HAS_BIAS"]
         assert _rel_err(results[split], ref) < TOL[torch.float32]
     assert _rel_err(results[3], results[1].double()) < TOL[torch.float32] / 4
