@@ -11,7 +11,7 @@ its kernel rows with the predictions of ``python bench/traffic.py`` and retune
 ``zskernels/configs/*.json`` (``bash bench/gpu_session.sh tune``) if time is left.
 
 Parts, in this order, each in its own process with a time budget (seconds; ``--budget`` scales
-them; 390 s in all). A part may also use what the parts before it left unused; one that cannot
+them; 415 s in all). A part may also use what the parts before it left unused; one that cannot
 start with its whole budget is skipped, one that overruns is stopped; the table says which, and
 keeps the rows a stopped part printed. The .md file is rewritten after every part.
 
@@ -21,6 +21,9 @@ keeps the rows a stopped part printed. The .md file is rewritten after every par
   kernels  (110)  µs and speed-up against cuBLAS dense fp16 at LLaMA-7B shapes, M = 1, 16, 2048:
                   remap rho 0.6, HQ fp8 factors at storage 0.4, fp16 factors at ratio 0.8 (torch
                   two-GEMM) and remap rho 0.8 (prefill); each case checked against float64 first
+  int4      (25)  int4 decode (M = 1) at LLaMA-7B shapes, dense and low-rank (groups of 64): the shipped
+                  128-row GEMV against the 32-row one it replaced (``_alternatives`` "gemv-32-rows" of
+                  configs/int4_matmul.json, forced), side by side, each checked against the torch path
   scores    (35)  sigma_scores against the torch two-matmul path (bench_sigma_scores.bench_case)
   compress  (70)  bench/compress_scale.py: --compress-layers (4) 7B-shaped blocks, 8 x 2048
                   calibration tokens; seconds per stage and per calibration token, peak memory, and
@@ -60,8 +63,8 @@ for path in (HERE.parent, HERE.parent / "python", HERE):  # zskernels, zssvd, th
     sys.path.insert(0, str(path))
 
 CUDA = torch.cuda.is_available()
-BUDGETS = {"check": 70, "kernels": 110, "scores": 35, "compress": 70, "serve": 95}
-TOTAL_BUDGET = sum(BUDGETS.values()) + 10  # seconds (390): 10 s for this process's start; 7 minutes in all
+BUDGETS = {"check": 70, "kernels": 110, "int4": 25, "scores": 35, "compress": 70, "serve": 95}
+TOTAL_BUDGET = sum(BUDGETS.values()) + 10  # seconds (415): 10 s for this process's start; under 7 minutes in all
 RESULT = "RESULT "  # prefix of the JSON line a part prints
 
 
@@ -207,6 +210,48 @@ def part_kernels(tiny: bool) -> None:
                 torch.cuda.empty_cache()
 
 
+INT4_OLD = "gemv-32-rows"  # the M = 1 config shipped before the 128-row GEMV
+
+
+def part_int4(tiny: bool) -> None:
+    """int4 at M = 1: the shipped M = 1 config against INT4_OLD, same weights, same x, timed back to back."""
+    import zskernels
+    from zskernels._configs import use_config
+    from zskernels.ops.int4.kernels import named_config
+
+    device = "cuda" if CUDA else "cpu"
+    old = named_config(INT4_OLD)
+    gen = torch.Generator().manual_seed(17)
+    for out, in_ in ((48, 40),) if tiny else ((4096, 4096), (11008, 4096), (4096, 11008)):
+        k = int(0.8 * out * in_ / (out + in_)) // 16 * 16  # fp8-lowrank's rank (storage 0.4 in fp8)
+        w = torch.randn(out, in_, generator=gen).to(device)
+        x = torch.randn(1, in_, generator=gen).half().to(device)
+        dense = [w.half()] + [w.half() for _ in range(copies(2 * out * in_, tiny) - 1)]
+        dense_us = time_us([lambda d=d: torch.nn.functional.linear(x, d) for d in dense])
+        stores = {"int4 dense": (zskernels.int4_linear, zskernels.quantize_int4(w, 64), "-"),
+                  "int4 lowrank": (zskernels.int4_lowrank_matmul, zskernels.pack_int4_lowrank(
+                      torch.randn(out, k, generator=gen).to(device), torch.randn(in_, k, generator=gen).to(device),
+                      64), k)}
+        del w
+        for what, (op, packed, rank) in stores.items():
+            ref = op(x, packed, backend="torch").double()
+            nbytes = sum(t.numel() * t.element_size() for t in packed.values())
+            ws = [packed] + [{n: t.clone() for n, t in packed.items()} for _ in range(copies(nbytes, tiny) - 1)]
+            row, errors = {"what": what, "shape": f"{out}x{in_}", "M": 1, "k": rank, "dense_us": dense_us}, {}
+            for label, forced in (("new", None), ("old", old)):
+                with use_config("int4_matmul", forced) if forced else contextlib.nullcontext():
+                    y = op(x, packed, backend="triton").double()
+                    errors[label] = ((y - ref).norm() / ref.norm()).item()
+                    row[f"us_{label}"] = time_us([lambda p=p: op(x, p, backend="triton") for p in ws])
+            row.update(speedup=dense_us / row["us_new"], new_vs_old=row["us_old"] / row["us_new"],
+                       err=max(errors.values()), check="ok" if max(errors.values()) < 5e-3 else "FAIL")
+            emit([row])
+            del ws
+        del stores, dense
+        if CUDA:
+            torch.cuda.empty_cache()
+
+
 def part_scores(tiny: bool) -> None:
     sigma = _import_bench("bench_sigma_scores")
     if CUDA:
@@ -260,8 +305,8 @@ def part_serve(tiny: bool, layers: int) -> None:
     print(RESULT + json.dumps({"rows": [], "argv": argv}), flush=True)
 
 
-PARTS = {"check": part_check, "kernels": part_kernels, "scores": part_scores, "compress": part_compress,
-         "serve": part_serve}
+PARTS = {"check": part_check, "kernels": part_kernels, "int4": part_int4, "scores": part_scores,
+         "compress": part_compress, "serve": part_serve}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,6 +391,9 @@ SECTIONS = {
     "check": ("Correctness against float64 (odd shapes, M in every config bucket)",
               lambda p: _table(_rows(p), ["op", "cases", "result"])),
     "kernels": ("Kernels at LLaMA-7B shapes (CUDA-graph medians, weights rotated beyond L2)", section_kernels),
+    "int4": (f"int4 decode, M = 1: shipped 128-row GEMV (us_new) vs {INT4_OLD} (us_old); new_vs_old = us_old / us_new",
+             lambda p: _table(_rows(p), ["what", "shape", "M", "k", "dense_us", "us_new", "us_old", "speedup",
+                                         "new_vs_old", "err", "check"])),
     "scores": ("Scoring against the torch two-matmul path (vs_off: speed-up over fp32 with TF32 off)",
                lambda p: _table(_rows(p), ["shape", "k", "variant", "us", "tflops", "vs_off", "mib", "err"])),
     "compress": ("Compression of LLaMA-7B-shaped blocks, reduced calibration set", section_compress),

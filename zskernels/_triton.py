@@ -1,5 +1,6 @@
-"""Triton plumbing shared by every op: lazy jit, op registration, launches, buffers, and the
-jitted helpers more than one kernel calls (tile order, e4m3 decoding).
+"""Triton plumbing shared by every op: lazy jit, op registration, launches, buffers, the host rules
+more than one launcher follows (row tile, split-K count) and the jitted helpers more than one kernel
+calls (in-launch split-K sum, tile order, e4m3 decoding).
 
 Lazy jit. Kernels and helpers are plain functions marked ``@jit_later``; ``ready(module)`` turns
 every marked global of that module (and of this one) into a ``triton.jit`` function on the first
@@ -163,6 +164,40 @@ def _register(module: str) -> None:
             torch_triton_op(op.name, mutates_args=(), schema=op.schema)(op.fn)
         else:
             torch_custom_op(op.name, mutates_args=(), schema=op.schema)(op.fn).register_fake(op.fake)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host rules shared by the launchers (fp8 and int4 matmuls): shapes and device only, no sync
+# ----------------------------------------------------------------------------------------------
+def row_tile(cfg: dict, m: int) -> int:
+    """Row tile (BLOCK_M) for ``m`` rows: the GEMV (no USE_DOT) handles one row per program; prefill
+    takes the config's tile; decode tl.dot takes the next power of two of m in [16, BLOCK_M]."""
+    if not cfg["USE_DOT"]:
+        return 1
+    if cfg["path"] == "prefill":
+        return cfg["BLOCK_M"]
+    return max(16, min(cfg["BLOCK_M"], 1 << max(m - 1, 0).bit_length()))
+
+
+def split_k(cfg: dict, tiles: int, k: int, device: torch.device) -> tuple[int, int]:
+    """(number of K splits, K length per split) for the decode path; (1, K) for prefill.
+
+    Splits only when the output tiles alone would leave SMs idle: about ``programs_per_sm`` programs
+    per SM in total, at most ``max_split`` (``SPLIT_K`` other than "auto" fixes the count). Each split
+    covers whole BLOCK_K blocks so that no block straddles two splits; the count returned is the
+    number of non-empty splits. The splits meet in ``last_split_sums``.
+    """
+    block_k = cfg["BLOCK_K"]
+    k_blocks = cdiv(k, block_k)
+    if cfg["path"] != "decode":
+        return 1, k_blocks * block_k
+    want = cfg.get("SPLIT_K", "auto")
+    if want == "auto":
+        want = round(cfg["programs_per_sm"] * _device.num_sms(device) / tiles)
+        want = min(want, cfg["max_split"])
+    split = max(1, min(int(want), k_blocks))
+    per_split = cdiv(k_blocks, split) * block_k
+    return cdiv(k, per_split), per_split
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import zskernels as zk
-from zskernels import _configs, _device
+from zskernels import _configs, _device, _triton
 from zskernels._backend import triton_available
 from zskernels.ops.fp8 import kernels as fm
 
@@ -236,10 +236,10 @@ def test_split_k_fills_the_gpu_and_covers_k(monkeypatch):
     cfg = fm._choose_config(16, torch.device("cpu"))  # BLOCK_N 16, BLOCK_K 256
     for n, k in [(1632, 4096), (2384, 11008), (4096, 1632), (11008, 4096), (37, 23)]:
         tiles = -(-n // cfg["BLOCK_N"])
-        splits, per_split = fm._split_k(cfg, tiles, k, torch.device("cpu"))
+        splits, per_split = _triton.split_k(cfg, tiles, k, torch.device("cpu"))
         assert per_split % cfg["BLOCK_K"] == 0 and (splits - 1) * per_split < k <= splits * per_split
         assert tiles >= 132 or splits > 1 or k <= cfg["BLOCK_K"]
-    assert fm._split_k(fm._choose_config(2048, torch.device("cpu")), 4, 4096, torch.device("cpu"))[0] == 1
+    assert _triton.split_k(fm._choose_config(2048, torch.device("cpu")), 4, 4096, torch.device("cpu"))[0] == 1
 
 
 def test_pipeline_depth_fits_shared_memory(monkeypatch):

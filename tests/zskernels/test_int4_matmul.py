@@ -27,6 +27,7 @@ TRITON_DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == 
 PATHS = {
     "gemv": dict(path="decode", USE_DOT=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=32, SPLIT_K=1),
     "gemv-splitk": dict(path="decode", USE_DOT=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=16, SPLIT_K=2),
+    "gemv-128-splitk": dict(path="decode", USE_DOT=False, BLOCK_M=1, BLOCK_N=128, BLOCK_K=64, SPLIT_K=3),
     "dot": dict(path="decode", USE_DOT=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT_K=1),
     "dot-splitk": dict(path="decode", USE_DOT=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT_K=3),
     "prefill": dict(path="prefill", USE_DOT=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2),
@@ -246,11 +247,64 @@ def test_split_k_workspace_and_counters_across_calls(path, monkeypatch, rng, poi
 
 
 def test_split_k_covers_k_in_whole_steps(monkeypatch):
-    """Decode splits K in whole BLOCK_K steps until about programs_per_sm programs per SM exist."""
+    """Decode splits K in whole BLOCK_K steps until about programs_per_sm programs per SM exist (the
+    host rule int4 shares with fp8, ``_triton.split_k``)."""
     monkeypatch.setattr(_device, "num_sms", lambda device: 132)
     cfg = dict(path="decode", BLOCK_K=64, SPLIT_K="auto", programs_per_sm=4, max_split=8)
-    assert im.fp8_kernels._split_k(cfg, 18, 1536, torch.device("cpu")) == (8, 192)  # 576 x 1536 at M = 1
-    assert im.fp8_kernels._split_k(cfg, 528, 4096, torch.device("cpu")) == (1, 4096)  # enough tiles already
+    assert _triton.split_k(cfg, 18, 1536, torch.device("cpu")) == (8, 192)  # 576 x 1536 at M = 1
+    assert _triton.split_k(cfg, 528, 4096, torch.device("cpu")) == (1, 4096)  # enough tiles already
+
+
+# (N, K) of every int4 M = 1 launch at LLaMA-7B shapes: dense, and low-rank stages 1 and 2 at
+# fp8-lowrank's rank (1632 for 4096 x 4096, 2384 for 11008 x 4096 and 4096 x 11008)
+LLAMA_M1_LAUNCHES = [(4096, 4096), (11008, 4096), (4096, 11008), (1632, 4096), (4096, 1632), (2384, 4096),
+                     (11008, 2384), (2384, 11008), (4096, 2384)]
+
+
+def test_m1_gemv_is_128_rows_and_fills_an_h200(monkeypatch):
+    """The shipped M = 1 bucket: a 128-row GEMV (x re-read once per 128 weight rows) whose split-K gives
+    every M = 1 launch at LLaMA-7B shapes at least 1.5 programs per SM of a 132-SM H100/H200, in at
+    most 16 splits; the 32-row GEMV it replaced stays reachable by name, for side-by-side timing."""
+    monkeypatch.setattr(_device, "num_sms", lambda device: 132)
+    cpu = torch.device("cpu")
+    cfg = _configs.pick_config("int4_matmul", 1, cpu)
+    assert (cfg["USE_DOT"], cfg["BLOCK_N"], _triton.row_tile(cfg, 1)) == (False, 128, 1)
+    for n, k in LLAMA_M1_LAUNCHES:
+        tiles = -(-n // cfg["BLOCK_N"])
+        splits, per_split = _triton.split_k({**cfg, "BLOCK_K": im._block_k(cfg, 64)}, tiles, k, cpu)
+        assert 1.5 * 132 <= tiles * splits and splits <= 16, (n, k, tiles, splits)
+        assert per_split % 64 == 0 and (splits - 1) * per_split < k <= splits * per_split
+    old = im.named_config("gemv-32-rows")
+    assert (old["USE_DOT"], old["BLOCK_N"], old["num_warps"]) == (False, 32, 2) and "max_m" not in old
+    assert old != cfg and _configs.pick_config("int4_matmul", 2, cpu)["USE_DOT"]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("config", ["shipped", "gemv-32-rows"])
+@pytest.mark.parametrize("form, case", [
+    ("lowrank", (300, 257, 20, (32, 256), (1,), True)),  # 3 row tiles, the last partial; rank 20 below U's group
+    ("lowrank", (261, 70, 130, (256, 32), (1,), False)),  # in 70 below V's group of 256; rank 130 in 5 groups
+    ("dense", (300, 257, 0, 32, (1,), True)),
+], ids=lambda v: v if isinstance(v, str) else case_id(v))
+def test_m1_configs_with_auto_split_match_float64(form, case, config, dtype, monkeypatch, rng, poison_empty,
+                                                  record_launches, check_split):
+    """Both M = 1 GEMVs (shipped 128 rows, the former 32) as a 132-SM GPU would split them (auto split-K),
+    on odd shapes with several row tiles and mixed group sizes, against float64."""
+    monkeypatch.setattr(_device, "num_sms", lambda device: 132)
+    cfg = _configs.pick_config("int4_matmul", 1, torch.device("cpu")) if config == "shipped" else \
+        im.named_config(config)
+    x, packed, bias, ref = _problem(rng, case, dtype, form)
+    seen = record_launches(im)
+    with _configs.use_config("int4_matmul", cfg):
+        y = _run(form, x, packed, bias)
+    assert y.shape == (1, case[0]) and torch.isfinite(y).all()
+    assert _rel_err(y, ref) < TOL[dtype]
+    assert len(seen) == (1 if form == "dense" else 2)
+    for la in seen:
+        assert la["args"]["BLOCK_N"] == cfg["BLOCK_N"] and not la["args"]["USE_DOT"]
+        check_split(la, la["grid"][1])
+    assert seen[0]["grid"][1] > 1  # stage 1 / the dense launch splits K
 
 
 def test_block_k_divides_the_group():

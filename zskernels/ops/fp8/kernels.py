@@ -25,7 +25,7 @@ import torch
 from ... import _device, _triton
 from ..._backend import cpu_fast_path, resolve_backend
 from ..._configs import pick_config
-from ..._triton import cdiv, e4m3_bits_to_f32, empty, jit_later, last_split_sums, launch, tile_coords
+from ..._triton import cdiv, e4m3_bits_to_f32, empty, jit_later, last_split_sums, launch, row_tile, split_k, tile_coords
 from .cpu import fp8_linear_cpu, fp8_lowrank_matmul_cpu
 from .naive import check_call, fp8_linear_reference, fp8_lowrank_matmul_reference
 
@@ -154,34 +154,6 @@ def _choose_config(num_tokens: int, device: torch.device) -> dict:
     return pick_config("fp8_matmul", num_tokens, device)
 
 
-def _block_m(cfg: dict, m: int) -> int:
-    """Row tile: the GEMV handles one row per program; tl.dot needs at least 16."""
-    if not cfg["USE_DOT"]:
-        return 1
-    if cfg["path"] == "prefill":
-        return cfg["BLOCK_M"]
-    return max(16, min(cfg["BLOCK_M"], 1 << max(m - 1, 0).bit_length()))
-
-
-def _split_k(cfg: dict, tiles: int, k: int, device: torch.device) -> tuple[int, int]:
-    """(number of K splits, K length per split) for the decode path; (1, K) for prefill.
-
-    Splits only when the output tiles alone would leave SMs idle: about ``programs_per_sm`` programs
-    per SM in total. Each split covers whole BLOCK_K blocks so that no block straddles two splits.
-    """
-    block_k = cfg["BLOCK_K"]
-    k_blocks = cdiv(k, block_k)
-    if cfg["path"] != "decode":
-        return 1, k_blocks * block_k
-    want = cfg.get("SPLIT_K", "auto")
-    if want == "auto":
-        want = round(cfg["programs_per_sm"] * _device.num_sms(device) / tiles)
-        want = min(want, cfg["max_split"])
-    split = max(1, min(int(want), k_blocks))
-    per_split = cdiv(k_blocks, split) * block_k
-    return cdiv(k, per_split), per_split
-
-
 def _num_stages(cfg: dict, block_m: int, a: torch.Tensor) -> int:
     """The config's pipeline depth, lowered until its tiles fit the GPU's shared memory.
 
@@ -213,9 +185,9 @@ def _matmul(a: torch.Tensor, w: torch.Tensor, cfg: dict, *, out_dtype: torch.dty
     m, k, n = int(a.shape[0]), int(a.shape[1]), int(w.shape[0])
     native = _device.native_fp8(a.device)
     w = w if native else w.view(torch.uint8)
-    block_m = _block_m(cfg, m)
+    block_m = row_tile(cfg, m)
     tiles = cdiv(m, block_m) * cdiv(n, cfg["BLOCK_N"])
-    splits, per_split = _split_k(cfg, tiles, k, a.device)
+    splits, per_split = split_k(cfg, tiles, k, a.device)
     out = empty((m, n), out_dtype, a.device)
     ws, cnt = out, out  # stand-ins, unused without LAST_SUMS
     if splits > 1:

@@ -14,10 +14,11 @@ weight, q * scale + min) and cast to x's dtype for tl.dot (fp32 accumulation). F
 scales out of the dot instead (scale * (x . q) + min * sum(x)) keeps a second accumulator alive:
 at the 128 x 128 prefill tile that took 255 registers and a 496-byte stack (bench/aot_check.py, sm_90).
 Paths, chosen on the host from the token count M (``configs/int4_matmul.json``): decode = GEMV
-(M = 1: multiply and sum on the CUDA cores in fp32) or a 16/64-row tl.dot, with deterministic
-split-K when the output tiles alone leave SMs idle (the fp8 ops' rule and in-launch sum: fp32
-partials summed in split order by the last split of each tile to arrive: ``fp8.kernels._split_k``,
-``_triton.last_split_sums``; one launch per stage, stage 2 reads a single t); prefill =
+(M = 1: multiply and sum on the CUDA cores in fp32; 128 output rows per program, so x or t is
+re-read once per 128 rows) or a 16/64-row tl.dot, with deterministic split-K when the output tiles
+alone leave SMs idle (the rules and in-launch sum the fp8 ops share: ``_triton.row_tile``,
+``_triton.split_k``, and fp32 partials summed in split order by the last split of each tile to
+arrive, ``_triton.last_split_sums``; one launch per stage, stage 2 reads a single t); prefill =
 tiled tl.dot in grouped tile order. Codes are loaded as (BLOCK_N, BLOCK_K / 2) bytes and split into two nibble
 tiles, interleaved back to (BLOCK_N, BLOCK_K) by tl.join + reshape.
 
@@ -33,9 +34,8 @@ import torch
 
 from ... import _triton
 from ..._backend import cpu_fast_path, resolve_backend
-from ..._configs import pick_config
-from ..._triton import cdiv, empty, jit_later, last_split_sums, launch, tile_coords
-from ..fp8 import kernels as fp8_kernels  # its row-tile and split-K rules
+from ..._configs import pick_config, table
+from ..._triton import cdiv, empty, jit_later, last_split_sums, launch, row_tile, split_k, tile_coords
 from .cpu import int4_linear_cpu, int4_lowrank_matmul_cpu
 from .naive import check_call, int4_linear_reference, int4_lowrank_matmul_reference
 
@@ -127,6 +127,13 @@ def _block_k(cfg: dict, group_size: int) -> int:
     return min(cfg["BLOCK_K"], group_size & -group_size)
 
 
+def named_config(name: str) -> dict:
+    """A named alternative config of ``configs/int4_matmul.json`` (its ``_alternatives``, which no pick
+    returns), to force with ``_configs.use_config``: "gemv-32-rows" is the M = 1 GEMV shipped before the
+    128-row one, kept so that bench/gpu_quick.py can time both side by side."""
+    return dict(table("int4_matmul")["_alternatives"][name])
+
+
 def _matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, cfg: dict, *,
             out_dtype: torch.dtype, cdt: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A (M, K) @ W_hat^T (+ bias) in ``out_dtype``; K is A's width (<= the codes' padded width).
@@ -138,9 +145,9 @@ def _matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: to
     m, k, n = int(a.shape[0]), int(a.shape[1]), int(codes.shape[0])
     group_size = 2 * int(codes.shape[1]) // max(1, int(scales.shape[1]))
     cfg = {**cfg, "BLOCK_K": _block_k(cfg, group_size)}
-    block_m, block_n = fp8_kernels._block_m(cfg, m), cfg["BLOCK_N"]  # same row-tile rule
+    block_m, block_n = row_tile(cfg, m), cfg["BLOCK_N"]  # the fp8 ops' row-tile rule
     tiles = cdiv(m, block_m) * cdiv(n, block_n)
-    splits, per_split = fp8_kernels._split_k(cfg, tiles, k, a.device)
+    splits, per_split = split_k(cfg, tiles, k, a.device)
     out = empty((m, n), out_dtype, a.device)
     ws, cnt = out, out  # stand-ins, unused without LAST_SUMS
     if splits > 1:
