@@ -165,6 +165,7 @@ def measure(args) -> dict | None:
            "windows": analysis.windows_per_rank[rank] if analysis.windows_per_rank else args.samples,
            "stat_bytes_kept": analysis.stat_bytes["kept"][rank],
            "stat_bytes_during_pass": analysis.stat_bytes["during_pass"][rank],
+           "grad_bytes_during_pass": analysis.stat_bytes["grads_during_pass"][rank],
            "factor_bytes_held": _nbytes(t for f in analysis.factors.values() for t in (f.U, f.sigma, f.Z)),
            "whitening_bytes_held": _nbytes(analysis.whitening.values()), "peak_rss_bytes": peak_rss_bytes(),
            "stages": {s: {"wall_s": meter.wall_s[s], "cpu_s": meter.cpu_s[s], "comm_s": meter.comm_s[s],
@@ -198,14 +199,17 @@ def _spawned(rank, world_size, init_file, args, out_file):
     faulthandler.dump_traceback_later(args.hang_s)  # a rank stuck this long prints where it is
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    from zssvd.runtime.distributed import shutdown
+
+    finished = False
     try:
         result = measure(args)
         if result is not None:
             with open(out_file, "w") as f:
                 json.dump(result, f)
-        dist.barrier()  # no rank tears gloo down while a peer still talks to it
-    finally:
-        dist.destroy_process_group()
+        finished = True
+    finally:  # no rank tears gloo down while a peer still talks to it (a barrier when every rank finished)
+        shutdown(clean=finished)
 
 
 def sweep(args) -> list[dict]:
@@ -262,14 +266,14 @@ def table(results: list[dict]) -> str:
 
 
 def memory_table(results: list[dict]) -> str:
-    """Per rank: the statistics kept after the reduction and held during the pass, the factors and whitening
-    factors held at the end, and the peak resident memory (MB)."""
-    lines = ["| procs | rank | windows | statistics kept MB | statistics during pass MB | factors held MB "
-             "| whitening held MB | peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
+    """Per rank: the statistics kept after the reduction and held during the pass (and of them the gradient
+    sums), the factors and whitening factors held at the end, and the peak resident memory (MB)."""
+    lines = ["| procs | rank | windows | statistics kept MB | statistics during pass MB | gradients during pass MB "
+             "| factors held MB | whitening held MB | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
     for result in results:
         for r in result["ranks"]:
-            megabytes = [r[k] / 1e6 for k in ("stat_bytes_kept", "stat_bytes_during_pass", "factor_bytes_held",
-                                              "whitening_bytes_held")]
+            megabytes = [r[k] / 1e6 for k in ("stat_bytes_kept", "stat_bytes_during_pass", "grad_bytes_during_pass",
+                                              "factor_bytes_held", "whitening_bytes_held")]
             lines.append(f"| {result['world_size']} | {r['rank']} | {r['windows']} | "
                          + " | ".join(f"{mb:.1f}" for mb in megabytes) + f" | {r['peak_rss_bytes'] / 1e6:.0f} |")
     return "\n".join(lines)
@@ -293,14 +297,19 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if "RANK" in os.environ:  # under torchrun: one measurement in its process group
-        from zssvd.runtime.distributed import init_from_env
+        from zssvd.runtime.distributed import init_from_env, shutdown
 
         init_from_env(args.device)
-        result = measure(args)
-        if result is not None:
-            print(json.dumps(result), flush=True)
-            print(table([result]))
-            print(memory_table([result]))
+        finished = False
+        try:
+            result = measure(args)
+            if result is not None:
+                print(json.dumps(result), flush=True)
+                print(table([result]))
+                print(memory_table([result]))
+            finished = True
+        finally:
+            shutdown(clean=finished)
         return 0
     results = sweep(args)
     if args.json:

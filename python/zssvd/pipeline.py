@@ -73,7 +73,8 @@ class Analysis:
     owners: dict[str, int] | None = None
     sigmas: dict[str, torch.Tensor] = field(default_factory=dict)  # target -> singular values (every rank)
     # bytes of covariances + gradients each rank kept after the reduction, and held while it summed its
-    # windows (``stat_bytes``: {"kept": [...], "during_pass": [...]}, one entry per rank)
+    # windows (``stat_bytes``: {"kept": [...], "during_pass": [...], "grads_during_pass": [...]: the gradient
+    # sums alone}, one entry per rank)
     stat_bytes: dict[str, list[int]] | None = None
 
     def pass_model(self, model: nn.Module) -> nn.Module:
@@ -230,7 +231,7 @@ def compress_(model: nn.Module, calib: CalibrationSet, config: CompressionConfig
         truncated, whitening = _everywhere_for_corrections(analysis, selection, truncated)
         correction = stages.run("correction", lambda: correct(
             passes, analysis.targets.rebind(passes), calib.input_ids, truncated, whitening,
-            config.corrections, decompose_method=analysis.options.decompose_method,
+            config.corrections, decompose_method=analysis.options.decompose_method, owners=analysis.owners,
             **analysis.options.pass_settings()))
         truncated = correction.factors
     if analysis.owners is not None and not is_main():
@@ -241,6 +242,7 @@ def compress_(model: nn.Module, calib: CalibrationSet, config: CompressionConfig
     if analysis.stat_bytes is not None:  # what reducing to the owners saved, rank by rank
         report["calibration"]["stat_bytes_per_rank"] = analysis.stat_bytes["kept"]
         report["calibration"]["stat_bytes_during_pass_per_rank"] = analysis.stat_bytes["during_pass"]
+        report["calibration"]["grad_bytes_during_pass_per_rank"] = analysis.stat_bytes.get("grads_during_pass")
     return model, report
 
 
@@ -332,13 +334,13 @@ def _statistics(model, targets: TargetSet, calib: CalibrationSet, options: Analy
                               desc="calibration pass (covariances + gradients)", owners=owners,
                               **options.pass_settings())
     covariances = collector.covariances()
-    # Every rank sums its windows into every gradient before the reduction; the block order reduces each
-    # block's covariances when the block is done (``CovarianceCollector.reduce_when_finished``).
-    during_pass = collector.peak_bytes + sum(4 * t.shape[0] * t.shape[1] for t in targets)
+    # The batch order holds every partial sum until the pass ends; the block order reduces each block's
+    # covariances when its forward is done and its gradients when its backward is (``calibration_pass``).
+    during_pass = result.stat_peak_bytes
     kept = _nbytes(covariances.values()) + _nbytes(result.grads.values())
     return {"covariances": covariances, "grads": result.grads, "loss": result.loss,
             "tokens": result.tokens, "windows_per_rank": result.windows_per_rank,
-            "stat_bytes": {"kept": kept, "during_pass": during_pass}}
+            "stat_bytes": {"kept": kept, "during_pass": during_pass, "grads_during_pass": result.peak_bytes}}
 
 
 def _nbytes(tensors) -> int:
@@ -365,7 +367,7 @@ def _stat_bytes_per_rank(mine: dict[str, int]) -> dict[str, list[int]]:
         ranks = [None] * world()[1]
         with collective("gathering the statistic bytes of every rank"):
             dist.all_gather_object(ranks, mine)
-    return {kind: [r[kind] for r in ranks] for kind in ("kept", "during_pass")}
+    return {kind: [r.get(kind) for r in ranks] for kind in ("kept", "during_pass", "grads_during_pass")}
 
 
 def _whiten_and_decompose(stages: Stages, targets: TargetSet, stats: dict, options: AnalysisOptions, device,
@@ -448,21 +450,18 @@ def _bases_everywhere(analysis: Analysis) -> dict[str, Factors]:
 
 def _everywhere_for_corrections(analysis: Analysis, selection: Selection, truncated: dict[str, Factors]):
     """``(truncated factors, whitening factors)`` for the correction rounds. Under torchrun every rank runs
-    each round's gradient pass over the whole truncated model and corrects every matrix, so every rank
-    needs every kept factor and every S: this broadcast from rank 0 is necessary (it is the kept
-    components only, less than the full factors)."""
+    each round's gradient pass over the whole truncated model, so every rank needs every kept factor: this
+    broadcast from rank 0 is necessary (it is the kept components only, less than the full factors). Each
+    matrix is corrected by its owner (``correct(owners=...)``), which holds its group's S already: no S is sent."""
     if analysis.owners is None:
         return truncated, analysis.whitening
     names = [s.name for s in analysis.specs if not selection.dense[s.name]]
     shapes = factor_shapes({s.name: (s.out_features, s.in_features) for s in analysis.specs if s.name in names},
                            {n: len(selection.keep[n]) for n in names})
     everywhere_truncated = share_factors(truncated if is_main() else {}, shapes, dict.fromkeys(names, 0), to_all=True)
-    widths = {t.group: t.shape[1] for t in analysis.targets}
-    whitening = share_tensors(analysis.whitening if is_main() else {}, {g: (n, n) for g, n in widths.items()},
-                              dict.fromkeys(widths, 0), to_all=True, what="sending the whitening factors to every rank")
     home = analysis.options.statistics_home()
     return ({n: f.to(device=home) for n, f in everywhere_truncated.items()} if home else everywhere_truncated,
-            {g: s.to(home) for g, s in whitening.items()} if home else whitening)
+            analysis.whitening)
 
 
 def _on_rank0(analysis: Analysis, compute: Callable):

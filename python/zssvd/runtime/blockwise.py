@@ -339,13 +339,17 @@ def block_order_pass(model: nn.Module, targets: TargetSet, input_ids: torch.Tens
                      device: torch.device, grad_device, sinks: dict[str, torch.Tensor],
                      grads: dict[str, torch.Tensor], covariances: CovarianceCollector | None,
                      loss_of, segment: int | None = None, desc: str = "calibration pass",
-                     total_tokens: int | None = None, counted: int | None = None) -> float:
+                     total_tokens: int | None = None, counted: int | None = None,
+                     block_done=None) -> float:
     """Fill ``grads`` (on ``grad_device``) and ``covariances`` in block order; return the summed loss.
 
     Each block's covariance sums grow on ``device`` and go to the collector's home when the block is done.
 
     ``sinks`` is the dict the weight-gradient hooks add into (see ``gradients.weight_gradient_sinks``):
-    this function puts one block's device accumulators in it at a time. ``loss_of(logits, ids, first=)``
+    this function puts one block's device accumulators in it at a time, and moves them into ``grads`` (on
+    ``grad_device``) when the block's backward is done for every micro-batch; then it calls
+    ``block_done(index, grads)``, if given, which may take them out of ``grads`` (reduced to their owners under
+    torchrun, ``gradients._GradientsToOwners``). ``loss_of(logits, ids, first=)``
     returns a micro-batch's summed loss (``first``: the index of its first window, for error messages).
     ``total_tokens`` divides the loss (default: the tokens of ``input_ids``; a data-parallel rank passes
     those of the whole calibration set). Only the first ``counted`` windows (default: all) enter the loss
@@ -423,7 +427,9 @@ def block_order_pass(model: nn.Module, targets: TargetSet, input_ids: torch.Tens
             inputs.append(forward_block(index, inputs[-1], collect=False))
         for index in reversed(range(start, start + len(inputs))):
             upstream = _backward_block(blocks[index], index, runner, batches, inputs.pop(), upstream,
-                                       by_block.get(index, []), sinks, grads, device)
+                                       by_block.get(index, []), sinks, grads, device, grad_device)
+            if block_done is not None:
+                block_done(index, grads)
             bar.update(1)
     transfers.drain()
     bar.close()
@@ -431,7 +437,7 @@ def block_order_pass(model: nn.Module, targets: TargetSet, input_ids: torch.Tens
 
 
 def _backward_block(block, index, runner, batches, inputs: HostStore, upstream: HostStore, block_targets,
-                    sinks, grads, device) -> HostStore:
+                    sinks, grads, device, grad_device) -> HostStore:
     """Backpropagate ``upstream`` through one block for every micro-batch; gradients of its inputs."""
     for t in block_targets:
         sinks[t.name] = torch.zeros(t.shape, dtype=torch.float32, device=device)
@@ -444,6 +450,6 @@ def _backward_block(block, index, runner, batches, inputs: HostStore, upstream: 
 
     with resident(block):
         handed_down = HostStore(input_gradients(), inputs.transfers)
-    for t in block_targets:
-        grads[t.name].copy_(sinks.pop(t.name))
+    for t in block_targets:  # allocated now, not for the whole pass: they may leave for their owners at once
+        grads[t.name] = sinks.pop(t.name).to(grad_device)
     return handed_down

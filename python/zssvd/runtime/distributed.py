@@ -13,17 +13,33 @@ share an input (q/k/v, gate/up) share their owner, so each input covariance is n
 The calibration pass reduces a matrix's gradient and its group's covariance to that owner only
 (``dist.reduce`` per bucket; the other ranks drop their partial sums), so after the pass each rank
 holds about 1/world_size of the float64 covariances and float32 gradients. In the block order each block's
-covariances are reduced as soon as the block is done (``CovarianceCollector.reduce_when_finished``); the
-gradients, and the batch order's covariances, are reduced when the pass ends. The owner whitens the
+statistics are reduced as soon as they are final: its covariances when its forward is done for every window
+(``CovarianceCollector.reduce_when_finished``), its gradients when its backward is
+(``gradients._GradientsToOwners``, called by ``blockwise.block_order_pass(block_done=...)``), so during the
+pass a rank holds its own statistics plus one block's partial sums (``GradientResult.held_bytes``,
+``report.json["calibration"]["grad_bytes_during_pass_per_rank"]``). The batch order reduces both when the
+pass ends: every micro-batch's backward adds into every target's gradient, so none is final before the last
+micro-batch, and each rank holds every partial sum until then. (A rank with no window runs no block, so
+when one has none the block order also reduces at the end, unless the model is sharded.) The owner whitens the
 group, decomposes its matrices and scores them; the scores and singular values (a few numbers per
 component) then go to every rank (``share_from_owners``), which all run the same selection. The
 factors and whitening factors go to rank 0 only (``decompose_sharded(owners=...)``, ``share_tensors``),
 which packs and saves; the other ranks keep only their own. Stages that run on every rank over the
 whole model get what they need from rank 0 when they run: the curvature pass the bases U, the
-correction rounds the truncated factors and the whitening factors. The loss, token counts and
+correction rounds the truncated factors (every rank's forward needs them all). The loss, token counts and
 curvature sums (small, needed by every rank's selection) are all-reduced; the curvature pass's weight
-gradients, which nothing reads, are not summed at all; the correction rounds' gradients are all-reduced,
-because every rank corrects every matrix.
+gradients, which nothing reads, are not summed at all (in the block order each block's are dropped when
+its backward is done). The correction rounds' gradients go to the matrices' owners like the calibration
+pass's (``correct(owners=...)``): each owner corrects its own matrices with the S it already holds and sends
+the corrected factors to every rank (``share_factors``), whose next forward needs them all. Against the
+all-reduce with every rank correcting every matrix (before 2026-12-03's eighth session) the factors, losses
+and checkpoint are the same bit for bit at 2 ranks, each correction SVD runs once instead of on every rank, a
+rank keeps its own gradients beside the rounds' best point instead of all of them, only the factorised
+matrices' gradients are summed, and rank 0 no longer sends every S; what it adds is each round's corrected
+factors from their owners. SmolLM2-135M at ratio 0.8, 2 ranks, one round: into collectives 305 MB of
+gradients reduced + 220 MB of corrected factors (each owner broadcasting its ~110 MB) instead of 425 MB
+all-reduced + 403 MB of S from rank 0; peak resident 3.71 / 3.59 GB -> 3.20 / 2.66 GB (bench/RESULTS.md,
+issue 18, eighth session).
 
 Decomposition: ``decompose_sharded`` gives each rank a share of the matrices, balanced by the
 estimated cost of their SVDs (whole input groups, with owners); each rank decomposes its share. Every
@@ -35,6 +51,11 @@ resident copy to pack and save (README, "Models larger than one GPU").
 
 Without an initialised process group, or with a single rank, everything here falls back to
 the one-process behaviour (``decompose_sharded`` is then exactly ``decompose_all``).
+
+Leaving: ``shutdown`` (the CLI under torchrun, bench/calibration_scale.py) waits on any reduction still in
+flight (only an exception can leave one: ``sum_across_ranks`` waits on its own before returning), meets the
+other ranks at a barrier when this rank finished without an error, then destroys the group: a gloo rank that
+tears its connections down while a peer still talks to it can abort the peer.
 
 Failures: a rank that dies (killed, out of memory, an error) closes its connections, and the
 collective the others are in fails at once with the backend's error; a rank that stops answering
@@ -161,6 +182,9 @@ def windows_per_rank(windows: int) -> list[int]:
 
 
 BUCKET_BYTES = 64 << 20
+# Work handles of ``sum_across_ranks``'s async reductions not yet waited on. It waits on each before it
+# returns, so this is empty unless an exception left it in the middle (``shutdown`` waits on them).
+_outstanding: list = []
 
 
 def sum_across_ranks(tensors: Sequence[torch.Tensor], bucket_bytes: int = BUCKET_BYTES,
@@ -187,6 +211,7 @@ def sum_across_ranks(tensors: Sequence[torch.Tensor], bucket_bytes: int = BUCKET
                 work = dist.all_reduce(flat, async_op=True)
             else:
                 work = dist.reduce(flat, dst=owner, async_op=True)
+        _outstanding.append(work)
         if pending is not None:
             _unpack(*pending)
         pending = (work, flat, bucket if owner in (None, rank) else [])
@@ -219,6 +244,7 @@ def _buckets(tensors: Sequence[torch.Tensor], bucket_bytes: int, owners: Sequenc
 def _unpack(work, flat: torch.Tensor, bucket: list[torch.Tensor]) -> None:
     with collective(SUMMING):
         work.wait()
+    _outstanding.remove(work)
     if not bucket:  # reduced to another rank: nothing comes back here
         return
     for t, part in zip(bucket, flat.split([t.numel() for t in bucket])):
@@ -259,6 +285,41 @@ def init_from_env(device: str = "cpu", timeout_s: float | None = None) -> bool:
         signal.signal(signal.SIGTERM, _on_sigterm)
     log.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
     return True
+
+
+SHUTDOWN_WAIT_S = 10.0
+
+
+def shutdown(clean: bool = True, wait_s: float = SHUTDOWN_WAIT_S) -> None:
+    """Leave the process group: wait on every reduction still in flight, meet the other ranks at a barrier,
+    then destroy the group. Does nothing without an initialised group.
+
+    Destroying a gloo group while a peer still sends on one of its connections can abort the process (seen
+    once in 18 runs of bench/calibration_scale.py). ``sum_across_ranks`` waits on its async reductions before
+    it returns, so works are outstanding only when an exception (an interrupt, a failed collective) left it
+    in the middle; those are waited on for at most ``wait_s`` seconds each, errors ignored. ``clean`` (the
+    command finished on this rank without an error): meet the others at a barrier first, so that no rank tears
+    its connections down while another still talks to it. After a failure there is no barrier: the ranks
+    are not at the same point, and a dead one would hold it until the timeout. A barrier that fails (another
+    rank failed) is logged, not raised: this rank's work is done."""
+    if not (dist.is_available() and dist.is_initialized()):
+        _outstanding.clear()
+        return
+    try:
+        for work in list(_outstanding):
+            try:
+                work.wait(timeout=timedelta(seconds=wait_s))
+            except Exception as err:  # noqa: BLE001 - leaving anyway; the failure was reported where it happened
+                log.debug("an outstanding reduction ended with %s", err)
+        _outstanding.clear()
+        if clean and not _failing and dist.get_world_size() > 1:
+            try:
+                with collective("meeting the other ranks before leaving"):
+                    dist.barrier()
+            except CollectiveFailed as err:
+                log.warning("%s", err)
+    finally:
+        dist.destroy_process_group()
 
 
 def record_peers() -> None:

@@ -23,6 +23,7 @@ WikiText-2 calibration), one round took test perplexity from 95.5 to 78.9 per ma
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,7 @@ import torch
 from .decompose import Factors, whitened_svd
 from .gradients import calibration_loss, calibration_pass
 from ..io.models import TargetSet
-from ..runtime.distributed import is_sharded_tensor, overwrite_shard, whole
+from ..runtime.distributed import is_sharded_tensor, overwrite_shard, share_factors, whole, world
 from ..runtime.progress import progress
 
 
@@ -82,12 +83,23 @@ def _swap_in(weight: torch.Tensor, new: torch.Tensor):
 def correct(model, targets: TargetSet, input_ids: torch.Tensor, truncated: dict[str, Factors],
             whitening: dict[str, torch.Tensor], rounds: int, *, micro_batch: int = 4,
             checkpointing: bool = False, decompose_method: str = "gram", offload: str | None = None,
-            device: torch.device | str | None = None, order: str = "batch") -> CorrectionResult:
+            device: torch.device | str | None = None, order: str = "batch",
+            owners: Mapping[str, int] | None = None) -> CorrectionResult:
     """Run ``rounds`` correction rounds on the factorised matrices in ``truncated``.
 
     ``whitening`` maps each target's input group to its factor S (as used for the SVD).
+
+    Under torchrun every rank's forward needs every matrix, so every rank holds every factor in
+    ``truncated``. With ``owners`` (target name -> rank) each round's gradients go to a matrix's owner only
+    (``calibration_pass(owners=...)``), the owner alone corrects it (it alone needs its group's S), and the
+    corrected factors then go from their owners to every rank (``share_factors``). Without ``owners`` every
+    rank receives every gradient (all-reduce) and corrects every matrix. Either way every rank ends with the
+    same factors and losses, those of one process up to summation order.
     """
     by_name = targets.by_name()
+    rank = world()[0]
+    # only the factorised matrices' gradients are read: the dense ones are summed nowhere
+    owners = None if owners is None else {name: owners[name] for name in truncated}
     # The tensors, not copies. A sharded weight's storage takes the swapped-in values (``swapped_weights``):
     # its original is read only outside that context.
     original = {name: by_name[name].module.weight.detach() for name in truncated}
@@ -100,23 +112,39 @@ def correct(model, targets: TargetSet, input_ids: torch.Tensor, truncated: dict[
         with swapped_weights(targets, _reconstructions(factors, original)):
             result = calibration_pass(model, targets, input_ids, micro_batch=micro_batch,
                                       checkpointing=checkpointing, offload=offload, device=device,
-                                      order=order, desc=f"correction {round_index + 1} backward")
+                                      order=order, desc=f"correction {round_index + 1} backward", owners=owners)
         losses.append(result.loss)
         if best is None or result.loss < best.loss:
             best = _Point(result.loss, factors, result.grads)
         else:
             scale /= 2  # the last step overshot: retry from the best factors with half of it
         scales.append(scale)
-        # Every rank corrects every matrix; a sharded original is gathered one matrix at a time.
-        factors = {name: _corrected(best.factors[name], best.grads[name], whole(original[name]),
-                                    whitening[by_name[name].group], scale, decompose_method)
-                   for name in best.factors}
+        # Each matrix is corrected by its owner (every rank, without owners); a sharded original is gathered one
+        # matrix at a time, every rank taking part in every gather.
+        factors = {}
+        for name in best.factors:
+            full = whole(original[name])
+            if owners is None or owners[name] == rank:
+                factors[name] = _corrected(best.factors[name], best.grads[name], full,
+                                           whitening[by_name[name].group], scale, decompose_method)
+        if owners is not None:
+            factors = _from_owners(factors, best.factors, owners)
     with swapped_weights(targets, _reconstructions(factors, original)):
         losses.append(calibration_loss(model, input_ids, micro_batch, offload=offload, device=device,
                                        blocks_path=targets.blocks_path))
     if best is not None and losses[-1] >= best.loss:
         factors = best.factors  # the last round did not help: keep the best evaluated factors
     return CorrectionResult(factors=factors, losses=losses, step_scales=scales)
+
+
+def _from_owners(corrected: dict[str, Factors], previous: dict[str, Factors],
+                 owners: Mapping[str, int]) -> dict[str, Factors]:
+    """Every matrix's corrected factors on every rank, each from its owner (``corrected`` holds this rank's
+    own), where ``previous`` kept them and in ``previous``'s order. A collective."""
+    shapes = {name: (f.U.shape[0], f.rank, f.Z.shape[0]) for name, f in previous.items()}
+    dtype = next(iter(previous.values())).U.dtype if previous else torch.float32
+    shared = share_factors(corrected, shapes, {name: owners[name] for name in previous}, to_all=True, dtype=dtype)
+    return {name: shared[name].to(device=f.U.device) for name, f in previous.items()}
 
 
 def _reconstructions(factors: dict[str, Factors], original: dict[str, torch.Tensor]) -> dict:

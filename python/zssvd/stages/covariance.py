@@ -99,7 +99,7 @@ class CovarianceCollector:
             if group not in self.sums:
                 device = self._device or product.device
                 self.sums[group] = torch.zeros_like(product, dtype=torch.float64, device=device)
-                self.peak_bytes = max(self.peak_bytes, self._held_bytes())
+                self.peak_bytes = max(self.peak_bytes, self.held_bytes())
             self.sums[group] += product.to(self.sums[group].device)
             self.tokens[group] += x.shape[0]
 
@@ -149,7 +149,8 @@ class CovarianceCollector:
         if active():
             self._owners = owners
 
-    def _held_bytes(self) -> int:
+    def held_bytes(self) -> int:
+        """Bytes of sums this collector holds now."""
         return sum(s.numel() * s.element_size() for s in self.sums.values())
 
     def _reduce_to_owners(self, groups: list[str]) -> None:

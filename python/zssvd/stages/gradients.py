@@ -36,6 +36,16 @@ class GradientResult:
     loss: float  # mean calibration loss (nats per token)
     tokens: int  # number of predicted tokens (over every rank)
     windows_per_rank: list[int] = field(default_factory=lambda: [0])  # windows each rank processed
+    # bytes of float32 gradient sums this rank held: in block order at each block boundary (when the block's
+    # gradients are complete, before they go to their owners), in batch order once (all of them, to the end)
+    held_bytes: list[int] = field(default_factory=list)
+    # the most bytes of statistics (the gradient sums and the covariance collector's sums) held at once
+    stat_peak_bytes: int = 0
+
+    @property
+    def peak_bytes(self) -> int:
+        """The most bytes of gradient sums this rank held at once during the pass."""
+        return max(self.held_bytes, default=0)
 
 
 def next_token_loss_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -313,6 +323,12 @@ def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torc
     covariance; with ``owners`` (target name -> rank, ``distributed.owners_by_input_group``) a target's
     gradient and its input group's covariance go to its owner only, and the result holds only this
     rank's own (the loss and token counts reach every rank); ``owners={}`` sums no gradient at all.
+
+    When: the block order reduces each block's gradients to their owners as soon as that block's backward
+    is done for every window (``_GradientsToOwners``; the covariances likewise when its forward is done),
+    so a rank holds its own gradients and one block's others instead of every target's partial sum. The
+    batch order reduces after the pass: its every micro-batch's backward adds into every target's sum, so no
+    gradient is complete before the last micro-batch is; the covariances are reduced then too.
     """
     if order not in ("batch", "block"):
         raise ValueError(f"order must be 'batch' or 'block', not {order!r}")
@@ -330,9 +346,13 @@ def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torc
             (is_sharded(model) or min(windows_per_rank(total_windows)) > 0):
         covariances.reduce_when_finished(owners)
     grad_device = grad_device or ("cpu" if statistics_on_host(offload, order) else device)
-    grads = {t.name: torch.zeros(t.shape, dtype=torch.float32, device=grad_device) for t in targets}
-    # Batch order accumulates straight into ``grads``; block order swaps one block's device sinks in.
+    # Batch order accumulates straight into ``grads``; block order swaps one block's device sinks in and
+    # fills ``grads`` a block at a time (``_GradientsToOwners`` may send them to their owners at once).
+    grads = {t.name: torch.zeros(t.shape, dtype=torch.float32, device=grad_device) for t in targets} \
+        if order == "batch" else {}
     sinks = grads if order == "batch" else {}
+    per_block = _GradientsToOwners(targets, owners, reduce=order == "block" and owners is not None and active() and
+                                   (is_sharded(model) or min(windows_per_rank(total_windows)) > 0))
     was_training = model.training
     model.eval()
     # Offloaded weights are not there to check each MLP's forward against: those MLPs save their product.
@@ -347,19 +367,81 @@ def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torc
                                               grad_device=grad_device, sinks=sinks, grads=grads,
                                               covariances=covariances, loss_of=_checked_loss_sum,
                                               segment=segment, desc=desc, total_tokens=total_tokens,
-                                              counted=counted)
+                                              counted=counted, block_done=per_block.block_done)
             else:
                 loss_total = _batch_order_pass(model, targets, input_ids, micro_batch, device, covariances,
                                                checkpointing, total_tokens, desc, counted)
     finally:
         model.train(was_training)
         return_freed_memory()  # the pass's last free pages, before the next stage's allocations
-    grads = _summed_for_owners(grads, owners)
+    if order == "batch":
+        per_block.held_bytes.append(_nbytes(grads))
+    # The covariance sums only grow during the forwards; those held now were held beside every gradient sum
+    # (block order: the covariances are final before the first backward).
+    beside = covariances.held_bytes() if covariances is not None else 0
+    grads = per_block.finish(grads, grad_device)
+    stat_peak = max(covariances.peak_bytes if covariances is not None else 0, beside + per_block.peak_bytes)
     if covariances is not None:
         covariances.sum_across_ranks(owners)
     loss_total = sum_scalar_across_ranks(loss_total)
     return GradientResult(grads=grads, loss=loss_total / total_tokens, tokens=total_tokens,
-                          windows_per_rank=windows_per_rank(total_windows))
+                          windows_per_rank=windows_per_rank(total_windows), held_bytes=per_block.held_bytes,
+                          stat_peak_bytes=stat_peak)
+
+
+def _nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class _GradientsToOwners:
+    """The block order's gradients, block by block (``block_order_pass(block_done=...)``).
+
+    With ``reduce`` (torchrun, ``owners`` given, every rank running every block) each block's gradients go to
+    their owners as soon as the block's backward is done, and the other ranks drop their partial sums there:
+    a rank then holds its own gradients plus the block being finished instead of every target's partial sum
+    (``held_bytes`` records how many bytes at each block boundary). Every rank finishes the same blocks in the
+    same order, so the reductions (collectives) match. Otherwise the gradients are summed when the pass ends.
+    """
+
+    def __init__(self, targets: TargetSet, owners: Mapping[str, int] | None, reduce: bool):
+        self.owners, self.reduce = owners, reduce
+        self.order = [t.name for t in targets]  # the result's order, whatever order the blocks finish in
+        self.shapes = {t.name: t.shape for t in targets}
+        self.by_block: dict[int, list[str]] = {}
+        for t in targets:
+            self.by_block.setdefault(t.block, []).append(t.name)
+        self.done: set[str] = set()  # summed already (owned: the total; others: dropped)
+        self.held_bytes: list[int] = []
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.held_bytes, default=0)
+
+    def block_done(self, index: int, grads: dict[str, torch.Tensor]) -> None:
+        """Block ``index``'s gradients in ``grads`` are complete on this rank."""
+        self.held_bytes.append(_nbytes(grads))
+        if not self.reduce:
+            return
+        names = self.by_block.get(index, [])
+        needed = [n for n in names if n in self.owners]  # the others are needed nowhere (``owners={}``)
+        sum_across_ranks([grads[n] for n in needed], owners=[self.owners[n] for n in needed])
+        rank = world()[0]
+        for name in names:
+            if self.owners.get(name) != rank:
+                del grads[name]
+        self.done.update(names)
+
+    def finish(self, grads: dict[str, torch.Tensor], grad_device) -> dict[str, torch.Tensor]:
+        """The gradients this rank returns, in the targets' order: those not summed per block are summed now
+        (a rank that ran no window adds zeros)."""
+        missing = [n for n in self.order if n not in grads and n not in self.done]
+        for name in missing:
+            grads[name] = torch.zeros(self.shapes[name], dtype=torch.float32, device=grad_device)
+        if missing:
+            self.held_bytes.append(_nbytes(grads))
+        rest = _summed_for_owners({n: grads[n] for n in self.order if n not in self.done}, self.owners)
+        return {n: rest[n] if n in rest else grads[n] for n in self.order
+                if n in rest or (n in self.done and n in grads)}
 
 
 def _summed_for_owners(grads: dict[str, torch.Tensor], owners: Mapping[str, int] | None) -> dict[str, torch.Tensor]:

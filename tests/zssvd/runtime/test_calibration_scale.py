@@ -36,6 +36,7 @@ def test_calibration_scale_counts_the_bytes_of_the_statistics_and_the_factors(tm
         assert all(s["wall_s"] > 0 and s["cpu_s"] >= 0 for s in stages.values())
         # reduced to the owners: each rank keeps a share, each statistic is kept once
         assert rank["stat_bytes_during_pass"] == covariances + gradients
+        assert rank["grad_bytes_during_pass"] == gradients  # batch order: every partial sum until the pass ends
         assert 0 < rank["stat_bytes_kept"] < covariances + gradients
     assert sum(r["stat_bytes_kept"] for r in two["ranks"]) == covariances + gradients
     # Rank 0 packs: it holds every factor and S, and sends none; rank 1 holds and sends its own only.

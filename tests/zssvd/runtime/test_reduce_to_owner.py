@@ -2,8 +2,10 @@
 
 Three gloo ranks over five windows (shares 2, 2, 1): each rank keeps the covariances and gradients of the
 matrices it owns and nothing of the others'; the ranks other than 0 receive no factor or whitening factor
-unless the correction rounds or the curvature pass need them on every rank; and the compression (ranks,
-logits, scores, corrections) equals the one-process run, for two model families and both pass orders."""
+unless the correction rounds or the curvature pass need them on every rank (each correction round's
+factors come from the matrices' owners, which correct them; no S is sent); and the compression (ranks,
+logits, scores, corrections) equals the one-process run, for two model families and both pass orders; in block
+order the gradient sums held during the pass stay below every target's."""
 import json
 import os
 
@@ -23,7 +25,7 @@ from zssvd.stages.calibration import CalibrationSet
 WORLD, WINDOWS = 3, 5
 # (architecture, pass order, correction rounds, strategy)
 CASES = [("llama", "batch", 0, "zero-sum"), ("opt", "batch", 0, "zero-sum"), ("llama", "block", 1, "zero-sum"),
-         ("opt", "batch", 1, "zero-sum"), ("opt", "block", 0, "zero-sum-2nd")]
+         ("opt", "batch", 2, "zero-sum"), ("opt", "block", 0, "zero-sum-2nd")]
 
 
 def _tag(case) -> str:
@@ -192,6 +194,15 @@ def test_reduce_to_owner_holds_a_share_and_equals_one_process(tmp_path):
             assert during == [everything] * WORLD
         else:  # the block order sends each block's covariances to their owners when the block is done
             assert all(k < d < everything for k, d in zip(kept, during)), (tag, kept, during)
+        # Gradient sums held during the pass: all of them in batch order (and in one process); in block order
+        # a rank's own plus the block being finished (tests/zssvd/runtime/test_gradients_per_block.py).
+        every_gradient = sum(4 * s.out_features * s.in_features for s in analysis.specs)
+        assert want["calibration"]["grad_bytes_during_pass_per_rank"] == [every_gradient]
+        grads_during = report["calibration"]["grad_bytes_during_pass_per_rank"]
+        if order == "batch":
+            assert grads_during == [every_gradient] * WORLD
+        else:
+            assert all(g < every_gradient for g in grads_during), (tag, grads_during)
 
         # What ranks 1 and 2 received while compressing: nothing, unless every rank needs it.
         specs = {s.name: s for s in analysis.specs}
@@ -199,8 +210,10 @@ def test_reduce_to_owner_holds_a_share_and_equals_one_process(tmp_path):
         expected = 0
         if strategy == "zero-sum-2nd":  # the curvature pass projects every layer's gradients on U
             expected += sum(specs[n].out_features * specs[n].rank for n in targets)
-        if corrections:  # every rank corrects every matrix: the kept factors and every S
-            expected += sum((specs[n].out_features + 1 + specs[n].in_features) * want["ranks"][n] for n in factorised)
-            expected += sum(s.numel() for s in analysis.whitening.values())
+        kept = {n: (specs[n].out_features + 1 + specs[n].in_features) * want["ranks"][n] for n in factorised}
+        if corrections:  # every rank's forward needs every kept factor: rank 0 sends them all
+            expected += sum(kept.values())
         for rank in range(1, WORLD):
-            assert ranks[rank]["received_compression"] == expected, (tag, rank)
+            # each round, the owners correct their own matrices (with the S they hold) and send the factors on
+            others = corrections * sum(k for n, k in kept.items() if owners[n] != rank)
+            assert ranks[rank]["received_compression"] == expected + others, (tag, rank)
