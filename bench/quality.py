@@ -211,7 +211,8 @@ def run(args) -> None:
                     "signflip": _sign_flip_rows(model, analysis, tokenizer, other, args, seed)})
         for config in configs:
             start = time.perf_counter()
-            settings = CompressionConfig(**{k: v for k, v in config.items() if k != "bos"})
+            # rows without a group size are g = 64 (the library's default became "auto" later)
+            settings = CompressionConfig(**{"group_size": 64, **{k: v for k, v in config.items() if k != "bos"}})
             compressed, report = compress_(copy.deepcopy(model), calib, settings, analysis=analysis)
             if args.dequantised:  # the same stored values through plain float layers: the format's quality, faster
                 unpack_model(compressed)

@@ -77,6 +77,9 @@ def _add_demo_parser(sub) -> None:
                    help=f"dense, remap, hq or int4 (default {DEMO_DEFAULT['storage']}; see zssvd compress --help)")
     d.add_argument("--strategy", choices=STRATEGIES, default=DEMO_DEFAULT["strategy"],
                    help=f"selection rule (default {DEMO_DEFAULT['strategy']})")
+    d.add_argument("--group-size", type=group_size_arg, default=DEMO_DEFAULT["group_size"], metavar="G",
+                   help=f"int4 storage: values per scale and zero point, or auto (default "
+                        f"{DEMO_DEFAULT['group_size']}; see zssvd compress --help)")
     d.add_argument("--out", default="zssvd-demo", metavar="DIR", help="output directory (default ./zssvd-demo)")
     d.add_argument("--calib", choices=CALIBRATIONS, default="pydoc",
                    help="pydoc: the first half of the standard library's docstrings (default); self: text "
@@ -112,13 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "int4: factors and matrices kept dense in 4 bits, asymmetric, a 16-bit scale and zero point "
                         "per --group-size values (ratio <= (4 + 32/g)/16: 0.28125 for g = 64, where nothing is "
                         "factorised and the result is int4 round-to-nearest)")
-    c.add_argument("--group-size", type=group_size_arg, default=64, metavar="G",
-                   help="int4 storage: values per scale and zero point, a multiple of 16 (default 64), or 'auto': "
-                        "every factor (V^T, U) and every matrix kept dense gets the group size among 32, 64, 128, "
-                        "256 that buys the most output-error reduction per byte, measured under the calibration "
-                        "activations, within the same byte budget (ratio <= 0.28125, as for 64; the ranks are "
-                        "chosen with 64, then again with the measured sizes; report.json: int4_group_sizes); "
-                        "other storages ignore it")
+    c.add_argument("--group-size", type=group_size_arg, default="auto", metavar="G",
+                   help="int4 storage: 'auto' (default): every factor (V^T, U) and every matrix kept dense gets "
+                        "the group size among 32, 64, 128, 256 that buys the most output-error reduction per byte, "
+                        "measured under the calibration activations, within the same byte budget (ratio <= "
+                        "0.28125, as for 64; the ranks are chosen with 64, then again with the measured sizes; "
+                        "report.json: int4_group_sizes); or values per scale and zero point, a multiple of 16 "
+                        "(64: round-to-nearest int4 at ratio 0.2813); other storages ignore it")
     c.add_argument("--rank-multiple", type=int_at_least(1), default=1, metavar="G",
                    help="factorised ranks are multiples of G (matrices of rank >= 8G): aligned ranks for the "
                         "kernels, at some cost in quality (default 1)")
@@ -242,7 +245,7 @@ def _check_device(device: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    from .runtime.distributed import Terminated, init_from_env, is_main
+    from .runtime.distributed import Terminated, init_from_env, is_main, shutdown
     from .runtime.progress import quiet_by_environment, set_quiet
 
     joined = init_from_env(getattr(args, "device", "cpu"), getattr(args, "dist_timeout", None))  # under torchrun
@@ -259,10 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime.memory import large_blocks_mapped
 
     blocks = large_blocks_mapped() if args.command in ("compress", "demo") else contextlib.nullcontext()
+    finished = False  # the command returned on this rank: it meets the others before leaving the group
     try:
         _check_device(getattr(args, "device", "cpu"))
         with blocks:
-            return commands[args.command](args)
+            code = commands[args.command](args)
+        finished = True
+        return code
     except Terminated as err:  # torchrun stops the other ranks when one fails
         print(f"zssvd {args.command}: {err}", file=sys.stderr)
         return EXIT_TERMINATED
@@ -278,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zssvd {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     finally:
-        if joined:
-            torch.distributed.destroy_process_group()
+        if joined:  # outstanding reductions waited on, a barrier when every rank finished, then destroyed
+            shutdown(clean=finished)
 
 
 def check_output_directory(path: str) -> None:

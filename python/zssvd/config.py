@@ -31,7 +31,8 @@ class CompressionConfig:
     or an ablation; ``corrections``: truncate-correct-re-truncate rounds; ``ordered``: components leave a
     matrix smallest sigma first; ``min_rank``: the fewest components a factorised matrix keeps;
     ``group_size``: int4's values per 16-bit scale and zero point (ignored by the other storages), or
-    ``"auto"``: a group size per factor and per matrix chosen by measurement (``stages.precision``);
+    ``"auto"`` (the default): a group size per factor and per matrix chosen by measurement
+    (``stages.precision``; better than 64 everywhere in 10 of the 12 cells measured on SmolLM2, bench/RESULTS.md);
     ``rank_multiple``: factorised ranks are multiples of it (matrices of rank >= 8x it): aligned ranks for
     kernels that want reductions in multiples of 16, at some cost in quality (bench/RESULTS.md, "Rank
     multiples"); the CPU paths pad other ranks themselves.
@@ -43,7 +44,7 @@ class CompressionConfig:
     corrections: int = 0
     ordered: bool = True
     min_rank: int = 1
-    group_size: int | str = 64
+    group_size: int | str = "auto"
     rank_multiple: int = 1
 
     def __post_init__(self):

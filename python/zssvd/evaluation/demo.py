@@ -32,7 +32,7 @@ DOC_MODULES = ("argparse", "asyncio", "collections", "concurrent.futures", "csv"
 
 # The default configuration: the least added loss per byte saved among the configurations measured
 # on SmolLM2 (bench/RESULTS.md; README "zssvd demo"). Options of the demo command pick another.
-DEMO_DEFAULT = {"ratio": 0.8, "storage": "remap", "strategy": "zero-sum-2nd"}
+DEMO_DEFAULT = {"ratio": 0.28, "storage": "int4", "strategy": "zero-sum", "group_size": "auto"}
 CALIBRATIONS = ("pydoc", "self")
 
 
@@ -97,8 +97,8 @@ def run_demo(args) -> int:
     from ..stages.selection import check_ratio_range
 
     config = CompressionConfig(ratio=args.ratio, storage=args.storage, strategy=args.strategy,
-                               corrections=args.corrections)
-    check_ratio_range(config.ratio, config.storage)  # fail before any slow work
+                               corrections=args.corrections, group_size=args.group_size)
+    check_ratio_range(config.ratio, config.storage, config.group_size)  # fail before any slow work
     if args.threads:
         torch.set_num_threads(args.threads)
     summary = demo(args, config)
@@ -158,7 +158,7 @@ def demo(args, config) -> dict:
     dense_bytes, compressed_bytes = _bytes(report, out, source, dense_params)
     return {
         "model": source,
-        "config": {k: report["config"][k] for k in ("ratio", "storage", "strategy", "corrections")},
+        "config": {k: report["config"][k] for k in ("ratio", "storage", "strategy", "corrections", "group_size")},
         "calibration": f"{calib.source}: {calib.num_samples} x {calib.seq_len} tokens",
         "evaluation": f"{eval_name}: {args.eval_windows} x {args.eval_seq_len} tokens",
         "speed_setup": f"batch 1, {args.prompt_len}-token prompt, {args.new_tokens} new tokens, "
@@ -258,7 +258,8 @@ def side_by_side(summary: dict) -> str:
     """The summary as a small aligned table: dense and compressed in two columns."""
     dense, comp = summary["dense"], summary["compressed"]
     c = summary["config"]
-    rows = [("", "dense", f"compressed ({c['storage']} {c['ratio']}, {c['strategy']})"),
+    groups = f" g{c['group_size']}" if c["storage"] == "int4" else ""
+    rows = [("", "dense", f"compressed ({c['storage']}{groups} {c['ratio']}, {c['strategy']})"),
             ("perplexity (held-out prose)", f"{dense['perplexity']:.2f}", f"{comp['perplexity']:.2f}"),
             ("target weights", _mb(dense["target_bytes"]),
              f"{_mb(comp['target_bytes'])} ({comp['target_bytes'] / dense['target_bytes']:.2f}x)"),

@@ -30,11 +30,28 @@ def check_sides(summary: dict) -> None:
     assert compressed["target_bytes"] < dense["target_bytes"]
 
 
+def save_int4_wide_model_dir(path):
+    """A llama-shaped model wide enough for the default int4 budget (the shared tiny models' 32-wide rows
+    fill half a group of 64, so their int4 form alone costs more than 0.28 of their 16-bit bytes)."""
+    import transformers as tf
+
+    from tiny_models import VOCAB
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=VOCAB, max_position_embeddings=128, hidden_size=128, intermediate_size=256,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
 def test_demo_summary_on_a_tiny_model(tmp_path, capsys):
-    model_dir = save_tiny_model_dir(tmp_path / "model")
+    model_dir = save_int4_wide_model_dir(tmp_path / "model")
     summary = run_demo_json(["--model", str(model_dir), "--out", str(tmp_path / "out"), "--calib-samples", "4",
                              "--seq-len", "32", "--eval-seq-len", "32", *QUICK], capsys)
     assert summary["config"] == {**DEMO_DEFAULT, "corrections": 0}
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["int4_group_sizes"], "the default measures a group size per stored int4 matrix"
     check_sides(summary)
     assert "held out" in summary["evaluation"] and "first half" in summary["calibration"]
     assert (tmp_path / "out" / "report.json").is_file()
@@ -49,7 +66,8 @@ def test_demo_options_pick_another_configuration(tmp_path, capsys):
     summary = run_demo_json(["--model", str(model_dir), "--out", str(tmp_path / "out"), "--storage", "hq",
                              "--ratio", "0.4", "--strategy", "zero-sum", "--calib", "self", "--calib-samples", "2",
                              "--seq-len", "16", "--eval-seq-len", "32", *QUICK], capsys)
-    assert summary["config"] == {"ratio": 0.4, "storage": "hq", "strategy": "zero-sum", "corrections": 0}
+    assert summary["config"] == {"ratio": 0.4, "storage": "hq", "strategy": "zero-sum", "corrections": 0,
+                                 "group_size": "auto"}  # recorded as given; only int4 reads it
     assert summary["calibration"].startswith("self-sampled") and "not used for calibration" in summary["evaluation"]
     check_sides(summary)
 
