@@ -146,6 +146,7 @@ def measure(args) -> dict | None:
     import zssvd
     from zssvd.config import AnalysisOptions
     from zssvd.runtime import distributed
+    from zssvd.runtime.memory import tensor_bytes
     from zssvd.stages.calibration import CalibrationSet
 
     rank, world_size = distributed.world()
@@ -166,8 +167,8 @@ def measure(args) -> dict | None:
            "stat_bytes_kept": analysis.stat_bytes["kept"][rank],
            "stat_bytes_during_pass": analysis.stat_bytes["during_pass"][rank],
            "grad_bytes_during_pass": analysis.stat_bytes["grads_during_pass"][rank],
-           "factor_bytes_held": _nbytes(t for f in analysis.factors.values() for t in (f.U, f.sigma, f.Z)),
-           "whitening_bytes_held": _nbytes(analysis.whitening.values()), "peak_rss_bytes": peak_rss_bytes(),
+           "factor_bytes_held": tensor_bytes(t for f in analysis.factors.values() for t in (f.U, f.sigma, f.Z)),
+           "whitening_bytes_held": tensor_bytes(analysis.whitening.values()), "peak_rss_bytes": peak_rss_bytes(),
            "stages": {s: {"wall_s": meter.wall_s[s], "cpu_s": meter.cpu_s[s], "comm_s": meter.comm_s[s],
                           "comm_bytes": meter.comm_bytes[s]} for s in STAGES}}
     rows = [None] * world_size
@@ -182,10 +183,6 @@ def measure(args) -> dict | None:
             "threads_per_rank": torch.get_num_threads(), "preset": args.preset, "layers": cfg["num_hidden_layers"],
             "dtype": args.dtype, "samples": args.samples, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
             "pass_order": analysis.options.pass_order, "load_average": os.getloadavg()[0], "ranks": rows}
-
-
-def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def peak_rss_bytes() -> int:

@@ -226,7 +226,7 @@ def part_int4(tiny: bool) -> None:
         k = int(0.8 * out * in_ / (out + in_)) // 16 * 16  # fp8-lowrank's rank (storage 0.4 in fp8)
         w = torch.randn(out, in_, generator=gen).to(device)
         x = torch.randn(1, in_, generator=gen).half().to(device)
-        dense = [w.half()] + [w.half() for _ in range(copies(2 * out * in_, tiny) - 1)]
+        dense = [w.half() for _ in range(copies(2 * out * in_, tiny))]
         dense_us = time_us([lambda d=d: torch.nn.functional.linear(x, d) for d in dense])
         stores = {"int4 dense": (zskernels.int4_linear, zskernels.quantize_int4(w, 64), "-"),
                   "int4 lowrank": (zskernels.int4_lowrank_matmul, zskernels.pack_int4_lowrank(

@@ -29,7 +29,7 @@ from .runtime.cache import StageCache, cache_key
 from .runtime.distributed import (active, collective, decompose_sharded, everywhere, factor_shapes, is_main,
                                   owners_by_input_group, share_factors, share_from_owners, share_tensors,
                                   sharded_for_passes, world)
-from .runtime.memory import MemoryTracker, large_blocks_mapped
+from .runtime.memory import MemoryTracker, large_blocks_mapped, tensor_bytes
 from .runtime.progress import progress
 from .stages.calibration import CalibrationSet
 from .stages.correction import correct
@@ -337,14 +337,10 @@ def _statistics(model, targets: TargetSet, calib: CalibrationSet, options: Analy
     # The batch order holds every partial sum until the pass ends; the block order reduces each block's
     # covariances when its forward is done and its gradients when its backward is (``calibration_pass``).
     during_pass = result.stat_peak_bytes
-    kept = _nbytes(covariances.values()) + _nbytes(result.grads.values())
+    kept = tensor_bytes(covariances.values()) + tensor_bytes(result.grads.values())
     return {"covariances": covariances, "grads": result.grads, "loss": result.loss,
             "tokens": result.tokens, "windows_per_rank": result.windows_per_rank,
             "stat_bytes": {"kept": kept, "during_pass": during_pass, "grads_during_pass": result.peak_bytes}}
-
-
-def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _stats_entry(stats: dict):
@@ -354,7 +350,7 @@ def _stats_entry(stats: dict):
 
 
 def _stats_from_entry(files: dict, meta: dict) -> dict:
-    kept = _nbytes(files["covariances"].values()) + _nbytes(files["grads"].values())
+    kept = tensor_bytes(files["covariances"].values()) + tensor_bytes(files["grads"].values())
     return {"covariances": files["covariances"], "grads": files["grads"], "loss": meta["loss"],
             "windows_per_rank": meta.get("windows_per_rank"),
             "stat_bytes": meta.get("stat_bytes", {"kept": kept, "during_pass": kept})}

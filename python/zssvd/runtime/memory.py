@@ -29,6 +29,11 @@ import torch
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+def tensor_bytes(tensors) -> int:
+    """Bytes held by the tensors of an iterable (their storage as laid out, not their storages' sizes)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def resident_bytes() -> int | None:
     """The process's resident memory now (Linux), or None where /proc is not there."""
     try:

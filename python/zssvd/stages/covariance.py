@@ -23,6 +23,7 @@ import torch
 
 from ..io.models import TargetSet
 from ..runtime.distributed import active, sum_across_ranks, world
+from ..runtime.memory import tensor_bytes
 
 
 @contextlib.contextmanager
@@ -151,7 +152,7 @@ class CovarianceCollector:
 
     def held_bytes(self) -> int:
         """Bytes of sums this collector holds now."""
-        return sum(s.numel() * s.element_size() for s in self.sums.values())
+        return tensor_bytes(self.sums.values())
 
     def _reduce_to_owners(self, groups: list[str]) -> None:
         """Reduce ``groups`` to their owners; the other ranks drop them (a rank that saw no windows adds zeros)."""

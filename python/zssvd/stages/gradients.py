@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 from ..runtime.blockwise import block_order_pass, replaced_forwards
 from ..runtime.distributed import (active, counted_windows, is_sharded, padded_share, sum_across_ranks,
                                    sum_scalar_across_ranks, windows_per_rank, world)
-from ..runtime.memory import large_blocks_mapped, return_freed_memory
+from ..runtime.memory import large_blocks_mapped, return_freed_memory, tensor_bytes
 from .covariance import CovarianceCollector
 from ..io.models import TargetSet, find_blocks
 from ..runtime.offload import streamed_blocks
@@ -340,10 +340,11 @@ def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torc
     total_windows = input_ids.shape[0]
     total_tokens = total_windows * (input_ids.shape[1] - 1)
     input_ids, counted = padded_share(input_ids, pad=is_sharded(model))
-    # Block order: each block's covariances go to their owners as soon as the block is done, when every rank
+    # Block order: each block's statistics go to their owners as soon as they are final, when every rank
     # runs every block (it has windows, or pads its share); the reductions are collectives in block order.
-    if covariances is not None and owners is not None and order == "block" and \
-            (is_sharded(model) or min(windows_per_rank(total_windows)) > 0):
+    per_block_to_owners = owners is not None and order == "block" and \
+        (is_sharded(model) or min(windows_per_rank(total_windows)) > 0)
+    if covariances is not None and per_block_to_owners:
         covariances.reduce_when_finished(owners)
     grad_device = grad_device or ("cpu" if statistics_on_host(offload, order) else device)
     # Batch order accumulates straight into ``grads``; block order swaps one block's device sinks in and
@@ -351,8 +352,7 @@ def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torc
     grads = {t.name: torch.zeros(t.shape, dtype=torch.float32, device=grad_device) for t in targets} \
         if order == "batch" else {}
     sinks = grads if order == "batch" else {}
-    per_block = _GradientsToOwners(targets, owners, reduce=order == "block" and owners is not None and active() and
-                                   (is_sharded(model) or min(windows_per_rank(total_windows)) > 0))
+    per_block = _GradientsToOwners(targets, owners, reduce=per_block_to_owners and active())
     was_training = model.training
     model.eval()
     # Offloaded weights are not there to check each MLP's forward against: those MLPs save their product.
@@ -375,7 +375,7 @@ def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torc
         model.train(was_training)
         return_freed_memory()  # the pass's last free pages, before the next stage's allocations
     if order == "batch":
-        per_block.held_bytes.append(_nbytes(grads))
+        per_block.held_bytes.append(tensor_bytes(grads.values()))
     # The covariance sums only grow during the forwards; those held now were held beside every gradient sum
     # (block order: the covariances are final before the first backward).
     beside = covariances.held_bytes() if covariances is not None else 0
@@ -387,10 +387,6 @@ def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torc
     return GradientResult(grads=grads, loss=loss_total / total_tokens, tokens=total_tokens,
                           windows_per_rank=windows_per_rank(total_windows), held_bytes=per_block.held_bytes,
                           stat_peak_bytes=stat_peak)
-
-
-def _nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 class _GradientsToOwners:
@@ -419,7 +415,7 @@ class _GradientsToOwners:
 
     def block_done(self, index: int, grads: dict[str, torch.Tensor]) -> None:
         """Block ``index``'s gradients in ``grads`` are complete on this rank."""
-        self.held_bytes.append(_nbytes(grads))
+        self.held_bytes.append(tensor_bytes(grads.values()))
         if not self.reduce:
             return
         names = self.by_block.get(index, [])
@@ -438,7 +434,7 @@ class _GradientsToOwners:
         for name in missing:
             grads[name] = torch.zeros(self.shapes[name], dtype=torch.float32, device=grad_device)
         if missing:
-            self.held_bytes.append(_nbytes(grads))
+            self.held_bytes.append(tensor_bytes(grads.values()))
         rest = _summed_for_owners({n: grads[n] for n in self.order if n not in self.done}, self.owners)
         return {n: rest[n] if n in rest else grads[n] for n in self.order
                 if n in rest or (n in self.done and n in grads)}
