@@ -26,6 +26,7 @@ do, that the model's block loop is ``h = block(h, ...)`` with nothing else betwe
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -276,25 +277,31 @@ def available_host_bytes() -> int:
     return available if available is not None else 1 << 50
 
 
-def statistics_bytes_by_block(targets: TargetSet) -> tuple[list[int], list[int]]:
-    """Bytes of each block's float64 covariances and float32 gradients."""
+def statistics_bytes_by_block(targets: TargetSet, kept: Collection[str] | None = None) -> tuple[list[int], list[int]]:
+    """Bytes of each block's float64 covariances and float32 gradients; with ``kept`` (target names), only
+    those of the targets in it (a group's covariance counts with its leader)."""
     num_blocks = max(t.block for t in targets) + 1
     covs, grads = [0] * num_blocks, [0] * num_blocks
     for t in targets:
+        if kept is not None and t.name not in kept:
+            continue
         grads[t.block] += 4 * t.shape[0] * t.shape[1]
         if targets.groups.get(t.name):  # the group's leader: one n x n sum per group
             covs[t.block] += 8 * t.shape[1] ** 2
     return covs, grads
 
 
-def host_peak_bytes(segment: int, boundary: int, covs: list[int], grads: list[int]) -> int:
+def host_peak_bytes(segment: int, boundary: int, covs: list[int], grads: list[int],
+                    kept: tuple[list[int], list[int]] | None = None) -> int:
     """Peak host memory of the block-order pass with this segment length, by walking its schedule.
 
     ``boundary`` is one set of hidden states (all micro-batches at one block boundary); ``covs`` and
     ``grads`` are the host bytes of each block's statistics, which arrive as its forward (covariances)
-    and backward (gradients) finish.
+    and backward (gradients) finish. ``kept`` (covariances, gradients per block; default: all of them) is
+    what stays once a block is finished: under torchrun a rank sends the others to their owners then.
     """
     num_blocks, stats, peak = len(covs), 0, 0
+    kept_covs, kept_grads = kept if kept is not None else (covs, grads)
 
     def live(boundaries: int) -> None:
         nonlocal peak
@@ -306,6 +313,7 @@ def host_peak_bytes(segment: int, boundary: int, covs: list[int], grads: list[in
         stored += starts_segment
         stats += covs[index]
         live(stored + (not starts_segment) + 1)
+        stats -= covs[index] - kept_covs[index]
     live(stored + 2)  # the head: last output and the gradient at it
     for start in reversed(range(0, num_blocks, segment)):
         stored -= 1  # this segment's boundary becomes its first input
@@ -314,6 +322,7 @@ def host_peak_bytes(segment: int, boundary: int, covs: list[int], grads: list[in
         for index in reversed(range(start, start + size)):
             stats += grads[index]
             live(stored + (index - start + 1) + 2)  # inputs left, upstream and handed-down gradients
+            stats -= grads[index] - kept_grads[index]
     return peak
 
 
@@ -323,9 +332,10 @@ def least_host_peak_bytes(targets: TargetSet, boundary: int) -> int:
     return min(host_peak_bytes(s, boundary, covs, grads) for s in range(1, len(covs) + 1))
 
 
-def choose_segment(boundary: int, budget: int, covs: list[int], grads: list[int]) -> int:
+def choose_segment(boundary: int, budget: int, covs: list[int], grads: list[int],
+                   kept: tuple[list[int], list[int]] | None = None) -> int:
     """The shortest segment (least recomputation) whose schedule fits in ``budget`` bytes of host memory."""
-    peaks = {s: host_peak_bytes(s, boundary, covs, grads) for s in range(1, len(covs) + 1)}
+    peaks = {s: host_peak_bytes(s, boundary, covs, grads, kept) for s in range(1, len(covs) + 1)}
     for s, peak in peaks.items():
         if peak <= budget:
             return s
@@ -340,7 +350,7 @@ def block_order_pass(model: nn.Module, targets: TargetSet, input_ids: torch.Tens
                      grads: dict[str, torch.Tensor], covariances: CovarianceCollector | None,
                      loss_of, segment: int | None = None, desc: str = "calibration pass",
                      total_tokens: int | None = None, counted: int | None = None,
-                     block_done=None) -> float:
+                     block_done=None, kept: Collection[str] | None = None) -> float:
     """Fill ``grads`` (on ``grad_device``) and ``covariances`` in block order; return the summed loss.
 
     Each block's covariance sums grow on ``device`` and go to the collector's home when the block is done.
@@ -354,7 +364,9 @@ def block_order_pass(model: nn.Module, targets: TargetSet, input_ids: torch.Tens
     ``total_tokens`` divides the loss (default: the tokens of ``input_ids``; a data-parallel rank passes
     those of the whole calibration set). Only the first ``counted`` windows (default: all) enter the loss
     and the covariances; the rest is padding that keeps a sharded model's ranks in step
-    (``distributed.padded_share``).
+    (``distributed.padded_share``). ``kept`` (target names; default: all) says whose statistics stay here
+    once their block is finished, for the host-memory plan (``segment=None``): ``block_done`` and
+    ``CovarianceCollector.reduce_when_finished`` send the others to their owners under torchrun.
     """
     _, blocks = find_blocks(model, targets.blocks_path)
     runner = _ModelRunner(model, blocks)
@@ -374,10 +386,13 @@ def block_order_pass(model: nn.Module, targets: TargetSet, input_ids: torch.Tens
         def on_host(home) -> bool:
             return home is not None and torch.device(home).type == "cpu"
 
-        covs, grads_bytes = statistics_bytes_by_block(targets)
-        covs = [c if covariances is not None and on_host(covariances.home) else 0 for c in covs]
-        grads_bytes = [g if on_host(grad_device) else 0 for g in grads_bytes]
-        segment = choose_segment(hidden.nbytes, int(0.8 * available_host_bytes()), covs, grads_bytes)
+        def counted_bytes(covs: list[int], grads: list[int]) -> tuple[list[int], list[int]]:
+            return ([c if covariances is not None and on_host(covariances.home) else 0 for c in covs],
+                    [g if on_host(grad_device) else 0 for g in grads])
+
+        covs, grads_bytes = counted_bytes(*statistics_bytes_by_block(targets))
+        stay = counted_bytes(*statistics_bytes_by_block(targets, kept))
+        segment = choose_segment(hidden.nbytes, int(0.8 * available_host_bytes()), covs, grads_bytes, stay)
     bar = progress(total=2 * len(blocks), desc=desc, unit="block")
 
     def outputs(index: int, store: HostStore, collect: bool):

@@ -342,7 +342,7 @@ def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torc
     input_ids, counted = padded_share(input_ids, pad=is_sharded(model))
     # Block order: each block's statistics go to their owners as soon as they are final, when every rank
     # runs every block (it has windows, or pads its share); the reductions are collectives in block order.
-    per_block_to_owners = owners is not None and order == "block" and \
+    per_block_to_owners = owners is not None and order == "block" and active() and \
         (is_sharded(model) or min(windows_per_rank(total_windows)) > 0)
     if covariances is not None and per_block_to_owners:
         covariances.reduce_when_finished(owners)
@@ -352,7 +352,8 @@ def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torc
     grads = {t.name: torch.zeros(t.shape, dtype=torch.float32, device=grad_device) for t in targets} \
         if order == "batch" else {}
     sinks = grads if order == "batch" else {}
-    per_block = _GradientsToOwners(targets, owners, reduce=per_block_to_owners and active())
+    per_block = _GradientsToOwners(targets, owners, reduce=per_block_to_owners)
+    kept = {name for name, rank in owners.items() if rank == world()[0]} if per_block_to_owners else None
     was_training = model.training
     model.eval()
     # Offloaded weights are not there to check each MLP's forward against: those MLPs save their product.
@@ -367,7 +368,7 @@ def calibration_pass(model: torch.nn.Module, targets: TargetSet, input_ids: torc
                                               grad_device=grad_device, sinks=sinks, grads=grads,
                                               covariances=covariances, loss_of=_checked_loss_sum,
                                               segment=segment, desc=desc, total_tokens=total_tokens,
-                                              counted=counted, block_done=per_block.block_done)
+                                              counted=counted, block_done=per_block.block_done, kept=kept)
             else:
                 loss_total = _batch_order_pass(model, targets, input_ids, micro_batch, device, covariances,
                                                checkpointing, total_tokens, desc, counted)

@@ -366,3 +366,26 @@ def test_gpu_block_order_with_side_stream_copies_equals_batch_order(dtype):
         assert result.loss == pytest.approx(expected.loss, rel=1e-4)
         assert max(relative(result.grads[n], g) for n, g in expected.grads.items()) < tolerance, key
         assert max(relative(cov[g], c) for g, c in expected_cov.items()) < 1e-6, key  # forward: deterministic
+
+
+def test_the_host_memory_plan_counts_only_the_statistics_a_rank_keeps():
+    """Under torchrun a finished block's statistics go to their owners: the plan holds each block's whole
+    statistics only while it finishes, then what this rank keeps."""
+    from zssvd.runtime.blockwise import host_peak_bytes
+
+    covs, grads = [10] * 4, [2] * 4
+    kept = ([5] * 4, [1] * 4)  # half of each block's covariances and gradients are this rank's
+    assert host_peak_bytes(1, 0, covs, grads) == 4 * 10 + 4 * 2  # every covariance beside every gradient
+    assert host_peak_bytes(1, 0, covs, grads, (covs, grads)) == 4 * 10 + 4 * 2
+    # the last block's forward: three kept shares and one whole block; the backward never exceeds it
+    # (4 * 5 kept covariances + 3 kept gradient shares + the last block's whole gradients = 25 as well)
+    assert host_peak_bytes(1, 0, covs, grads, kept) == 3 * 5 + 10
+    assert host_peak_bytes(1, 0, [0] * 4, grads, ([0] * 4, [1] * 4)) == 3 * 1 + 2
+    # with hidden states (4 bytes per boundary) the peak is where most are alive: the same schedule, 20 bytes
+    # fewer of statistics (the covariances not owned; the gradients then weigh less than the boundaries freed)
+    assert host_peak_bytes(1, 4, covs, grads) == 66
+    assert host_peak_bytes(1, 4, covs, grads, kept) == 46
+    # a budget of 50 fits segment 1 only if the plan knows the rank keeps half; otherwise nothing fits
+    assert choose_segment(4, 50, covs, grads, kept) == 1
+    with pytest.raises(MemoryError, match="at least 0.0 GiB"):
+        choose_segment(4, 50, covs, grads)

@@ -2,7 +2,8 @@
 done (issue 18). Three gloo ranks over five windows (shares 2, 2, 1), LLaMA and OPT: each rank ends with
 exactly its own gradients, equal to the one-process ones up to summation order (float64 models), and at every
 block boundary it holds its own gradients of the blocks finished so far plus the block being finished,
-never every target's partial sum; the curvature pass (``owners={}``) holds one block's at a time."""
+never every target's partial sum; the curvature pass (``owners={}``) holds one block's at a time; the host-memory
+plan of the block order counts what a rank keeps, not every statistic."""
 import json
 import os
 
@@ -14,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from tiny_models import random_windows, tiny_model
 from zssvd.io.models import assign_input_groups, find_targets
+from zssvd.runtime.blockwise import host_peak_bytes, statistics_bytes_by_block
 from zssvd.runtime.distributed import owners_by_input_group
 from zssvd.stages.covariance import CovarianceCollector
 from zssvd.stages.gradients import calibration_pass
@@ -39,6 +41,25 @@ def _pass(model, ids, targets, owners):
     return result, collector.covariances()
 
 
+def _planned(model, ids, targets, owners):
+    """The statistics the host-memory plan of a pass with ``segment=None`` counts, whole and kept per block."""
+    import zssvd.runtime.blockwise as blockwise
+
+    seen = {}
+
+    def recording(boundary, budget, covs, grads, kept=None):
+        seen.update(whole=[covs, grads], kept=kept)
+        return 1
+
+    choose, blockwise.choose_segment = blockwise.choose_segment, recording
+    try:
+        calibration_pass(model, targets, ids, micro_batch=2, order="block", owners=owners,
+                         covariances=CovarianceCollector(targets, product_dtype=torch.float64, device="cpu"))
+    finally:
+        blockwise.choose_segment = choose
+    return seen
+
+
 def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -53,7 +74,8 @@ def _worker(rank, init_file, out_dir):
             with open(os.path.join(out_dir, f"{arch}-{rank}.json"), "w") as f:
                 json.dump({"held": result.held_bytes, "loss": result.loss, "stat_peak": result.stat_peak_bytes,
                            "curvature_held": curvature_like.held_bytes,
-                           "curvature_grads": sorted(curvature_like.grads)}, f)
+                           "curvature_grads": sorted(curvature_like.grads),
+                           "planned": _planned(model, ids, targets, owners)}, f)
     finally:
         dist.destroy_process_group()
 
@@ -100,3 +122,10 @@ def test_block_order_reduces_each_blocks_gradients_to_their_owners(tmp_path):
             # owners={} (the curvature pass): every gradient is needed nowhere, dropped as its block finishes
             assert record["curvature_grads"] == []
             assert record["curvature_held"] == [sum(size[n] for n in in_block[b]) for b in blocks], (arch, rank)
+            # the host-memory plan counts every block's statistics while it finishes and this rank's own after,
+            # and its walk of the schedule (segment 1, no hidden states) meets the gradient bytes measured above
+            whole = statistics_bytes_by_block(targets)
+            kept = statistics_bytes_by_block(targets, set(own))
+            assert record["planned"] == {"whole": list(whole), "kept": list(kept)}, (arch, rank)
+            no_covs = [0] * len(blocks)
+            assert host_peak_bytes(1, 0, no_covs, whole[1], (no_covs, kept[1])) == max(record["held"])
