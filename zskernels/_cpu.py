@@ -3,7 +3,9 @@
 Nothing here de-quantises a whole factor per call:
 
 * ``int8_rows`` / ``int8_apply``: y = x (w * scale[:, None])^T for an 8-bit weight ``w`` (N, K) with one
-  scale per output row, prepared once (``Int8Rows``) and applied per call. For bf16/fp16 activations
+  scale per output row, prepared once (``Int8Rows``) and applied per call. For bf16 activations on a CPU
+  with AVX-512 BF16 it is zskernels' own kernel (``_cpu_kernel``: each weight loaded once per 8 rows of x,
+  faster than every route below at every M measured, zskernels/README.md). Otherwise, for bf16/fp16 activations
   and few rows it is ``torch._weight_int8pack_mm`` (vectorised int8 weight-only kernel: reads 1 byte
   per weight; K zero-padded to a multiple of 16 in a copy where needed); otherwise (fp32 activations, whose int8pack kernel is scalar on the CPU,
   or prefill-sized M, where int8pack does not block for the cache) the weight is converted in row
@@ -43,6 +45,8 @@ from typing import Callable, Hashable, NamedTuple, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
+
+from . import _cpu_kernel as cpu_kernel
 
 Tensor = torch.Tensor
 T = TypeVar("T")
@@ -182,12 +186,15 @@ class Int8Rows(NamedTuple):
     ``rows`` is None when the stored int8 tensor serves as it is, else an int8 copy (fp8 re-encoded,
     realigned, or zero-padded to K % 16 == 0); ``scale`` is a copy in x's dtype; ``packable``: int8pack
     applies to these rows; ``pad``: zero columns appended to the rows (x gets as many per call).
+    ``kernel``: for bf16 x where zskernels' CPU kernel runs (``_cpu_kernel``), the rows in its layout; every
+    call then takes it, ``rows`` is None (no second copy is kept) and ``scale`` is in float32.
     """
 
     rows: Optional[Tensor]
     scale: Tensor
     packable: bool
     pad: int = 0
+    kernel: Optional[Tensor] = None
 
 
 def int8_rows(w: Tensor, row_scale: Optional[Tensor], dtype: torch.dtype, *, normalised: bool = False,
@@ -201,19 +208,26 @@ def int8_rows(w: Tensor, row_scale: Optional[Tensor], dtype: torch.dtype, *, nor
     ``owned``: ``w`` is already a copy the caller hands over (e.g. a re-encoded factor), never the stored
     tensor, so the plan may hold it.
     """
+    kernel = dtype == torch.bfloat16 and w.device.type == "cpu" and cpu_kernel.available()
     if w.dtype == torch.int8:
         rows, scale = (w if owned or w.data_ptr() % ALIGN else None), row_scale
         rows = rows.clone() if rows is not None and rows.data_ptr() % ALIGN else rows
     else:
-        rows, scale = fp8_rows_as_int8(w, row_scale, normalised=normalised)
-    scale = torch.ones(w.shape[0], dtype=dtype, device=w.device) if scale is None else scale.to(dtype, copy=True)
+        rows, scale = fp8_rows_as_int8(w, row_scale, normalised=normalised, cached=not kernel)
+    scale_dtype = torch.float32 if kernel else dtype  # the kernel scales its fp32 sums before rounding
+    scale = torch.ones(w.shape[0], dtype=scale_dtype, device=w.device) if scale is None else \
+        scale.to(scale_dtype, copy=True)
     grow_rows, grow_cols = max(out_rows - w.shape[0], 0), max(in_cols - w.shape[1], 0)
     # int8pack reads K in steps of 16: zero columns make any K fit (a rank of 460 -> 464), at the
-    # cost of this padded copy (stored int8 heads; fp8 ones are re-encoded into a copy anyway).
-    pad = -(w.shape[1] + grow_cols) % INT8PACK_K_MULTIPLE if dtype in INT8PACK_DTYPES else 0
+    # cost of this padded copy (stored int8 heads; fp8 ones are re-encoded into a copy anyway). The
+    # kernel reads K in pairs.
+    multiple = 2 if kernel else INT8PACK_K_MULTIPLE if dtype in INT8PACK_DTYPES else 1
+    pad = -(w.shape[1] + grow_cols) % multiple
     if grow_rows or grow_cols or pad:
         rows = F.pad(w if rows is None else rows, (0, grow_cols + pad, 0, grow_rows)).contiguous()
         scale = F.pad(scale, (0, grow_rows), value=1.0)
+    if kernel:  # its layout replaces the rows
+        return Int8Rows(None, scale.contiguous(), True, pad, cpu_kernel.pack(w if rows is None else rows))
     return Int8Rows(rows, scale, dtype in INT8PACK_DTYPES, pad)
 
 
@@ -241,6 +255,9 @@ def int8_path(rows: int, out_features: int, in_features: int, sixteen_bit: bool)
 
 def int8_apply(x: Tensor, stored: Tensor, prepared: Int8Rows) -> Tensor:
     """y = x (w * scale)^T for x (M, K) in the dtype ``prepared`` was made for."""
+    if prepared.kernel is not None:
+        xk = F.pad(x, (0, prepared.pad)) if prepared.pad else x.contiguous()
+        return cpu_kernel.matmul(xk, prepared.kernel, prepared.scale)
     w = stored if prepared.rows is None else prepared.rows
     path = int8_path(x.shape[0], w.shape[0], w.shape[1] - prepared.pad, prepared.packable)
     if path != "chunked":
@@ -306,7 +323,7 @@ FP8_MAX = 448.0  # the largest finite e4m3 value: a normalised row's absmax
 
 
 def fp8_rows_as_int8(w: Tensor, row_scale: Tensor | None = None, *,
-                     normalised: bool = False) -> tuple[Tensor, Tensor]:
+                     normalised: bool = False, cached: bool = True) -> tuple[Tensor, Tensor]:
     """Re-encode fp8 e4m3 rows as int8, w * row_scale[:, None] ~= q * scale[:, None] (cached).
 
     The one rounding (to 1/254 of each row's absmax) is the only change; its effect on accuracy is
@@ -321,6 +338,8 @@ def fp8_rows_as_int8(w: Tensor, row_scale: Tensor | None = None, *,
         q, scale = _rows_as_int8(values, absmax)
         return q, scale if row_scale is None else scale * row_scale.float()
 
+    if not cached:  # the caller keeps a derivative of it instead (the CPU kernel's layout)
+        return make()
     also = () if row_scale is None else (row_scale,)
     return derived(w, f"int8rows:{normalised}:{row_scale is None}", make, also=also)
 

@@ -5,11 +5,13 @@ activations remap's stored values are exact inputs, so the only error is the dty
 and remap's factors under 16-bit activations, are re-encoded once to int8 rows: that rounding is
 bounded here by its own budget, and for fp8 measured against the fp8 quantisation error itself.
 """
+import gc
+
 import pytest
 import torch
 
 import zskernels
-from zskernels import _cpu
+from zskernels import _cpu, _cpu_kernel as cpu_kernel
 from zskernels.formats.remap import unpack_remap
 
 SHAPES = [(37, 23, 9), (23, 37, 9), (48, 48, 48), (37, 23, 1), (64, 32, 16)]  # out>in, in>out, square, k=1, K%16=0
@@ -21,6 +23,23 @@ shape_id = lambda s: "x".join(map(str, s))  # noqa: E731
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     yield
+
+
+@pytest.fixture(autouse=True, params=["kernel", "torch-routes"])
+def int8_route(request, monkeypatch):
+    """Every test twice: int8 GEMMs of bf16 activations through zskernels' CPU kernel (where it runs here),
+    and through torch's routes (int8pack, planes, chunked), which every other dtype and CPU takes."""
+    if request.param == "kernel" and not cpu_kernel.available():
+        pytest.skip(f"the CPU int8 kernel is off here: {cpu_kernel.unavailable_reason() or 'its build failed'}")
+    if request.param == "torch-routes":
+        monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    return request.param
+
+
+def torch_routes_only(route: str, dtype: torch.dtype) -> None:
+    """For the tests of torch's routes themselves: bf16 x takes the kernel instead where it runs."""
+    if route == "kernel" and dtype == torch.bfloat16:
+        pytest.skip("bf16 activations take the CPU kernel here, not torch's routes")
 
 
 def rel_err(a, b):
@@ -79,13 +98,17 @@ def test_remap_16_bit_path_multiplies_the_reencoded_factors(m, rng):
     assert rel_err(y, (xb.double() @ v_hat.double()) @ u_hat.double().t()) < remap_budget(packed, torch.bfloat16)
 
 
-def test_cache_bytes_of_a_remap_plan(rng):
+def test_cache_bytes_of_a_remap_plan(rng, int8_route):
     """What the 16-bit path keeps: V_hat^T in int8 at t's width (24 -> 32 rows) and int8pack's K (40 -> 48),
-    U_hat in int8 (300 x 32), and one bf16 scale per row of each."""
+    U_hat in int8 (300 x 32), and one bf16 scale per row of each; the kernel's layout instead keeps K (40:
+    it reads K in pairs), pads U_hat's rows to blocks of 16 (304) and keeps float32 scales."""
     packed = zskernels.pack_remap(*factors(300, 40, 24, rng), fmt="int8", tail_dtype=torch.bfloat16)
     assert _cpu.derived_nbytes(packed.values()) == 0
     zskernels.remap_matmul(torch.randn(1, 40, generator=rng).to(torch.bfloat16), packed)
-    assert _cpu.derived_nbytes(packed.values()) == 32 * 48 + 300 * 32 + 2 * (32 + 300)
+    if int8_route == "kernel":
+        assert _cpu.derived_nbytes(packed.values()) == 32 * 40 + 304 * 32 + 4 * (32 + 300)
+    else:
+        assert _cpu.derived_nbytes(packed.values()) == 32 * 48 + 300 * 32 + 2 * (32 + 300)
     assert _cpu.derived_nbytes([torch.zeros(1)]) == 0  # another tensor's entries are not counted
 
 
@@ -257,9 +280,10 @@ PLANE_SHAPES = [(257, 300), (300, 520), (256, 256), (1536, 576)]  # odd, K % 16 
 @pytest.mark.parametrize("m", [16, 17, 40])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", PLANE_SHAPES, ids=shape_id)
-def test_planes_route_adds_almost_nothing_to_the_dtypes_rounding(shape, dtype, m, rng):
+def test_planes_route_adds_almost_nothing_to_the_dtypes_rounding(shape, dtype, m, rng, int8_route):
     """x is carried to 1/64516 of each row's absmax: the result is within 5% of the float64 product
     rounded once to the activation dtype, which is the best any path returning that dtype can do."""
+    torch_routes_only(int8_route, dtype)
     n, k = shape
     w = torch.randint(-127, 128, (n, k), generator=rng, dtype=torch.int8)
     scale = torch.rand(n, generator=rng) * 0.01 + 1e-3
@@ -274,7 +298,8 @@ def test_planes_route_adds_almost_nothing_to_the_dtypes_rounding(shape, dtype, m
         assert rel_err(y[row], expected[row]) <= 1.05 * rel_err(expected[row].to(dtype), expected[row]) + 1e-6
 
 
-def test_planes_route_keeps_non_finite_rows_to_themselves(rng):
+def test_planes_route_keeps_non_finite_rows_to_themselves(rng, int8_route):
+    """(The kernel, where bf16 takes it, keeps them to themselves as well: each output row is its own sums.)"""
     w = torch.randint(-127, 128, (300, 300), generator=rng, dtype=torch.int8)
     x = torch.randn(20, 300, generator=rng).to(torch.bfloat16)
     x[3, 5], x[7, 0] = float("inf"), float("nan")
@@ -287,8 +312,9 @@ def test_planes_route_keeps_non_finite_rows_to_themselves(rng):
 @pytest.mark.parametrize("m", [1, 15, 16, 17])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-def test_remap_through_every_int8_route_matches_float64(shape, dtype, m, monkeypatch, rng):
-    """The planes route on small odd shapes too (bounds lowered): every GEMM of the op takes it from M = 16 on."""
+def test_remap_through_every_int8_route_matches_float64(shape, dtype, m, monkeypatch, rng, int8_route):
+    """The planes route on small odd shapes too (bounds lowered): every GEMM of the op takes it from M = 16 on
+    (the kernel instead, for bf16 where it runs)."""
     monkeypatch.setattr(_cpu, "PLANES_MIN_DIM", 1)
     out, in_, k = shape
     packed = zskernels.pack_remap(*factors(out, in_, k, rng), fmt="int8", tail_dtype=dtype)
@@ -334,6 +360,21 @@ def test_compiled_code_runs_the_same_cpu_path(name, dtype, rng):
     for m in (1, 5, 17):
         x = torch.randn(m, 23, generator=rng).to(dtype)
         eager = op(x, packed, bias)
+        gc.collect()  # earlier tests' tensors in reference cycles would drop their entries during the count
         entries = _cpu.cache_entries()
         assert torch.equal(compiled(x), eager)
-        assert torch.equal(compiled(x), eager) and _cpu.cache_entries() == entries
+        assert torch.equal(compiled(x), eager)
+        gc.collect()
+        assert _cpu.cache_entries() == entries
+
+
+def test_cache_bytes_of_an_fp8_plan(rng, int8_route):
+    """fp8 rows re-encoded to int8 once: the plan keeps them (int8pack: 64 x 48 at K padded to 48 with bf16
+    scales, and the cached re-encoding itself, 64 x 40, with float32 scales) or only the kernel's layout
+    (64 x 40: it reads K in pairs) and float32 scales, never both."""
+    packed = zskernels.quantize_fp8_dense(torch.randn(64, 40, generator=rng))
+    zskernels.fp8_linear(torch.randn(2, 40, generator=rng).to(torch.bfloat16), packed)
+    if int8_route == "kernel":
+        assert _cpu.derived_nbytes(packed.values()) == 64 * 40 + 4 * 64
+    else:
+        assert _cpu.derived_nbytes(packed.values()) == 64 * 48 + 2 * 64 + 64 * 40 + 4 * 64

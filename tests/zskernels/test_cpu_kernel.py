@@ -1,0 +1,90 @@
+"""zskernels' CPU int8 kernel (csrc/int8_matmul_cpu.cpp via _cpu_kernel.py) against float64.
+
+Odd shapes (N not a multiple of 16, every remainder of the 8-row tile, one-row and one-block weights), both
+thread counts (each output is summed by one thread in one order: the results are equal bit for bit), and the
+arguments it refuses. Skipped, with the reason, where the kernel cannot run (no AVX-512 BF16, no compiler).
+"""
+import pytest
+import torch
+
+from zskernels import _cpu_kernel as cpu_kernel
+
+pytestmark = pytest.mark.skipif(not cpu_kernel.available(),
+                                reason=f"the CPU int8 kernel is off here: {cpu_kernel.unavailable_reason()}")
+
+SHAPES = [(1, 2), (16, 16), (37, 20), (17, 578), (192, 576), (1537, 64)]  # (N, K); K even: the caller pads
+ROWS = [0, 1, 2, 3, 7, 8, 9, 15, 17, 64]
+
+
+def reference(x, w, scale):
+    return x.double() @ (w.double() * scale.double()[:, None]).T
+
+
+def max_rel(y, expected):
+    return float((y.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernel_matches_float64_within_one_bf16_rounding(shape, rng):
+    n, k = shape
+    w = torch.randint(-127, 128, (n, k), generator=rng, dtype=torch.int8)
+    scale = torch.rand(n, generator=rng) * 0.01 + 1e-3
+    packed = cpu_kernel.pack(w)
+    assert packed.shape == (-(-n // 16), k // 2, 16, 2)
+    for m in ROWS:
+        x = torch.randn(m, k, generator=rng).to(torch.bfloat16)
+        y = cpu_kernel.matmul(x, packed, scale)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+        if m:
+            expected = reference(x, w, scale)
+            # fp32 sums of exact products, scaled in fp32, rounded once to bf16 (2^-8 relative)
+            assert max_rel(y, expected) <= 2 ** -8 + 1e-5, (shape, m)
+
+
+def test_rows_are_independent_and_threads_do_not_change_the_sums(rng):
+    w = torch.randint(-127, 128, (300, 96), generator=rng, dtype=torch.int8)
+    scale = torch.rand(300, generator=rng) * 0.01
+    packed = cpu_kernel.pack(w)
+    x = torch.randn(19, 96, generator=rng).to(torch.bfloat16)
+    x[4, 7] = float("inf")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernel.matmul(x, packed, scale)
+        torch.set_num_threads(2)
+        two = cpu_kernel.matmul(x, packed, scale)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    assert not one[4].isfinite().all()
+    finite = [r for r in range(19) if r != 4]
+    assert torch.equal(one[finite], cpu_kernel.matmul(x[finite].contiguous(), packed, scale))  # no row leaks
+
+
+def test_packing_pads_with_zeros(rng):
+    w = torch.randint(-127, 128, (3, 5), generator=rng, dtype=torch.int8)
+    packed = cpu_kernel.pack(w)
+    assert packed.shape == (1, 3, 16, 2)
+    unpacked = packed.permute(0, 2, 1, 3).reshape(16, 6)
+    assert torch.equal(unpacked[:3, :5], w) and not unpacked[3:].any() and not unpacked[:, 5].any()
+
+
+def test_bad_arguments_are_refused_in_one_line(rng):
+    w = torch.randint(-127, 128, (20, 8), generator=rng, dtype=torch.int8)
+    packed, scale = cpu_kernel.pack(w), torch.ones(20)
+    x = torch.randn(2, 8).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="x has 6 columns, the packed weight 8"):
+        cpu_kernel.matmul(x[:, :6].contiguous(), packed, scale)
+    with pytest.raises(RuntimeError, match="contiguous 2-D bf16"):
+        cpu_kernel.matmul(x.half(), packed, scale)
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_kernel.matmul(x, packed, scale.bfloat16())
+    with pytest.raises(RuntimeError, match="40 scales for 2 blocks"):
+        cpu_kernel.matmul(x, packed, torch.ones(40))
+    with pytest.raises(RuntimeError, match="2-D int8"):
+        cpu_kernel.pack(w.float())
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv(cpu_kernel.ENV, "0")
+    assert cpu_kernel.unavailable_reason() == f"{cpu_kernel.ENV}=0"

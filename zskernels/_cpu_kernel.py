@@ -1,0 +1,95 @@
+"""The CPU int8 weight-only GEMM (``csrc/int8_matmul_cpu.cpp``): bf16 x (M, K) times an int8 weight with one
+float32 scale per output row, register-blocked so that each weight value is loaded once per 8 rows of x
+(torch's ``_weight_int8pack_mm`` reloads it per row, and from M = 4 on loses to a bf16 GEMM).
+
+Compiled on first use with torch's extension builder (g++ and ninja; about 40 s, then cached under
+``TORCH_EXTENSIONS_DIR``). It needs a CPU with AVX-512 BF16 (``avx512_bf16``, with F, BW and VL). Where
+any of that is missing, or ``ZSKERNELS_CPU_KERNEL=0``, ``available()`` is False, a one-line message says
+why, and the CPU paths keep torch's routes.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "int8_matmul_cpu.cpp"
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+COMPILE_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
+ENV = "ZSKERNELS_CPU_KERNEL"
+
+
+def available() -> bool:
+    """Whether the kernel runs here (it is built on the first call that needs it)."""
+    return _module() is not None
+
+
+def pack(w: torch.Tensor) -> torch.Tensor:
+    """An int8 (N, K) weight in the kernel's layout (a copy, [N/16][K/2][16][2], zero-padded)."""
+    return _module().pack(w.contiguous())
+
+
+def matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """bf16 x (M, K) @ (w * scale[:, None])^T for ``packed = pack(w)``; scale float32 (N,); bf16 (M, N).
+    K must be the packed width (even: the caller pads x as it padded w)."""
+    return _module().matmul(x, packed, scale)
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot be used here without trying to build it; None when it may be."""
+    if os.environ.get(ENV, "1") == "0":
+        return f"{ENV}=0"
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"it is built for x86-64 Linux, not {platform.system()} {platform.machine()}"
+    flags = _cpu_flags()
+    missing = [f for f in CPU_FLAGS if f not in flags]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    return None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+_LOCK = threading.Lock()
+
+
+def _module():
+    with _LOCK:  # one build, whichever thread asks first
+        return _built()
+
+
+@functools.lru_cache(maxsize=None)
+def _built():
+    reason = unavailable_reason()
+    if reason is None:
+        try:
+            return _build()
+        except Exception as error:  # no compiler, no ninja, an old toolchain: torch's routes stay
+            reason = f"building it failed ({type(error).__name__}: {str(error).strip().splitlines()[-1][:200]})"
+    log.warning("zskernels: the CPU int8 kernel is off (%s); int8 layers use torch's kernels", reason)
+    return None
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    # torch's builder keys its cache on the name, sources and flags, not on torch itself: the name carries
+    # torch's version, so that two environments never load each other's build
+    version = "".join(c if c.isalnum() else "_" for c in torch.__version__)
+    log.info("zskernels: building the CPU int8 kernel (once, about 40 s)")
+    return cpp_extension.load(name=f"zskernels_int8_matmul_cpu_{version}", sources=[str(SOURCE)],
+                              extra_cflags=COMPILE_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)

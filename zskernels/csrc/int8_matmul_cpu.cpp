@@ -1,0 +1,123 @@
+// y (M, N) = x (M, K) @ (w * scale[:, None])^T for bf16 x, an int8 weight w (N, K) and a float32 scale per
+// output row; fp32 accumulation, bf16 output. AVX-512 with the BF16 extension (avx512_bf16). Notes on the
+// layout, the blocking and the measurements: zskernels/README.md, "CPU int8 kernel".
+//
+// The weight arrives packed once by zskernels/_cpu_kernel.py: blocks of 16 output rows, and within a block
+// pairs of consecutive K values side by side, [N / 16][K / 2][16][2] int8 (N and K zero-padded to 16 and
+// to even). One 32-byte load then holds the two K values of 16 outputs that one vdpbf16ps consumes.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t kRows = 8;  // rows of x per register tile
+
+// Accumulators per row tile: rows * blocks <= 24 of the 32 zmm registers, the rest hold the weights.
+template <int R> constexpr int blocks_for_rows() { return R == 1 ? 8 : R == 2 ? 8 : R <= 4 ? 6 : R <= 6 ? 4 : 3; }
+
+// 16 outputs' pairs (32 int8) -> the 32 bf16 values vdpbf16ps multiplies. int8 is exact in bf16.
+inline __m512bh weight_pairs(const int8_t* p) {
+  __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+  return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
+// acc * scale -> bf16, the outputs past N masked off.
+inline void store_row(at::BFloat16* y, __m512 acc, const float* scale, int64_t n0, int64_t N) {
+  const int64_t left = N - n0;
+  const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+  const __m256bh out = _mm512_cvtneps_pbh(_mm512_mul_ps(acc, _mm512_maskz_loadu_ps(mask, scale + n0)));
+  _mm256_mask_storeu_epi16(reinterpret_cast<void*>(y + n0), mask, reinterpret_cast<__m256i>(out));
+}
+
+// R rows of x times B blocks of 16 outputs, starting at block b0: every weight pair is loaded and converted
+// once and used by all R rows.
+template <int R, int B>
+void tile(const at::BFloat16* x, int64_t ldx, const int8_t* w, int64_t pairs, const float* scale,
+          at::BFloat16* y, int64_t ldy, int64_t b0, int64_t N) {
+  __m512 acc[R][B];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b) acc[r][b] = _mm512_setzero_ps();
+  const int8_t* block[B];
+  for (int b = 0; b < B; ++b) block[b] = w + (b0 + b) * pairs * 32;
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh wp[B];
+    for (int b = 0; b < B; ++b) wp[b] = weight_pairs(block[b] + p * 32);
+    for (int r = 0; r < R; ++r) {
+      int32_t both;  // x[r, 2p] and x[r, 2p + 1], broadcast to every lane
+      std::memcpy(&both, x + r * ldx + 2 * p, sizeof(both));
+      const __m512bh xp = reinterpret_cast<__m512bh>(_mm512_set1_epi32(both));
+      for (int b = 0; b < B; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], wp[b], xp);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b) store_row(y + r * ldy, acc[r][b], scale, (b0 + b) * 16, N);
+}
+
+// Blocks [b0, b1) for R rows: full groups of blocks_for_rows<R>() blocks, then single blocks.
+template <int R>
+void rows_by_blocks(const at::BFloat16* x, int64_t ldx, const int8_t* w, int64_t pairs, const float* scale,
+                    at::BFloat16* y, int64_t ldy, int64_t b0, int64_t b1, int64_t N) {
+  constexpr int B = blocks_for_rows<R>();
+  int64_t b = b0;
+  for (; b + B <= b1; b += B) tile<R, B>(x, ldx, w, pairs, scale, y, ldy, b, N);
+  for (; b < b1; ++b) tile<R, 1>(x, ldx, w, pairs, scale, y, ldy, b, N);
+}
+
+using RowsFn = void (*)(const at::BFloat16*, int64_t, const int8_t*, int64_t, const float*, at::BFloat16*,
+                        int64_t, int64_t, int64_t, int64_t);
+constexpr RowsFn kByRows[kRows + 1] = {nullptr,
+                                       rows_by_blocks<1>, rows_by_blocks<2>, rows_by_blocks<3>, rows_by_blocks<4>,
+                                       rows_by_blocks<5>, rows_by_blocks<6>, rows_by_blocks<7>, rows_by_blocks<8>};
+
+}  // namespace
+
+// w (N, K) int8 -> [ceil(N / 16)][ceil(K / 2)][16][2], zero-padded.
+torch::Tensor pack(const torch::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kInt8 && w.device().is_cpu(), "pack: a 2-D int8 CPU tensor");
+  const int64_t N = w.size(0), K = w.size(1), blocks = (N + 15) / 16, pairs = (K + 1) / 2;
+  auto padded = torch::zeros({blocks * 16, pairs * 2}, w.options());
+  padded.narrow(0, 0, N).narrow(1, 0, K).copy_(w);
+  return padded.view({blocks, 16, pairs, 2}).permute({0, 2, 1, 3}).contiguous();
+}
+
+torch::Tensor matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous() && x.device().is_cpu(),
+              "matmul: x must be a contiguous 2-D bf16 CPU tensor");
+  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kInt8 && packed.is_contiguous() &&
+              packed.size(2) == 16 && packed.size(3) == 2, "matmul: the weight must come from pack()");
+  TORCH_CHECK(scale.dim() == 1 && scale.scalar_type() == torch::kFloat32 && scale.is_contiguous(),
+              "matmul: scale must be a contiguous 1-D float32 tensor");
+  const int64_t M = x.size(0), K = x.size(1), N = scale.size(0), blocks = packed.size(0), pairs = packed.size(1);
+  TORCH_CHECK(K == 2 * pairs, "matmul: x has ", K, " columns, the packed weight ", 2 * pairs);
+  TORCH_CHECK(N > 16 * (blocks - 1) && N <= 16 * blocks, "matmul: ", N, " scales for ", blocks, " blocks of 16 rows");
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  const int8_t* wp = packed.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  // Threads split the output blocks; each walks its blocks in groups that stay in L1 while every row tile of
+  // x passes over them.
+  const int64_t group = 6;
+  const int64_t grain = std::max<int64_t>(1, (blocks + at::get_num_threads() - 1) / at::get_num_threads());
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t g0 = begin; g0 < end; g0 += group) {
+      const int64_t g1 = std::min(end, g0 + group);
+      for (int64_t m = 0; m < M; m += kRows) {
+        const int64_t rows = std::min(kRows, M - m);
+        kByRows[rows](xp + m * K, K, wp, pairs, sp, yp + m * N, N, g0, g1, N);
+      }
+    }
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack", &pack, "int8 (N, K) -> the kernel's layout");
+  m.def("matmul", &matmul, "bf16 x (M, K) @ (w * scale)^T -> bf16 (M, N)");
+}
