@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not cpu_kernel.available(),
                                 reason=f"the CPU int8 kernel is off here: {cpu_kernel.unavailable_reason()}")
 
 SHAPES = [(1, 2), (16, 16), (37, 20), (17, 578), (192, 576), (1537, 64)]  # (N, K); K even: the caller pads
-ROWS = [0, 1, 2, 3, 7, 8, 9, 15, 17, 64]
+ROWS = [0, 1, 2, 3, 7, 8, 9, 15, 17, 64, 127, 130]  # 128 on: weights converted once per group
 
 
 def reference(x, w, scale):

@@ -11,10 +11,12 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 namespace {
 
 constexpr int64_t kRows = 8;  // rows of x per register tile
+constexpr int64_t kConvertRows = 128;  // from this many rows on, weights are converted once per group
 
 // Accumulators per row tile: rows * blocks <= 24 of the 32 zmm registers, the rest hold the weights.
 template <int R> constexpr int blocks_for_rows() { return R == 1 ? 8 : R == 2 ? 8 : R <= 4 ? 6 : R <= 6 ? 4 : 3; }
@@ -24,6 +26,11 @@ inline __m512bh weight_pairs(const int8_t* p) {
   __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
   return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
+// The same pairs, converted earlier (large M: once per group of blocks instead of once per row tile).
+inline __m512bh weight_pairs(const at::BFloat16* p) {
+  return reinterpret_cast<__m512bh>(_mm512_loadu_si512(reinterpret_cast<const void*>(p)));
 }
 
 // acc * scale -> bf16, the outputs past N masked off.
@@ -36,13 +43,13 @@ inline void store_row(at::BFloat16* y, __m512 acc, const float* scale, int64_t n
 
 // R rows of x times B blocks of 16 outputs, starting at block b0: every weight pair is loaded and converted
 // once and used by all R rows.
-template <int R, int B>
-void tile(const at::BFloat16* x, int64_t ldx, const int8_t* w, int64_t pairs, const float* scale,
+template <int R, int B, typename W>
+void tile(const at::BFloat16* x, int64_t ldx, const W* w, int64_t pairs, const float* scale,
           at::BFloat16* y, int64_t ldy, int64_t b0, int64_t N) {
   __m512 acc[R][B];
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < B; ++b) acc[r][b] = _mm512_setzero_ps();
-  const int8_t* block[B];
+  const W* block[B];
   for (int b = 0; b < B; ++b) block[b] = w + (b0 + b) * pairs * 32;
   for (int64_t p = 0; p < pairs; ++p) {
     __m512bh wp[B];
@@ -59,8 +66,8 @@ void tile(const at::BFloat16* x, int64_t ldx, const int8_t* w, int64_t pairs, co
 }
 
 // Blocks [b0, b1) for R rows: full groups of blocks_for_rows<R>() blocks, then single blocks.
-template <int R>
-void rows_by_blocks(const at::BFloat16* x, int64_t ldx, const int8_t* w, int64_t pairs, const float* scale,
+template <int R, typename W>
+void rows_by_blocks(const at::BFloat16* x, int64_t ldx, const W* w, int64_t pairs, const float* scale,
                     at::BFloat16* y, int64_t ldy, int64_t b0, int64_t b1, int64_t N) {
   constexpr int B = blocks_for_rows<R>();
   int64_t b = b0;
@@ -68,11 +75,21 @@ void rows_by_blocks(const at::BFloat16* x, int64_t ldx, const int8_t* w, int64_t
   for (; b < b1; ++b) tile<R, 1>(x, ldx, w, pairs, scale, y, ldy, b, N);
 }
 
-using RowsFn = void (*)(const at::BFloat16*, int64_t, const int8_t*, int64_t, const float*, at::BFloat16*,
-                        int64_t, int64_t, int64_t, int64_t);
-constexpr RowsFn kByRows[kRows + 1] = {nullptr,
-                                       rows_by_blocks<1>, rows_by_blocks<2>, rows_by_blocks<3>, rows_by_blocks<4>,
-                                       rows_by_blocks<5>, rows_by_blocks<6>, rows_by_blocks<7>, rows_by_blocks<8>};
+// Every row of x over blocks [b0, b1) of w (rows numbered from b0 in w when it is a converted group).
+template <typename W>
+void all_rows(const at::BFloat16* x, int64_t M, int64_t K, const W* w, int64_t pairs, const float* scale,
+              at::BFloat16* y, int64_t b0, int64_t b1, int64_t N, int64_t first) {
+  using RowsFn = void (*)(const at::BFloat16*, int64_t, const W*, int64_t, const float*, at::BFloat16*,
+                          int64_t, int64_t, int64_t, int64_t);
+  static constexpr RowsFn by_rows[kRows + 1] = {
+      nullptr, rows_by_blocks<1, W>, rows_by_blocks<2, W>, rows_by_blocks<3, W>, rows_by_blocks<4, W>,
+      rows_by_blocks<5, W>, rows_by_blocks<6, W>, rows_by_blocks<7, W>, rows_by_blocks<8, W>};
+  // a converted group's block j is output block first + j: shift y and the scales to match
+  for (int64_t m = 0; m < M; m += kRows) {
+    const int64_t rows = std::min(kRows, M - m);
+    by_rows[rows](x + m * K, K, w, pairs, scale + first * 16, y + m * N + first * 16, N, b0, b1, N - first * 16);
+  }
+}
 
 }  // namespace
 
@@ -105,13 +122,22 @@ torch::Tensor matmul(const torch::Tensor& x, const torch::Tensor& packed, const 
   // x passes over them.
   const int64_t group = 6;
   const int64_t grain = std::max<int64_t>(1, (blocks + at::get_num_threads() - 1) / at::get_num_threads());
+  // From kConvertRows rows on, each group's weights are converted to bf16 once (into a per-thread buffer
+  // that stays in L2) instead of once per row tile.
+  const bool convert = M >= kConvertRows;
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<at::BFloat16> converted(convert ? group * pairs * 32 : 0);
     for (int64_t g0 = begin; g0 < end; g0 += group) {
       const int64_t g1 = std::min(end, g0 + group);
-      for (int64_t m = 0; m < M; m += kRows) {
-        const int64_t rows = std::min(kRows, M - m);
-        kByRows[rows](xp + m * K, K, wp, pairs, sp, yp + m * N, N, g0, g1, N);
+      if (!convert) {
+        all_rows(xp, M, K, wp, pairs, sp, yp, g0, g1, N, 0);
+        continue;
       }
+      const int8_t* src = wp + g0 * pairs * 32;
+      for (int64_t i = 0; i < (g1 - g0) * pairs; ++i)
+        _mm512_storeu_si512(reinterpret_cast<void*>(converted.data() + i * 32),
+                            reinterpret_cast<__m512i>(weight_pairs(src + i * 32)));
+      all_rows(xp, M, K, converted.data(), pairs, sp, yp, 0, g1 - g0, N, g0);
     }
   });
   return y;
