@@ -75,13 +75,16 @@ def _module():
 @functools.lru_cache(maxsize=None)
 def _built():
     reason = unavailable_reason()
-    if reason is None:
-        try:
-            return _build()
-        except Exception as error:  # no compiler, no ninja, an old toolchain: torch's routes stay
-            reason = f"building it failed ({type(error).__name__}: {str(error).strip().splitlines()[-1][:200]})"
-    log.warning("zskernels: the CPU int8 kernel is off (%s); int8 layers use torch's kernels", reason)
-    return None
+    if reason is not None:  # expected on such machines: said once, quietly
+        log.info("zskernels: the CPU int8 kernel is off (%s); int8 layers use torch's kernels", reason)
+        return None
+    try:
+        return _build()
+    except Exception as error:  # no compiler, no ninja, an old toolchain: torch's routes stay
+        last = (str(error).strip().splitlines() or [""])[-1][:200]
+        log.warning("zskernels: the CPU int8 kernel is off (building it failed: %s: %s); int8 layers use "
+                    "torch's kernels", type(error).__name__, last)
+        return None
 
 
 def _build():

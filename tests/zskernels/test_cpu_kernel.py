@@ -9,7 +9,7 @@ import torch
 
 from zskernels import _cpu_kernel as cpu_kernel
 
-pytestmark = pytest.mark.skipif(not cpu_kernel.available(),
+needs_kernel = pytest.mark.skipif(not cpu_kernel.available(),
                                 reason=f"the CPU int8 kernel is off here: {cpu_kernel.unavailable_reason()}")
 
 SHAPES = [(1, 2), (16, 16), (37, 20), (17, 578), (192, 576), (1537, 64)]  # (N, K); K even: the caller pads
@@ -24,6 +24,7 @@ def max_rel(y, expected):
     return float((y.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
 
 
+@needs_kernel
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_kernel_matches_float64_within_one_bf16_rounding(shape, rng):
     n, k = shape
@@ -41,6 +42,7 @@ def test_kernel_matches_float64_within_one_bf16_rounding(shape, rng):
             assert max_rel(y, expected) <= 2 ** -8 + 1e-5, (shape, m)
 
 
+@needs_kernel
 def test_rows_are_independent_and_threads_do_not_change_the_sums(rng):
     w = torch.randint(-127, 128, (300, 96), generator=rng, dtype=torch.int8)
     scale = torch.rand(300, generator=rng) * 0.01
@@ -61,6 +63,7 @@ def test_rows_are_independent_and_threads_do_not_change_the_sums(rng):
     assert torch.equal(one[finite], cpu_kernel.matmul(x[finite].contiguous(), packed, scale))  # no row leaks
 
 
+@needs_kernel
 def test_packing_pads_with_zeros(rng):
     w = torch.randint(-127, 128, (3, 5), generator=rng, dtype=torch.int8)
     packed = cpu_kernel.pack(w)
@@ -69,6 +72,7 @@ def test_packing_pads_with_zeros(rng):
     assert torch.equal(unpacked[:3, :5], w) and not unpacked[3:].any() and not unpacked[:, 5].any()
 
 
+@needs_kernel
 def test_bad_arguments_are_refused_in_one_line(rng):
     w = torch.randint(-127, 128, (20, 8), generator=rng, dtype=torch.int8)
     packed, scale = cpu_kernel.pack(w), torch.ones(20)
@@ -88,3 +92,20 @@ def test_bad_arguments_are_refused_in_one_line(rng):
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv(cpu_kernel.ENV, "0")
     assert cpu_kernel.unavailable_reason() == f"{cpu_kernel.ENV}=0"
+
+
+def test_a_failed_build_leaves_torchs_routes_with_one_warning(monkeypatch, caplog):
+    """No compiler (or any build error, even one without a message): available() is False, one warning."""
+    def fail():
+        raise RuntimeError()
+
+    monkeypatch.setattr(cpu_kernel, "_build", fail)
+    cpu_kernel._built.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger=cpu_kernel.__name__):
+            assert not cpu_kernel.available() and not cpu_kernel.available()
+        assert [r.getMessage() for r in caplog.records] == [
+            "zskernels: the CPU int8 kernel is off (building it failed: RuntimeError: ); int8 layers use "
+            "torch's kernels"]
+    finally:
+        cpu_kernel._built.cache_clear()
