@@ -9,7 +9,6 @@ why, and the CPU paths keep torch's routes.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import platform
@@ -33,13 +32,13 @@ def available() -> bool:
 
 def pack(w: torch.Tensor) -> torch.Tensor:
     """An int8 (N, K) weight in the kernel's layout (a copy, [N/16][K/2][16][2], zero-padded)."""
-    return _module().pack(w.contiguous())
+    return _required().pack(w.contiguous())
 
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """bf16 x (M, K) @ (w * scale[:, None])^T for ``packed = pack(w)``; scale float32 (N,); bf16 (M, N).
     K must be the packed width (even: the caller pads x as it padded w)."""
-    return _module().matmul(x, packed, scale)
+    return _required().matmul(x, packed, scale)
 
 
 def unavailable_reason() -> str | None:
@@ -48,14 +47,15 @@ def unavailable_reason() -> str | None:
         return f"{ENV}=0"
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"it is built for x86-64 Linux, not {platform.system()} {platform.machine()}"
-    flags = _cpu_flags()
+    flags = cpu_flags()
     missing = [f for f in CPU_FLAGS if f not in flags]
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
     return None
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo); empty where it cannot be read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -65,15 +65,30 @@ def _cpu_flags() -> set[str]:
 
 
 _LOCK = threading.Lock()
+_UNBUILT = object()
+_loaded = _UNBUILT  # the built module, None where it is off, or _UNBUILT before the first call
 
 
 def _module():
-    with _LOCK:  # one build, whichever thread asks first
-        return _built()
+    """The built module or None; built once, whichever thread asks first (later calls take no lock: every op
+    of the CPU paths calls this)."""
+    global _loaded
+    if _loaded is _UNBUILT:
+        with _LOCK:
+            if _loaded is _UNBUILT:
+                _loaded = _build_or_none()
+    return _loaded
 
 
-@functools.lru_cache(maxsize=None)
-def _built():
+def _required():
+    module = _module()
+    if module is None:
+        raise RuntimeError(f"zskernels' CPU int8 kernel is off here ({unavailable_reason() or 'its build failed'}): "
+                           "call it only where available() is True")
+    return module
+
+
+def _build_or_none():
     reason = unavailable_reason()
     if reason is not None:  # expected on such machines: said once, quietly
         log.info("zskernels: the CPU int8 kernel is off (%s); int8 layers use torch's kernels", reason)

@@ -95,17 +95,27 @@ def test_switched_off_by_the_environment(monkeypatch):
 
 
 def test_a_failed_build_leaves_torchs_routes_with_one_warning(monkeypatch, caplog):
-    """No compiler (or any build error, even one without a message): available() is False, one warning."""
+    """No compiler (or any build error, even one without a message): available() is False, one warning, and a
+    direct call says why in one line."""
     def fail():
         raise RuntimeError()
 
     monkeypatch.setattr(cpu_kernel, "_build", fail)
-    cpu_kernel._built.cache_clear()
-    try:
-        with caplog.at_level("WARNING", logger=cpu_kernel.__name__):
-            assert not cpu_kernel.available() and not cpu_kernel.available()
-        assert [r.getMessage() for r in caplog.records] == [
-            "zskernels: the CPU int8 kernel is off (building it failed: RuntimeError: ); int8 layers use "
-            "torch's kernels"]
-    finally:
-        cpu_kernel._built.cache_clear()
+    monkeypatch.setattr(cpu_kernel, "_loaded", cpu_kernel._UNBUILT)  # restored afterwards: the real build
+    with caplog.at_level("WARNING", logger=cpu_kernel.__name__):
+        assert not cpu_kernel.available() and not cpu_kernel.available()
+    assert [r.getMessage() for r in caplog.records] == [
+        "zskernels: the CPU int8 kernel is off (building it failed: RuntimeError: ); int8 layers use "
+        "torch's kernels"]
+    with pytest.raises(RuntimeError, match="CPU int8 kernel is off here .* only where available"):
+        cpu_kernel.pack(torch.zeros(16, 16, dtype=torch.int8))
+
+
+def test_a_cpu_without_the_flags_is_named(monkeypatch):
+    monkeypatch.delenv(cpu_kernel.ENV, raising=False)
+    monkeypatch.setattr(cpu_kernel.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(cpu_kernel.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_kernel, "cpu_flags", lambda: {"avx512f", "avx512bw", "avx512vl"})
+    assert cpu_kernel.unavailable_reason() == "this CPU lacks avx512_bf16"
+    monkeypatch.setattr(cpu_kernel.platform, "machine", lambda: "aarch64")
+    assert cpu_kernel.unavailable_reason() == "it is built for x86-64 Linux, not Linux aarch64"

@@ -200,11 +200,9 @@ def serving_dtype(args, model) -> torch.dtype:
 
 def _cpu_has_bf16() -> bool:
     """Native bf16 dot products (AVX512-BF16 or AMX): without them bf16 GEMMs are emulated, slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    from zskernels._cpu_kernel import cpu_flags
+
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def _speeds(models: list, args) -> list[dict]:
