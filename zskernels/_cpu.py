@@ -16,7 +16,8 @@ Nothing here de-quantises a whole factor per call:
   absmax / 127, which carries x to 1/64516 of its absmax (error ~3e-5 relative, below bf16's and
   fp16's own rounding), and the integer GEMM (exact int32 sums) is several times faster than a
   16-bit GEMM on the CPU. ``int8_path`` picks the route from M and the weight's shape.
-* ``float_linear(x, w)``: F.linear with a 16-bit weight in another dtype, converted in chunks.
+* ``float_linear(x, w)``: F.linear with a 16-bit weight in another dtype, converted in chunks; bf16 x and w
+  with few rows through zskernels' bf16 kernel (``_cpu_kernel.bf16_linear``, on the weight as stored).
 * ``fp8_rows_as_int8(w_fp8)``: a one-time re-encoding of fp8 e4m3 rows to int8 (torch's fp8 -> float
   conversion is scalar on the CPU, ~30 ns/element), cached by ``derived``; ``float_rows_as_int8(w)``
   the same for float rows (remap's de-quantised factors under 16-bit activations).
@@ -309,8 +310,23 @@ def _aligned(t: Tensor) -> Tensor:
 
 
 def float_linear(x: Tensor, w: Tensor) -> Tensor:
-    """F.linear(x, w) for a float weight of any dtype, without converting all of it at once."""
-    return F.linear(x, w) if w.dtype == x.dtype else _chunked_linear(x, w, None)
+    """F.linear(x, w) for a float weight of any dtype, without converting all of it at once; bf16 with few
+    rows through zskernels' CPU kernel, which reads w where it lies."""
+    if w.dtype != x.dtype:
+        return _chunked_linear(x, w, None)
+    if bf16_kernel_takes(x, w):
+        return cpu_kernel.bf16_linear(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[0])
+    return F.linear(x, w)
+
+
+def bf16_kernel_takes(x: Tensor, w: Tensor) -> bool:
+    """Whether F.linear(x, w) goes through zskernels' bf16 CPU kernel: bf16 operands on the CPU, few rows (it
+    beats torch's GEMM up to ``BF16_MAX_ROWS``), eager and without gradients (it has neither a compiled form
+    nor a backward)."""
+    return (x.dtype == w.dtype == torch.bfloat16 and x.device.type == w.device.type == "cpu" and w.dim() == 2
+            and w.is_contiguous() and x.numel() <= cpu_kernel.BF16_MAX_ROWS * max(1, x.shape[-1])
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            and not torch.compiler.is_compiling() and cpu_kernel.available())
 
 
 def _fp8_values(w: Tensor) -> Tensor:

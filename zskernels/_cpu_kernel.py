@@ -1,9 +1,13 @@
-"""The CPU int8 weight-only GEMM (``csrc/int8_matmul_cpu.cpp``): bf16 x (M, K) times an int8 weight with one
-float32 scale per output row, register-blocked so that each weight value is loaded once per 8 rows of x
-(torch's ``_weight_int8pack_mm`` reloads it per row, and from M = 4 on loses to a bf16 GEMM).
+"""zskernels' CPU kernels (``csrc/``), for bf16 activations on CPUs with AVX-512 BF16:
+
+* ``int8_matmul`` (``csrc/int8_matmul_cpu.cpp``): x (M, K) times an int8 weight with one float32 scale per
+  output row, in a packed layout (``int8_pack``), register-blocked so that each weight value is loaded once per
+  8 rows of x (torch's ``_weight_int8pack_mm`` reloads it per row, and from M = 4 on loses to a bf16 GEMM);
+* ``bf16_linear`` (``csrc/bf16_matmul_cpu.cpp``): x (M, K) times a bf16 weight in its own (N, K) layout, so no
+  copy is kept; it runs for few rows (``BF16_MAX_ROWS``), where it beats torch's bf16 GEMM.
 
 Compiled on first use with torch's extension builder (g++ and ninja; about 40 s, then cached under
-``TORCH_EXTENSIONS_DIR``). It needs a CPU with AVX-512 BF16 (``avx512_bf16``, with F, BW and VL). Where
+``TORCH_EXTENSIONS_DIR``). They need a CPU with AVX-512 BF16 (``avx512_bf16``, with F, BW and VL). Where
 any of that is missing, or ``ZSKERNELS_CPU_KERNEL=0``, ``available()`` is False, a one-line message says
 why, and the CPU paths keep torch's routes.
 """
@@ -19,10 +23,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "int8_matmul_cpu.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in
+           ("cpu_kernels.cpp", "int8_matmul_cpu.cpp", "bf16_matmul_cpu.cpp")]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 COMPILE_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
 ENV = "ZSKERNELS_CPU_KERNEL"
+# bf16_linear up to this many rows of x; beyond, torch's bf16 GEMM is as fast or faster (zskernels/README.md,
+# "CPU kernels": even at 128 rows on SmolLM2's factor shapes, behind at 512).
+BF16_MAX_ROWS = 64
 
 
 def available() -> bool:
@@ -31,14 +39,19 @@ def available() -> bool:
 
 
 def pack(w: torch.Tensor) -> torch.Tensor:
-    """An int8 (N, K) weight in the kernel's layout (a copy, [N/16][K/2][16][2], zero-padded)."""
-    return _required().pack(w.contiguous())
+    """An int8 (N, K) weight in the int8 kernel's layout (a copy, [N/16][K/2][16][2], zero-padded)."""
+    return _required().int8_pack(w.contiguous())
 
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """bf16 x (M, K) @ (w * scale[:, None])^T for ``packed = pack(w)``; scale float32 (N,); bf16 (M, N).
     K must be the packed width (even: the caller pads x as it padded w)."""
-    return _required().matmul(x, packed, scale)
+    return _required().int8_matmul(x, packed, scale)
+
+
+def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """bf16 x (M, K) @ w^T for a contiguous bf16 w (N, K); fp32 sums, bf16 (M, N)."""
+    return _required().bf16_linear(x.contiguous(), w)
 
 
 def unavailable_reason() -> str | None:
@@ -83,7 +96,7 @@ def _module():
 def _required():
     module = _module()
     if module is None:
-        raise RuntimeError(f"zskernels' CPU int8 kernel is off here ({unavailable_reason() or 'its build failed'}): "
+        raise RuntimeError(f"zskernels' CPU kernels are off here ({unavailable_reason() or 'its build failed'}): "
                            "call it only where available() is True")
     return module
 
@@ -91,13 +104,13 @@ def _required():
 def _build_or_none():
     reason = unavailable_reason()
     if reason is not None:  # expected on such machines: said once, quietly
-        log.info("zskernels: the CPU int8 kernel is off (%s); int8 layers use torch's kernels", reason)
+        log.info("zskernels: the CPU kernels are off (%s); packed layers use torch's kernels", reason)
         return None
     try:
         return _build()
     except Exception as error:  # no compiler, no ninja, an old toolchain: torch's routes stay
         last = (str(error).strip().splitlines() or [""])[-1][:200]
-        log.warning("zskernels: the CPU int8 kernel is off (building it failed: %s: %s); int8 layers use "
+        log.warning("zskernels: the CPU kernels are off (building them failed: %s: %s); packed layers use "
                     "torch's kernels", type(error).__name__, last)
         return None
 
@@ -108,6 +121,6 @@ def _build():
     # torch's builder keys its cache on the name, sources and flags, not on torch itself: the name carries
     # torch's version, so that two environments never load each other's build
     version = "".join(c if c.isalnum() else "_" for c in torch.__version__)
-    log.info("zskernels: building the CPU int8 kernel (once, about 40 s)")
-    return cpp_extension.load(name=f"zskernels_int8_matmul_cpu_{version}", sources=[str(SOURCE)],
+    log.info("zskernels: building the CPU kernels (once, about 40 s)")
+    return cpp_extension.load(name=f"zskernels_cpu_kernels_{version}", sources=[str(p) for p in SOURCES],
                               extra_cflags=COMPILE_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)

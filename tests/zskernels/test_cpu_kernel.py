@@ -1,6 +1,7 @@
-"""zskernels' CPU int8 kernel (csrc/int8_matmul_cpu.cpp via _cpu_kernel.py) against float64.
+"""zskernels' CPU kernels (csrc/int8_matmul_cpu.cpp and csrc/bf16_matmul_cpu.cpp via _cpu_kernel.py) against
+float64.
 
-Odd shapes (N not a multiple of 16, every remainder of the 8-row tile, one-row and one-block weights), both
+Odd shapes (N not a multiple of 16, every remainder of the row tiles and of K, one-row and one-block weights), both
 thread counts (each output is summed by one thread in one order: the results are equal bit for bit), and the
 arguments it refuses. Skipped, with the reason, where the kernel cannot run (no AVX-512 BF16, no compiler).
 """
@@ -10,7 +11,7 @@ import torch
 from zskernels import _cpu_kernel as cpu_kernel
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel.available(),
-                                reason=f"the CPU int8 kernel is off here: {cpu_kernel.unavailable_reason()}")
+                                reason=f"the CPU kernels are off here: {cpu_kernel.unavailable_reason()}")
 
 SHAPES = [(1, 2), (16, 16), (37, 20), (17, 578), (192, 576), (1537, 64)]  # (N, K); K even: the caller pads
 ROWS = [0, 1, 2, 3, 7, 8, 9, 15, 17, 64, 127, 130]  # 128 on: weights converted once per group
@@ -105,10 +106,12 @@ def test_a_failed_build_leaves_torchs_routes_with_one_warning(monkeypatch, caplo
     with caplog.at_level("WARNING", logger=cpu_kernel.__name__):
         assert not cpu_kernel.available() and not cpu_kernel.available()
     assert [r.getMessage() for r in caplog.records] == [
-        "zskernels: the CPU int8 kernel is off (building it failed: RuntimeError: ); int8 layers use "
+        "zskernels: the CPU kernels are off (building them failed: RuntimeError: ); packed layers use "
         "torch's kernels"]
-    with pytest.raises(RuntimeError, match="CPU int8 kernel is off here .* only where available"):
+    with pytest.raises(RuntimeError, match="CPU kernels are off here .* only where available"):
         cpu_kernel.pack(torch.zeros(16, 16, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="CPU kernels are off here"):
+        cpu_kernel.bf16_linear(torch.zeros(1, 16, dtype=torch.bfloat16), torch.zeros(16, 16, dtype=torch.bfloat16))
 
 
 def test_a_cpu_without_the_flags_is_named(monkeypatch):
@@ -119,3 +122,79 @@ def test_a_cpu_without_the_flags_is_named(monkeypatch):
     assert cpu_kernel.unavailable_reason() == "this CPU lacks avx512_bf16"
     monkeypatch.setattr(cpu_kernel.platform, "machine", lambda: "aarch64")
     assert cpu_kernel.unavailable_reason() == "it is built for x86-64 Linux, not Linux aarch64"
+
+
+# bf16_linear: a bf16 weight as stored, (N, K) row-major. K runs in steps of 32 with a masked remainder, N in
+# blocks of 16 (a partial last one), rows in tiles of 1 to 3.
+BF16_SHAPES = [(1, 1), (16, 32), (37, 101), (5, 31), (17, 33), (335, 576), (1536, 335), (64, 0)]
+BF16_ROWS = [0, 1, 2, 3, 4, 5, 7, 8, 11, 64]
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", BF16_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_bf16_kernel_matches_float64_within_one_bf16_rounding(shape, rng):
+    n, k = shape
+    w = torch.randn(n, k, generator=rng).to(torch.bfloat16)
+    for m in BF16_ROWS:
+        x = torch.randn(m, k, generator=rng).to(torch.bfloat16)
+        y = cpu_kernel.bf16_linear(x, w)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+        expected = x.double() @ w.double().T
+        if not k:
+            assert not y.any()
+        elif m:
+            # fp32 sums of exact products (bf16 x bf16 fits fp32), rounded once to bf16
+            assert max_rel(y, expected) <= 2 ** -8 + 1e-4, (shape, m)
+
+
+@needs_kernel
+def test_bf16_rows_are_independent_and_threads_do_not_change_the_sums(rng):
+    w = torch.randn(300, 97, generator=rng).to(torch.bfloat16)
+    x = torch.randn(11, 97, generator=rng).to(torch.bfloat16)
+    x[4, 96] = float("inf")  # in the masked remainder of K
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernel.bf16_linear(x, w)
+        torch.set_num_threads(2)
+        two = cpu_kernel.bf16_linear(x, w)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    assert not one[4].isfinite().all()
+    finite = [r for r in range(11) if r != 4]
+    assert torch.equal(one[finite], cpu_kernel.bf16_linear(x[finite], w))  # no row leaks
+    assert torch.equal(one[finite][:1], cpu_kernel.bf16_linear(x[finite][:1], w))  # nor tiles of different rows
+
+
+@needs_kernel
+def test_bf16_bad_arguments_are_refused_in_one_line(rng):
+    w = torch.randn(20, 8).to(torch.bfloat16)
+    x = torch.randn(2, 8).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="x has 6 columns, w 8"):
+        cpu_kernel.bf16_linear(x[:, :6], w)
+    with pytest.raises(RuntimeError, match="x must be a contiguous 2-D bf16"):
+        cpu_kernel.bf16_linear(x.half(), w)
+    with pytest.raises(RuntimeError, match="w must be a contiguous 2-D bf16"):
+        cpu_kernel.bf16_linear(x, w.T.contiguous().T)
+
+
+@needs_kernel
+def test_float_linear_takes_the_bf16_kernel_for_few_rows_only(monkeypatch, rng):
+    """Few rows of bf16 x on a contiguous bf16 weight, eager and without gradients: the kernel; otherwise F.linear."""
+    from zskernels import _cpu
+
+    calls = []
+    real = cpu_kernel.bf16_linear
+    monkeypatch.setattr(cpu_kernel, "bf16_linear", lambda x, w: calls.append(x.shape) or real(x, w))
+    w = torch.randn(40, 24, generator=rng).to(torch.bfloat16)
+    few = torch.randn(2, 3, 24, generator=rng).to(torch.bfloat16)
+    many = torch.randn(cpu_kernel.BF16_MAX_ROWS + 1, 24, generator=rng).to(torch.bfloat16)
+    y = _cpu.float_linear(few, w)
+    assert calls == [(6, 24)] and y.shape == (2, 3, 40)
+    assert max_rel(y, few.double() @ w.double().T) <= 2 ** -8 + 1e-4
+    _cpu.float_linear(many, w)
+    _cpu.float_linear(few.float(), w.float())
+    _cpu.float_linear(few, w.T.contiguous().T)  # a transposed view: F.linear reads it as it is
+    _cpu.float_linear(few.requires_grad_(), w).sum().backward()  # the kernel has no backward
+    assert calls == [(6, 24)] and few.grad is not None

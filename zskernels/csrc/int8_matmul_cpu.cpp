@@ -1,6 +1,7 @@
 // y (M, N) = x (M, K) @ (w * scale[:, None])^T for bf16 x, an int8 weight w (N, K) and a float32 scale per
 // output row; fp32 accumulation, bf16 output. AVX-512 with the BF16 extension (avx512_bf16). Notes on the
-// layout, the blocking and the measurements: zskernels/README.md, "CPU int8 kernel".
+// layout, the blocking and the measurements: zskernels/README.md, "CPU kernels". Bound to Python in
+// cpu_kernels.cpp.
 //
 // The weight arrives packed once by zskernels/_cpu_kernel.py: blocks of 16 output rows, and within a block
 // pairs of consecutive K values side by side, [N / 16][K / 2][16][2] int8 (N and K zero-padded to 16 and
@@ -94,24 +95,24 @@ void all_rows(const at::BFloat16* x, int64_t M, int64_t K, const W* w, int64_t p
 }  // namespace
 
 // w (N, K) int8 -> [ceil(N / 16)][ceil(K / 2)][16][2], zero-padded.
-torch::Tensor pack(const torch::Tensor& w) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kInt8 && w.device().is_cpu(), "pack: a 2-D int8 CPU tensor");
+torch::Tensor int8_pack(const torch::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kInt8 && w.device().is_cpu(), "int8_pack: a 2-D int8 CPU tensor");
   const int64_t N = w.size(0), K = w.size(1), blocks = (N + 15) / 16, pairs = (K + 1) / 2;
   auto padded = torch::zeros({blocks * 16, pairs * 2}, w.options());
   padded.narrow(0, 0, N).narrow(1, 0, K).copy_(w);
   return padded.view({blocks, 16, pairs, 2}).permute({0, 2, 1, 3}).contiguous();
 }
 
-torch::Tensor matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale) {
+torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous() && x.device().is_cpu(),
-              "matmul: x must be a contiguous 2-D bf16 CPU tensor");
+              "int8_matmul: x must be a contiguous 2-D bf16 CPU tensor");
   TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kInt8 && packed.is_contiguous() &&
-              packed.size(2) == 16 && packed.size(3) == 2, "matmul: the weight must come from pack()");
+              packed.size(2) == 16 && packed.size(3) == 2, "int8_matmul: the weight must come from int8_pack()");
   TORCH_CHECK(scale.dim() == 1 && scale.scalar_type() == torch::kFloat32 && scale.is_contiguous(),
-              "matmul: scale must be a contiguous 1-D float32 tensor");
+              "int8_matmul: scale must be a contiguous 1-D float32 tensor");
   const int64_t M = x.size(0), K = x.size(1), N = scale.size(0), blocks = packed.size(0), pairs = packed.size(1);
-  TORCH_CHECK(K == 2 * pairs, "matmul: x has ", K, " columns, the packed weight ", 2 * pairs);
-  TORCH_CHECK(N > 16 * (blocks - 1) && N <= 16 * blocks, "matmul: ", N, " scales for ", blocks, " blocks of 16 rows");
+  TORCH_CHECK(K == 2 * pairs, "int8_matmul: x has ", K, " columns, the packed weight ", 2 * pairs);
+  TORCH_CHECK(N > 16 * (blocks - 1) && N <= 16 * blocks, "int8_matmul: ", N, " scales for ", blocks, " blocks of 16 rows");
   auto y = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
@@ -141,9 +142,4 @@ torch::Tensor matmul(const torch::Tensor& x, const torch::Tensor& packed, const 
     }
   });
   return y;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pack", &pack, "int8 (N, K) -> the kernel's layout");
-  m.def("matmul", &matmul, "bf16 x (M, K) @ (w * scale)^T -> bf16 (M, N)");
 }
