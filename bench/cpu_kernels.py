@@ -1,8 +1,9 @@
 """zskernels' CPU kernels against torch's own routes, per GEMM, side by side in one run.
 
 For each weight shape (SmolLM2-135M's layers and their ratio-0.8 factors) and each number of rows M:
-bf16 ``F.linear`` against ``bf16_linear`` (a bf16 weight as stored), and ``_weight_int8pack_mm`` against
-``int8_matmul`` (an int8 weight with row scales). Every timed call reads a different copy of the weights
+bf16 ``F.linear`` against ``bf16_linear`` (a bf16 weight as stored), ``_weight_int8pack_mm`` against
+``int8_matmul`` (an int8 weight with row scales), and ``_weight_int4pack_mm_for_cpu`` against ``int4_matmul``
+(int4 codes with a scale and min per group of 64, zskernels/formats/int4.py). Every timed call reads a different copy of the weights
 (each method its own copies), enough to exceed 3x the last-level cache, as a decode step reads them from memory; random values,
 medians of ``--repeats`` calls, the methods interleaved per repeat.
 
@@ -26,6 +27,7 @@ from zskernels import _cpu_kernel as cpu_kernel
 # (N, K): SmolLM2-135M's MLP (1536 x 576, 576 x 1536), attention (576 x 576, 192 x 576), and the factors of
 # an MLP projection at ratio 0.8 in 16 bits (rank 335).
 SHAPES = [(1536, 576), (576, 1536), (576, 576), (192, 576), (335, 576), (1536, 335)]
+INT4_GROUP = 64
 CACHE_BYTES = 32 * 2**20  # where the L3's size cannot be read; weights rotate through 3x the L3
 
 
@@ -45,18 +47,36 @@ def int8_weights(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, to
     return torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8), torch.rand(n, generator=gen) * 0.01
 
 
+def int4_weights(n: int, k: int, copies: int, gen: torch.Generator) -> list[dict[str, torch.Tensor]]:
+    from zskernels.formats.int4 import quantize_int4
+
+    return [quantize_int4(torch.randn(n, k, generator=gen), group_size=INT4_GROUP) for _ in range(copies)]
+
+
 def methods(n: int, k: int, gen: torch.Generator) -> dict[str, list[Callable[[torch.Tensor], torch.Tensor]]]:
-    """Each method as one closure per weight copy. The int8 weights have K rounded up to 16, as the CPU paths
-    pad them (x is padded outside the timing)."""
+    """Each method as one closure per weight copy. The int8 and int4 weights have K rounded up to 16 and to the
+    group, as the CPU paths pad them (x is padded outside the timing)."""
+    from zskernels.ops.int4 import cpu as int4_cpu
+
     copies = copies_beyond_cache(n * k * 2)
     bf16 = [torch.randn(n, k, generator=gen).to(torch.bfloat16) for _ in range(copies)]
-    int8 = [int8_weights(n, -(-k // 16) * 16, gen) for _ in range(copies)]
+    int8 = [int8_weights(n, padded(k, 16), gen) for _ in range(copies)]
+    int4 = int4_weights(n, k, copies_beyond_cache(n * k // 2), gen)
     out = {"bf16 F.linear": [lambda x, w=w: F.linear(x, w) for w in bf16],
-           "int8pack": [lambda x, w=w, s=s.to(torch.bfloat16): torch._weight_int8pack_mm(x, w, s) for w, s in int8]}
+           "int8pack": [lambda x, w=w, s=s.to(torch.bfloat16): torch._weight_int8pack_mm(x, w, s) for w, s in int8],
+           "int4pack": [lambda x, w=int4_cpu._int4pack_weight(q["codes"]),
+                        sz=int4_cpu._scales_and_zeros(q["scales"], q["mins"], torch.bfloat16):
+                        torch._weight_int4pack_mm_for_cpu(x, w, INT4_GROUP, sz) for q in int4]}
     if cpu_kernel.available():  # copies of its own: interleaved calls must not find each other's in the cache
         out["bf16_linear"] = [lambda x, w=w.clone(): cpu_kernel.bf16_linear(x, w) for w in bf16]
         out["int8_matmul"] = [lambda x, p=cpu_kernel.pack(w), s=s: cpu_kernel.matmul(x, p, s) for w, s in int8]
+        out["int4_matmul"] = [lambda x, p=cpu_kernel.int4_pack(q["codes"], q["scales"], q["mins"]):
+                              cpu_kernel.int4_matmul(x, p, n) for q in int4]
     return out
+
+
+def padded(k: int, multiple: int) -> int:
+    return -(-k // multiple) * multiple
 
 
 def median_us(calls: list[Callable[[], object]], repeats: int) -> list[float]:
@@ -77,15 +97,15 @@ def run(rows: list[int], repeats: int, gen: torch.Generator) -> list[dict]:
         by_method = methods(n, k, gen)
         for m in rows:
             x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
-            x16 = F.pad(x, (0, -(-k // 16) * 16 - k))
+            inputs = {"int8": F.pad(x, (0, padded(k, 16) - k)), "int4": F.pad(x, (0, padded(k, INT4_GROUP) - k))}
             names = [name for name in by_method if name != "int8pack" or m <= 64]  # int8pack: decode sizes
-            calls = [lambda r, c=by_method[name], x=x16 if "int8" in name else x: c[r % len(c)](x) for name in names]
+            calls = [lambda r, c=by_method[name], x=inputs.get(name[:4], x): c[r % len(c)](x) for name in names]
             results.append({"N": n, "K": k, "M": m, **dict(zip(names, median_us(calls, repeats)))})
     return results
 
 
 def table(results: list[dict]) -> str:
-    cols = ["bf16 F.linear", "bf16_linear", "int8pack", "int8_matmul"]
+    cols = ["bf16 F.linear", "bf16_linear", "int8pack", "int8_matmul", "int4pack", "int4_matmul"]
     lines = ["| (N, K) | M | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for row in results:
         cells = [f"{row[c]:.1f}" if c in row else "" for c in cols]

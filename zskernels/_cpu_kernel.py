@@ -4,7 +4,9 @@
   output row, in a packed layout (``int8_pack``), register-blocked so that each weight value is loaded once per
   8 rows of x (torch's ``_weight_int8pack_mm`` reloads it per row, and from M = 4 on loses to a bf16 GEMM);
 * ``bf16_linear`` (``csrc/bf16_matmul_cpu.cpp``): x (M, K) times a bf16 weight in its own (N, K) layout, so no
-  copy is kept; it runs for few rows (``BF16_MAX_ROWS``), where it beats torch's bf16 GEMM.
+  copy is kept; it runs for few rows (``BF16_MAX_ROWS``), where it beats torch's bf16 GEMM;
+* ``int4_matmul`` (``csrc/int4_matmul_cpu.cpp``): x (M, K) times an int4 weight with a scale and a min per group
+  of K (``zskernels/formats/int4.py``), blocked like the int8 kernel, in a layout made once by ``int4_pack``.
 
 Compiled on first use with torch's extension builder (g++ and ninja; about 40 s, then cached under
 ``TORCH_EXTENSIONS_DIR``). They need a CPU with AVX-512 BF16 (``avx512_bf16``, with F, BW and VL). Where
@@ -24,7 +26,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in
-           ("cpu_kernels.cpp", "int8_matmul_cpu.cpp", "bf16_matmul_cpu.cpp")]
+           ("cpu_kernels.cpp", "int8_matmul_cpu.cpp", "bf16_matmul_cpu.cpp", "int4_matmul_cpu.cpp")]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 COMPILE_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
 ENV = "ZSKERNELS_CPU_KERNEL"
@@ -52,6 +54,27 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.
 def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """bf16 x (M, K) @ w^T for a contiguous bf16 w (N, K); fp32 sums, bf16 (M, N)."""
     return _required().bf16_linear(x.contiguous(), w)
+
+
+def int4_pack(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """An int4 weight as stored (codes (N, K / 2) uint8, scales and mins (N, groups); zskernels/formats/int4.py)
+    in the int4 kernel's layout: (codes [N/16][K/2][16], scale and offset = min - 128 scale, [N/16][groups][16]
+    float32), rows zero-padded to 16 (copies)."""
+    rows = -codes.shape[0] % 16
+    blocks = (codes.shape[0] + rows) // 16
+
+    def by_block(t: torch.Tensor) -> torch.Tensor:  # (N, C) -> [N/16][C][16]
+        return torch.nn.functional.pad(t, (0, 0, 0, rows)).view(blocks, 16, -1).permute(0, 2, 1).contiguous()
+
+    scale = scales.float()
+    return by_block(codes), by_block(scale), by_block(mins.float() - 128 * scale)
+
+
+def int4_matmul(x: torch.Tensor, packed: tuple[torch.Tensor, ...], out_features: int) -> torch.Tensor:
+    """bf16 x (M, K) @ W_hat^T for ``packed = int4_pack(...)``, K the codes' padded width; bf16 (M, N)."""
+    codes, scale, offset = packed
+    xsum = x.float().view(x.shape[0], scale.shape[1], x.shape[1] // scale.shape[1]).sum(dim=2)  # per group
+    return _required().int4_matmul(x, codes, scale, offset, xsum, out_features)
 
 
 def unavailable_reason() -> str | None:
@@ -121,6 +144,6 @@ def _build():
     # torch's builder keys its cache on the name, sources and flags, not on torch itself: the name carries
     # torch's version, so that two environments never load each other's build
     version = "".join(c if c.isalnum() else "_" for c in torch.__version__)
-    log.info("zskernels: building the CPU kernels (once, about 40 s)")
+    log.info("zskernels: loading the CPU kernels (built on first use: about 40-60 s once, then cached)")
     return cpp_extension.load(name=f"zskernels_cpu_kernels_{version}", sources=[str(p) for p in SOURCES],
                               extra_cflags=COMPILE_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)

@@ -16,7 +16,8 @@ def test_one_table_with_every_method(monkeypatch, tmp_path, capsys):
     text = capsys.readouterr().out
     rows = [line for line in text.splitlines() if line.startswith("| 37 x 101") or line.startswith("| 16 x 64")]
     assert len(rows) == 4
-    methods = ["bf16 F.linear", "int8pack"] + (["bf16_linear", "int8_matmul"] if cpu_kernel.available() else [])
+    methods = ["bf16 F.linear", "int8pack", "int4pack"] + (
+        ["bf16_linear", "int8_matmul", "int4_matmul"] if cpu_kernel.available() else [])
     results = __import__("json").loads(out.read_text())["results"]
     assert all(row[m] > 0 for row in results for m in methods)
 

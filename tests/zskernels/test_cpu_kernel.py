@@ -198,3 +198,88 @@ def test_float_linear_takes_the_bf16_kernel_for_few_rows_only(monkeypatch, rng):
     _cpu.float_linear(few, w.T.contiguous().T)  # a transposed view: F.linear reads it as it is
     _cpu.float_linear(few.requires_grad_(), w).sum().backward()  # the kernel has no backward
     assert calls == [(6, 24)] and few.grad is not None
+
+
+# int4_matmul: codes, scales and mins as zskernels/formats/int4.py stores them, in the kernel's layout. Groups
+# of 16 to 80 (any multiple of 16), N in blocks of 16 with a partial last one, rows in tiles of 1 to 4, and from
+# 64 rows on codes expanded once per span of blocks.
+INT4_SHAPES = [(1, 16, 16), (37, 101, 16), (16, 64, 64), (5, 200, 80), (335, 576, 32), (40, 130, 64)]  # (N, K, g)
+INT4_ROWS = [0, 1, 2, 3, 4, 5, 7, 8, 9, 63, 64, 67]
+
+
+def int4_weight(n, k, g, rng):
+    from zskernels.formats.int4 import dequantize_int4, quantize_int4
+
+    stored = quantize_int4(torch.randn(n, k, generator=rng), group_size=g)
+    return stored, dequantize_int4(stored).double()[:, :k]
+
+
+def int4_apply(x, stored, n):
+    kp = 2 * stored["codes"].shape[1]
+    packed = cpu_kernel.int4_pack(stored["codes"], stored["scales"], stored["mins"])
+    return cpu_kernel.int4_matmul(torch.nn.functional.pad(x, (0, kp - x.shape[1])), packed, n)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", INT4_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_int4_kernel_matches_float64_within_one_bf16_rounding(shape, rng):
+    n, k, g = shape
+    stored, w = int4_weight(n, k, g, rng)
+    for m in INT4_ROWS:
+        x = torch.randn(m, k, generator=rng).to(torch.bfloat16)
+        y = int4_apply(x, stored, n)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+        if m:
+            # exact products in fp32, fp32 sums with 128 sum(x) taken out per group, one bf16 rounding
+            assert max_rel(y, x.double() @ w.T) <= 2 ** -8 + 1e-4, (shape, m)
+
+
+@needs_kernel
+def test_int4_packing_transposes_each_block_and_folds_the_min(rng):
+    stored, _ = int4_weight(20, 64, 32, rng)
+    codes, scale, offset = cpu_kernel.int4_pack(stored["codes"], stored["scales"], stored["mins"])
+    assert codes.shape == (2, 32, 16) and scale.shape == offset.shape == (2, 2, 16)
+    assert torch.equal(codes.permute(0, 2, 1).reshape(32, 32)[:20], stored["codes"])
+    assert not codes.permute(0, 2, 1).reshape(32, 32)[20:].any()
+    s = stored["scales"].float()
+    assert torch.equal(scale.permute(0, 2, 1).reshape(32, 2)[:20], s)
+    assert torch.equal(offset.permute(0, 2, 1).reshape(32, 2)[:20], stored["mins"].float() - 128 * s)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", [11, 70])  # both sides of the expansion threshold
+def test_int4_rows_are_independent_and_threads_do_not_change_the_sums(m, rng):
+    stored, _ = int4_weight(300, 96, 32, rng)
+    x = torch.randn(m, 96, generator=rng).to(torch.bfloat16)
+    x[4, 7] = float("inf")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = int4_apply(x, stored, 300)
+        torch.set_num_threads(2)
+        two = int4_apply(x, stored, 300)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(one, two, rtol=0, atol=0, equal_nan=True)  # the inf row: inf - inf per group
+    assert not one[4].isfinite().any()
+    finite = [r for r in range(m) if r != 4]
+    assert one[finite].isfinite().all()
+
+
+@needs_kernel
+def test_int4_bad_arguments_are_refused_in_one_line(rng):
+    stored, _ = int4_weight(20, 64, 32, rng)
+    codes, scale, offset = cpu_kernel.int4_pack(stored["codes"], stored["scales"], stored["mins"])
+    x = torch.randn(2, 64).to(torch.bfloat16)
+    xsum = torch.zeros(2, 2)
+    module = cpu_kernel._required()
+    with pytest.raises(RuntimeError, match="x has 62 columns, the packed codes 64"):
+        module.int4_matmul(x[:, :62].contiguous(), codes, scale, offset, xsum, 20)
+    with pytest.raises(RuntimeError, match="40 outputs for 2 blocks"):
+        module.int4_matmul(x, codes, scale, offset, xsum, 40)
+    with pytest.raises(RuntimeError, match="scale and offset must be"):
+        module.int4_matmul(x, codes, scale.half(), offset, xsum, 20)
+    with pytest.raises(RuntimeError, match="xsum must be"):
+        module.int4_matmul(x, codes, scale, offset, xsum[:1].contiguous(), 20)
+    with pytest.raises(RuntimeError, match="the codes must be"):
+        module.int4_matmul(x, codes.view(torch.int8), scale, offset, xsum, 20)

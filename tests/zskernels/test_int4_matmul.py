@@ -13,6 +13,7 @@ import torch
 
 import zskernels as zk
 from zskernels import _configs, _cpu, _device, _triton
+from zskernels import _cpu_kernel as cpu_kernel
 from zskernels._backend import triton_available
 from zskernels.ops.int4 import cpu as int4_cpu
 from zskernels.ops.int4 import kernels as im
@@ -326,17 +327,26 @@ def test_torch_and_cpu_paths_match_float64(case, backend, form, dtype, rng, one_
     assert _rel_err(y, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("m", [1, 8, 300])
+@pytest.mark.parametrize("kernel_here", [True, False], ids=["kernel", "no-kernel"])
+@pytest.mark.parametrize("m", [1, 8, 16, 300])
 @pytest.mark.parametrize("dtype", list(TOL), ids=str)
-def test_cpu_routes(m, dtype, rng, monkeypatch, one_thread):
-    """bf16 with a supported group and few rows goes through torch's int4pack kernel; the rest chunked."""
-    calls = []
-    real = torch._weight_int4pack_mm_for_cpu
+def test_cpu_routes(m, dtype, kernel_here, rng, monkeypatch, one_thread):
+    """bf16 from KERNEL_MIN_ROWS rows on: zskernels' int4 kernel where it runs; otherwise bf16 with a supported
+    group and few rows: torch's int4pack kernel; the rest chunked."""
+    if kernel_here and not cpu_kernel.available():
+        pytest.skip(f"the CPU kernels are off here: {cpu_kernel.unavailable_reason() or 'its build failed'}")
+    if not kernel_here:
+        monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    calls, kernel_calls = [], []
+    real, real_kernel = torch._weight_int4pack_mm_for_cpu, cpu_kernel.int4_matmul
     monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(cpu_kernel, "int4_matmul", lambda *a: kernel_calls.append(1) or real_kernel(*a))
     monkeypatch.setattr(_cpu, "CHUNK_BYTES", 4096)  # several chunks even on this small weight
     x, packed, bias, ref = _problem(rng, (50, 130, 9, 64, (m,), True), dtype, "dense")
     y = zk.int4_linear(x.cpu(), {n: t.cpu() for n, t in packed.items()}, bias.cpu())
-    assert bool(calls) == (dtype == torch.bfloat16 and m <= int4_cpu.INT4PACK_MAX_ROWS[torch.bfloat16])
+    kernel = kernel_here and dtype == torch.bfloat16 and m >= int4_cpu.KERNEL_MIN_ROWS
+    assert bool(kernel_calls) == kernel
+    assert bool(calls) == (not kernel and dtype == torch.bfloat16 and m <= int4_cpu.INT4PACK_MAX_ROWS[torch.bfloat16])
     assert _rel_err(y, ref) < TOL[dtype]
 
 

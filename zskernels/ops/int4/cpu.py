@@ -1,8 +1,11 @@
 """int4_linear / int4_lowrank_matmul's fast CPU path.
 
-Two routes, chosen per call from the activation dtype, the row count and the group size (the
+Three routes, chosen per call from the activation dtype, the row count and the group size (the
 thresholds are measurements on the development machine, zskernels/README.md):
 
+* zskernels' own int4 kernel (``_cpu_kernel.int4_matmul``) for bf16 activations from
+  ``KERNEL_MIN_ROWS`` rows on, where the CPU has AVX-512 BF16: any group size, the weight in a layout
+  made once (``_cpu_kernel.int4_pack``, cached beside the codes like int4pack's tiles).
 * ``torch._weight_int4pack_mm_for_cpu`` (vectorised int4 weight-only GEMM; reads half a byte per
   weight). It wants the weight re-tiled by ``_convert_weight_to_int4pack_for_cpu`` (N a multiple
   of 16, so rows are padded) and per-group (scale, zero) pairs in x's dtype with
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import _cpu
+from ... import _cpu_kernel as cpu_kernel
 from ...formats.int4 import true_in_features
 from .naive import check_call
 
@@ -33,6 +37,8 @@ INT4PACK_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu's row multiple
 # x dtype -> most rows of x for which int4pack beats chunked de-quantise + GEMM (measured, README).
 # Only its bf16 kernel is vectorised: fp16 / fp32 ran 1.2x-40x slower than the chunked path even at M = 1.
 INT4PACK_MAX_ROWS = {torch.bfloat16: 256}
+# From this many rows of bf16 x on, zskernels' int4 kernel beats int4pack (and the chunked path).
+KERNEL_MIN_ROWS = 16
 
 
 def _nibbles(codes: Tensor) -> Tensor:
@@ -56,6 +62,11 @@ def _scales_and_zeros(scales: Tensor, mins: Tensor, dtype: torch.dtype) -> Tenso
         pair = torch.stack([s, m + 8 * s], dim=2)
         return F.pad(pair, (0, 0, 0, -pair.shape[1] % INT4PACK_N_MULTIPLE)).to(dtype).contiguous()
     return _cpu.derived(scales, f"int4sz:{dtype}:{id(mins)}:{mins._version}", make)
+
+
+def _kernel_weight(codes: Tensor, scales: Tensor, mins: Tensor) -> tuple[Tensor, ...]:
+    """The stored weight in zskernels' int4 kernel's layout (cached)."""
+    return _cpu.derived(codes, "int4kernel", lambda: cpu_kernel.int4_pack(codes, scales, mins), also=(scales, mins))
 
 
 def _dequantize_rows(codes: Tensor, scales: Tensor, mins: Tensor, k: int, dtype: torch.dtype) -> Tensor:
@@ -82,6 +93,9 @@ def linear_2d(x: Tensor, packed: dict[str, Tensor], prefix: str = "") -> Tensor:
     n, kp = codes.shape[0], 2 * codes.shape[1]
     k = true_in_features(packed, prefix)
     group_size = kp // scales.shape[1]
+    if x.dtype == torch.bfloat16 and x.shape[0] >= KERNEL_MIN_ROWS and cpu_kernel.available():
+        xp = F.pad(x, (0, kp - k)) if kp != k else x.contiguous()
+        return cpu_kernel.int4_matmul(xp, _kernel_weight(codes, scales, mins), n)
     if group_size in INT4PACK_GROUPS and x.shape[0] <= INT4PACK_MAX_ROWS.get(x.dtype, 0):
         xp = F.pad(x, (0, kp - k)) if kp != k else x.contiguous()
         y = torch._weight_int4pack_mm_for_cpu(xp, _int4pack_weight(codes), group_size,
