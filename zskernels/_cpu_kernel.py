@@ -30,8 +30,8 @@ SOURCES = [Path(__file__).parent / "csrc" / name for name in
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 COMPILE_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
 ENV = "ZSKERNELS_CPU_KERNEL"
-# bf16_linear up to this many rows of x; beyond, torch's bf16 GEMM is as fast or faster (zskernels/README.md,
-# "CPU kernels": even at 128 rows on SmolLM2's factor shapes, behind at 512).
+# bf16_linear up to this many rows of x (zskernels/README.md, "CPU kernels": 1.2-2.7x torch's bf16 GEMM at 64
+# rows; at 128 ahead or even depending on the shape and the run, at 512 behind on some shapes).
 BF16_MAX_ROWS = 64
 
 
@@ -119,8 +119,8 @@ def _module():
 def _required():
     module = _module()
     if module is None:
-        raise RuntimeError(f"zskernels' CPU kernels are off here ({unavailable_reason() or 'its build failed'}): "
-                           "call it only where available() is True")
+        raise RuntimeError(f"zskernels' CPU kernels are off here ({unavailable_reason() or 'their build failed'}): "
+                           "call them only where available() is True")
     return module
 
 

@@ -30,7 +30,7 @@ def int8_route(request, monkeypatch):
     """Every test twice: int8 GEMMs of bf16 activations through zskernels' CPU kernel (where it runs here),
     and through torch's routes (int8pack, planes, chunked), which every other dtype and CPU takes."""
     if request.param == "kernel" and not cpu_kernel.available():
-        pytest.skip(f"the CPU kernels are off here: {cpu_kernel.unavailable_reason() or 'its build failed'}")
+        pytest.skip(f"the CPU kernels are off here: {cpu_kernel.unavailable_reason() or 'their build failed'}")
     if request.param == "torch-routes":
         monkeypatch.setattr(cpu_kernel, "available", lambda: False)
     return request.param

@@ -334,7 +334,7 @@ def test_cpu_routes(m, dtype, kernel_here, rng, monkeypatch, one_thread):
     """bf16 from KERNEL_MIN_ROWS rows on: zskernels' int4 kernel where it runs; otherwise bf16 with a supported
     group and few rows: torch's int4pack kernel; the rest chunked."""
     if kernel_here and not cpu_kernel.available():
-        pytest.skip(f"the CPU kernels are off here: {cpu_kernel.unavailable_reason() or 'its build failed'}")
+        pytest.skip(f"the CPU kernels are off here: {cpu_kernel.unavailable_reason() or 'their build failed'}")
     if not kernel_here:
         monkeypatch.setattr(cpu_kernel, "available", lambda: False)
     calls, kernel_calls = [], []

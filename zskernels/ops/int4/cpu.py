@@ -87,6 +87,11 @@ def _chunked(x: Tensor, codes: Tensor, scales: Tensor, mins: Tensor, k: int) -> 
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
+def _padded(x: Tensor, width: int) -> Tensor:
+    """x (M, K) zero-padded to the codes' width, contiguous (both kernels read K in whole groups)."""
+    return F.pad(x, (0, width - x.shape[1])) if width != x.shape[1] else x.contiguous()
+
+
 def linear_2d(x: Tensor, packed: dict[str, Tensor], prefix: str = "") -> Tensor:
     """x (M, K) @ W_hat^T for one stored matrix (``prefix`` "v_" / "u_" of a pair), in x's dtype."""
     codes, scales, mins = (packed[prefix + key] for key in ("codes", "scales", "mins"))
@@ -94,11 +99,9 @@ def linear_2d(x: Tensor, packed: dict[str, Tensor], prefix: str = "") -> Tensor:
     k = true_in_features(packed, prefix)
     group_size = kp // scales.shape[1]
     if x.dtype == torch.bfloat16 and x.shape[0] >= KERNEL_MIN_ROWS and cpu_kernel.available():
-        xp = F.pad(x, (0, kp - k)) if kp != k else x.contiguous()
-        return cpu_kernel.int4_matmul(xp, _kernel_weight(codes, scales, mins), n)
+        return cpu_kernel.int4_matmul(_padded(x, kp), _kernel_weight(codes, scales, mins), n)
     if group_size in INT4PACK_GROUPS and x.shape[0] <= INT4PACK_MAX_ROWS.get(x.dtype, 0):
-        xp = F.pad(x, (0, kp - k)) if kp != k else x.contiguous()
-        y = torch._weight_int4pack_mm_for_cpu(xp, _int4pack_weight(codes), group_size,
+        y = torch._weight_int4pack_mm_for_cpu(_padded(x, kp), _int4pack_weight(codes), group_size,
                                               _scales_and_zeros(scales, mins, x.dtype))
         return y[:, :n]
     return _chunked(x, codes, scales, mins, k)
