@@ -323,10 +323,11 @@ def bf16_kernel_takes(x: Tensor, w: Tensor) -> bool:
     """Whether F.linear(x, w) goes through zskernels' bf16 CPU kernel: bf16 operands on the CPU, few rows (it
     beats torch's GEMM up to ``BF16_MAX_ROWS``), eager and without gradients (it has neither a compiled form
     nor a backward)."""
+    if torch.compiler.is_compiling():  # first: the row test below would guard on a dynamic batch size
+        return False
     return (x.dtype == w.dtype == torch.bfloat16 and x.device.type == w.device.type == "cpu" and w.dim() == 2
             and w.is_contiguous() and x.numel() <= cpu_kernel.BF16_MAX_ROWS * max(1, x.shape[-1])
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-            and not torch.compiler.is_compiling() and cpu_kernel.available())
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and cpu_kernel.available())
 
 
 def _fp8_values(w: Tensor) -> Tensor:

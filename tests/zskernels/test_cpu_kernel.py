@@ -283,3 +283,18 @@ def test_int4_bad_arguments_are_refused_in_one_line(rng):
         module.int4_matmul(x, codes, scale, offset, xsum[:1].contiguous(), 20)
     with pytest.raises(RuntimeError, match="the codes must be"):
         module.int4_matmul(x, codes.view(torch.int8), scale, offset, xsum, 20)
+
+
+def test_compiled_float_linear_traces_f_linear_without_a_guard_on_rows(rng):
+    """Under torch.compile the bf16 kernel is not traced (F.linear is), and choosing it puts no guard on the
+    number of rows: a dynamic batch compiles once for few and many rows."""
+    import torch._dynamo
+    from zskernels import _cpu
+
+    w = torch.randn(40, 24, generator=rng).to(torch.bfloat16)
+    compiled = torch.compile(lambda x: _cpu.float_linear(x, w), backend="eager", dynamic=True)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for rows in (2, 3, cpu_kernel.BF16_MAX_ROWS + 6):
+            x = torch.randn(rows, 24, generator=rng).to(torch.bfloat16)
+            assert torch.equal(compiled(x), torch.nn.functional.linear(x, w))
