@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from zskernels import _cpu_kernel as cpu_kernel
+from zskernels.formats.int4 import quantize_int4
+from zskernels.ops.int4 import cpu as int4_cpu
 
 # (N, K): SmolLM2-135M's MLP (1536 x 576, 576 x 1536), attention (576 x 576, 192 x 576), and the factors of
 # an MLP projection at ratio 0.8 in 16 bits (rank 335).
@@ -39,6 +41,15 @@ def last_level_cache_bytes() -> int:
         return CACHE_BYTES
 
 
+def cpu_model() -> str:
+    """The CPU's name as Linux reports it (lscpu's "Model name"), else the platform's."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(l.split(":", 1)[1].strip() for l in lines if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def copies_beyond_cache(bytes_per_copy: int) -> int:
     return max(2, -(-3 * last_level_cache_bytes() // max(bytes_per_copy, 1)))
 
@@ -48,16 +59,12 @@ def int8_weights(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, to
 
 
 def int4_weights(n: int, k: int, copies: int, gen: torch.Generator) -> list[dict[str, torch.Tensor]]:
-    from zskernels.formats.int4 import quantize_int4
-
     return [quantize_int4(torch.randn(n, k, generator=gen), group_size=INT4_GROUP) for _ in range(copies)]
 
 
 def methods(n: int, k: int, gen: torch.Generator) -> dict[str, list[Callable[[torch.Tensor], torch.Tensor]]]:
     """Each method as one closure per weight copy. The int8 and int4 weights have K rounded up to 16 and to the
     group, as the CPU paths pad them (x is padded outside the timing)."""
-    from zskernels.ops.int4 import cpu as int4_cpu
-
     copies = copies_beyond_cache(n * k * 2)
     bf16 = [torch.randn(n, k, generator=gen).to(torch.bfloat16) for _ in range(copies)]
     int8 = [int8_weights(n, padded(k, 16), gen) for _ in range(copies)]
@@ -125,12 +132,12 @@ def main(argv=None) -> int:
         print(f"zskernels' CPU kernels are off here ({cpu_kernel.unavailable_reason() or 'the build failed'}): "
               "only torch's routes are timed")
     results = run([int(m) for m in args.rows.split(",")], args.repeats, torch.Generator().manual_seed(0))
-    print(f"{platform.processor() or platform.machine()}, {args.threads} threads, bf16 x, us per GEMM "
+    print(f"{cpu_model()}, {args.threads} threads, bf16 x, us per GEMM "
           f"(median of {args.repeats}):")
     print(table(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"threads": args.threads, "repeats": args.repeats, "results": results}, f, indent=1)
+            json.dump({"cpu": cpu_model(), "threads": args.threads, "repeats": args.repeats, "results": results}, f, indent=1)
     return 0
 
 

@@ -144,6 +144,16 @@ def _build():
     # torch's builder keys its cache on the name, sources and flags, not on torch itself: the name carries
     # torch's version, so that two environments never load each other's build
     version = "".join(c if c.isalnum() else "_" for c in torch.__version__)
-    log.info("zskernels: loading the CPU kernels (built on first use: about 40-60 s once, then cached)")
-    return cpp_extension.load(name=f"zskernels_cpu_kernels_{version}", sources=[str(p) for p in SOURCES],
-                              extra_cflags=COMPILE_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+    name = f"zskernels_cpu_kernels_{version}"
+    if not _built_before(cpp_extension, name):  # said only when a build is likely: the builder decides
+        log.info("zskernels: building the CPU kernels (once: about 40-60 s, then cached)")
+    return cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=COMPILE_FLAGS,
+                              extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def _built_before(cpp_extension, name: str) -> bool:
+    try:  # a private helper of torch's builder (present in every torch this supports); a guess either way
+        directory = Path(cpp_extension._get_build_directory(name, verbose=False))
+    except Exception:
+        return False
+    return any(directory.glob(f"{name}*.so"))

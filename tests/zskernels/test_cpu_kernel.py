@@ -1,5 +1,5 @@
-"""zskernels' CPU kernels (csrc/int8_matmul_cpu.cpp and csrc/bf16_matmul_cpu.cpp via _cpu_kernel.py) against
-float64.
+"""zskernels' CPU kernels (csrc/int8_matmul_cpu.cpp, bf16_matmul_cpu.cpp and int4_matmul_cpu.cpp via _cpu_kernel.py)
+against float64.
 
 Odd shapes (N not a multiple of 16, every remainder of the row tiles and of K, one-row and one-block weights), both
 thread counts (each output is summed by one thread in one order: the results are equal bit for bit), and the
@@ -112,6 +112,21 @@ def test_a_failed_build_leaves_torchs_routes_with_one_warning(monkeypatch, caplo
         cpu_kernel.pack(torch.zeros(16, 16, dtype=torch.int8))
     with pytest.raises(RuntimeError, match="CPU kernels are off here"):
         cpu_kernel.bf16_linear(torch.zeros(1, 16, dtype=torch.bfloat16), torch.zeros(16, 16, dtype=torch.bfloat16))
+
+
+def test_the_build_message_is_said_only_before_a_first_build(monkeypatch, caplog, tmp_path):
+    """"building" (info) when no build of this name exists yet; nothing when torch's builder only loads it."""
+    from torch.utils import cpp_extension
+
+    built = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: built.append(kwargs["name"]) or "module")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    with caplog.at_level("INFO", logger=cpu_kernel.__name__):
+        assert cpu_kernel._build() == "module"
+        (tmp_path / built[0] / f"{built[0]}.so").write_bytes(b"")
+        assert cpu_kernel._build() == "module"
+    assert [r.getMessage() for r in caplog.records] == [
+        "zskernels: building the CPU kernels (once: about 40-60 s, then cached)"]
 
 
 def test_a_cpu_without_the_flags_is_named(monkeypatch):

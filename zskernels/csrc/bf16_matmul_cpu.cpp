@@ -11,7 +11,11 @@
 
 #include <algorithm>
 
+#include "cpu_common.h"
+
 namespace {
+
+using zskernels_cpu::bf16_pairs;
 
 constexpr int64_t kBlock = 16;  // weight rows per block; a block of 16 rows of K stays in L1 for every row tile
 
@@ -51,11 +55,8 @@ inline void store_sums(const __m512* acc, float* out) {
   }
 }
 
-inline __m512bh load_pairs(const at::BFloat16* p) {
-  return reinterpret_cast<__m512bh>(_mm512_loadu_si512(reinterpret_cast<const void*>(p)));
-}
-
-inline __m512bh load_pairs(const at::BFloat16* p, __mmask32 mask) {
+// The K remainder's pairs: masked lanes read as zeros.
+inline __m512bh bf16_pairs(const at::BFloat16* p, __mmask32 mask) {
   return reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(mask, reinterpret_cast<const void*>(p)));
 }
 
@@ -68,18 +69,18 @@ void tile(const at::BFloat16* x, int64_t ldx, const at::BFloat16* const* w, int6
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
     __m512bh xv[R];
-    for (int r = 0; r < R; ++r) xv[r] = load_pairs(x + r * ldx + k);
+    for (int r = 0; r < R; ++r) xv[r] = bf16_pairs(x + r * ldx + k);
     for (int b = 0; b < B; ++b) {
-      const __m512bh wv = load_pairs(w[b] + k);
+      const __m512bh wv = bf16_pairs(w[b] + k);
       for (int r = 0; r < R; ++r) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], xv[r], wv);
     }
   }
   if (k < K) {  // the K remainder: masked loads fill the rest with zeros
     const __mmask32 mask = __mmask32((1ull << (K - k)) - 1);
     __m512bh xv[R];
-    for (int r = 0; r < R; ++r) xv[r] = load_pairs(x + r * ldx + k, mask);
+    for (int r = 0; r < R; ++r) xv[r] = bf16_pairs(x + r * ldx + k, mask);
     for (int b = 0; b < B; ++b) {
-      const __m512bh wv = load_pairs(w[b] + k, mask);
+      const __m512bh wv = bf16_pairs(w[b] + k, mask);
       for (int r = 0; r < R; ++r) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], xv[r], wv);
     }
   }

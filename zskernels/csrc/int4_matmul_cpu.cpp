@@ -3,7 +3,7 @@
 // accumulation, bf16 output. AVX-512 with the BF16 extension. Notes and measurements: zskernels/README.md,
 // "CPU kernels". Bound to Python in cpu_kernels.cpp.
 //
-// The weight arrives packed once by zskernels/ops/int4/cpu.py: blocks of 16 output rows, and within a block
+// The weight arrives packed once by zskernels/_cpu_kernel.py (int4_pack): blocks of 16 output rows, and within a block
 // one byte per output for each pair of K values, [N / 16][K / 2][16] uint8 with K's even value in the low
 // nibble (the stored codes' own byte, transposed per block). Per group and block, 16 fp32 scales and 16 fp32
 // offsets (min - 128 scale), [N / 16][groups][16]; and per row of x its sum over each group, (M, groups).
@@ -13,14 +13,16 @@
 // scale * that + offset * sum_k x = sum_k x (q scale + min). The products are exact in fp32; the 128 sum_k x
 // it takes out again costs about 2^-24 * 128 relative to the row's values, far below bf16's rounding.
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
+
+#include "cpu_common.h"
 
 namespace {
+
+using zskernels_cpu::bf16_pairs;
 
 constexpr int64_t kRows = 4;  // rows of x per register tile
 constexpr int64_t kExpandRows = 64;  // from this many rows on, codes are expanded once per span of blocks
@@ -29,18 +31,12 @@ constexpr int64_t kExpandRows = 64;  // from this many rows on, codes are expand
 template <int R> constexpr int blocks_for_rows() { return R == 1 ? 8 : R == 2 ? 4 : R == 3 ? 4 : 3; }
 
 // 16 outputs' bytes (two codes each) -> the 32 bf16 values 128 + q that vdpbf16ps multiplies, in pairs.
-inline __m512bh code_pairs(const uint8_t* p) {
+// (Codes expanded earlier, for many rows, are loaded as they are: cpu_common.h's bf16_pairs.)
+inline __m512bh bf16_pairs(const uint8_t* p) {
   const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   const __m512i low = _mm512_and_si512(bytes, _mm512_set1_epi32(0x0F));
   const __m512i high = _mm512_slli_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0xF0)), 12);
   return reinterpret_cast<__m512bh>(_mm512_or_si512(_mm512_or_si512(low, high), _mm512_set1_epi32(0x43004300)));
-}
-
-// total -> bf16, the outputs past N masked off.
-inline void store_row(at::BFloat16* y, __m512 total, int64_t n0, int64_t N) {
-  const int64_t left = N - n0;
-  const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-  _mm256_mask_storeu_epi16(reinterpret_cast<void*>(y + n0), mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(total)));
 }
 
 struct Operands {
@@ -52,11 +48,6 @@ struct Operands {
   at::BFloat16* y;        // (M, N)
   int64_t K, N, pairs, groups, group_pairs;
 };
-
-// The same 32 values, expanded earlier (many rows: once per span of blocks instead of once per row tile).
-inline __m512bh code_pairs(const at::BFloat16* p) {
-  return reinterpret_cast<__m512bh>(_mm512_loadu_si512(reinterpret_cast<const void*>(p)));
-}
 
 // R rows of x from row m times B blocks of 16 outputs from block b0 (b0 - first in w, whose blocks are
 // numbered from block first): each code pair is loaded and expanded once for the R rows; a group's sums are
@@ -73,7 +64,7 @@ void tile(const Operands& op, const W* w, int64_t first, int64_t m, int64_t b0) 
       for (int b = 0; b < B; ++b) acc[r][b] = _mm512_setzero_ps();
     for (int64_t p = g * op.group_pairs; p < (g + 1) * op.group_pairs; ++p) {
       __m512bh wp[B];
-      for (int b = 0; b < B; ++b) wp[b] = code_pairs(w + ((b0 - first + b) * op.pairs + p) * step);
+      for (int b = 0; b < B; ++b) wp[b] = bf16_pairs(w + ((b0 - first + b) * op.pairs + p) * step);
       for (int r = 0; r < R; ++r) {
         int32_t both;  // x[m + r, 2p] and x[m + r, 2p + 1], broadcast to every lane
         std::memcpy(&both, op.x + (m + r) * op.K + 2 * p, sizeof(both));
@@ -90,8 +81,11 @@ void tile(const Operands& op, const W* w, int64_t first, int64_t m, int64_t b0) 
       }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int b = 0; b < B; ++b) store_row(op.y + (m + r) * op.N, total[r][b], (b0 + b) * 16, op.N);
+  for (int b = 0; b < B; ++b) {
+    const int64_t n0 = (b0 + b) * 16;
+    const __mmask16 mask = zskernels_cpu::lanes_below(op.N - n0);
+    for (int r = 0; r < R; ++r) zskernels_cpu::store_bf16(op.y + (m + r) * op.N + n0, total[r][b], mask);
+  }
 }
 
 // Blocks [b0, b1) for rows [m, m + R): full groups of blocks_for_rows<R>() blocks, then single blocks.
@@ -136,26 +130,12 @@ torch::Tensor int4_matmul(const torch::Tensor& x, const torch::Tensor& packed, c
   const Operands op{x.data_ptr<at::BFloat16>(), packed.data_ptr<uint8_t>(), scale.data_ptr<float>(),
                     offset.data_ptr<float>(), xsum.data_ptr<float>(), y.data_ptr<at::BFloat16>(),
                     K, N, pairs, groups, pairs / groups};
-  // Threads split the output blocks; each walks its blocks in spans of 6 that stay in L1 while every row tile
-  // of x passes over them. From kExpandRows rows on, a span's codes are expanded to bf16 once (into a
-  // per-thread buffer that stays in L2) instead of once per row tile.
-  const int64_t span = 6;
-  const int64_t grain = std::max<int64_t>(1, (blocks + at::get_num_threads() - 1) / at::get_num_threads());
-  const bool expand = M >= kExpandRows;
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<at::BFloat16> expanded(expand ? span * pairs * 32 : 0);
-    for (int64_t s0 = begin; s0 < end; s0 += span) {
-      const int64_t s1 = std::min(end, s0 + span);
-      if (!expand) {
-        all_rows(op, M, op.w, 0, s0, s1);
-        continue;
-      }
-      const uint8_t* src = op.w + s0 * pairs * 16;
-      for (int64_t i = 0; i < (s1 - s0) * pairs; ++i)
-        _mm512_storeu_si512(reinterpret_cast<void*>(expanded.data() + i * 32),
-                            reinterpret_cast<__m512i>(code_pairs(src + i * 16)));
-      all_rows(op, M, expanded.data(), s0, s0, s1);
-    }
-  });
+  // Spans of blocks as cpu_common.h's for_each_span walks them; from kExpandRows rows on, a span's codes are
+  // expanded to bf16 once instead of once per row tile.
+  zskernels_cpu::for_each_span(blocks, pairs, op.w, 16, M >= kExpandRows, [](const uint8_t* p) { return bf16_pairs(p); },
+                               [&](int64_t b0, int64_t b1, const at::BFloat16* expanded) {
+                                 if (expanded != nullptr) all_rows(op, M, expanded, b0, b0, b1);
+                                 else all_rows(op, M, op.w, 0, b0, b1);
+                               });
   return y;
 }

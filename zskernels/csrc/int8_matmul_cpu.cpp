@@ -7,39 +7,35 @@
 // pairs of consecutive K values side by side, [N / 16][K / 2][16][2] int8 (N and K zero-padded to 16 and
 // to even). One 32-byte load then holds the two K values of 16 outputs that one vdpbf16ps consumes.
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
+
+#include "cpu_common.h"
 
 namespace {
 
+using zskernels_cpu::bf16_pairs;
+
 constexpr int64_t kRows = 8;  // rows of x per register tile
-constexpr int64_t kConvertRows = 128;  // from this many rows on, weights are converted once per group
+constexpr int64_t kConvertRows = 128;  // from this many rows on, weights are converted once per span of blocks
 
 // Accumulators per row tile: rows * blocks <= 24 of the 32 zmm registers, the rest hold the weights.
 template <int R> constexpr int blocks_for_rows() { return R == 1 ? 8 : R == 2 ? 8 : R <= 4 ? 6 : R <= 6 ? 4 : 3; }
 
-// 16 outputs' pairs (32 int8) -> the 32 bf16 values vdpbf16ps multiplies. int8 is exact in bf16.
-inline __m512bh weight_pairs(const int8_t* p) {
+// 16 outputs' pairs (32 int8) -> the 32 bf16 values vdpbf16ps multiplies. int8 is exact in bf16. (Pairs
+// converted earlier, for many rows, are loaded as they are: cpu_common.h's bf16_pairs.)
+inline __m512bh bf16_pairs(const int8_t* p) {
   __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
   return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
-// The same pairs, converted earlier (large M: once per group of blocks instead of once per row tile).
-inline __m512bh weight_pairs(const at::BFloat16* p) {
-  return reinterpret_cast<__m512bh>(_mm512_loadu_si512(reinterpret_cast<const void*>(p)));
-}
-
 // acc * scale -> bf16, the outputs past N masked off.
 inline void store_row(at::BFloat16* y, __m512 acc, const float* scale, int64_t n0, int64_t N) {
-  const int64_t left = N - n0;
-  const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-  const __m256bh out = _mm512_cvtneps_pbh(_mm512_mul_ps(acc, _mm512_maskz_loadu_ps(mask, scale + n0)));
-  _mm256_mask_storeu_epi16(reinterpret_cast<void*>(y + n0), mask, reinterpret_cast<__m256i>(out));
+  const __mmask16 mask = zskernels_cpu::lanes_below(N - n0);
+  zskernels_cpu::store_bf16(y + n0, _mm512_mul_ps(acc, _mm512_maskz_loadu_ps(mask, scale + n0)), mask);
 }
 
 // R rows of x times B blocks of 16 outputs, starting at block b0: every weight pair is loaded and converted
@@ -54,7 +50,7 @@ void tile(const at::BFloat16* x, int64_t ldx, const W* w, int64_t pairs, const f
   for (int b = 0; b < B; ++b) block[b] = w + (b0 + b) * pairs * 32;
   for (int64_t p = 0; p < pairs; ++p) {
     __m512bh wp[B];
-    for (int b = 0; b < B; ++b) wp[b] = weight_pairs(block[b] + p * 32);
+    for (int b = 0; b < B; ++b) wp[b] = bf16_pairs(block[b] + p * 32);
     for (int r = 0; r < R; ++r) {
       int32_t both;  // x[r, 2p] and x[r, 2p + 1], broadcast to every lane
       std::memcpy(&both, x + r * ldx + 2 * p, sizeof(both));
@@ -76,7 +72,7 @@ void rows_by_blocks(const at::BFloat16* x, int64_t ldx, const W* w, int64_t pair
   for (; b < b1; ++b) tile<R, 1>(x, ldx, w, pairs, scale, y, ldy, b, N);
 }
 
-// Every row of x over blocks [b0, b1) of w (rows numbered from b0 in w when it is a converted group).
+// Every row of x over blocks [b0, b1) of w, whose block 0 is output block `first` (a converted span's).
 template <typename W>
 void all_rows(const at::BFloat16* x, int64_t M, int64_t K, const W* w, int64_t pairs, const float* scale,
               at::BFloat16* y, int64_t b0, int64_t b1, int64_t N, int64_t first) {
@@ -85,7 +81,7 @@ void all_rows(const at::BFloat16* x, int64_t M, int64_t K, const W* w, int64_t p
   static constexpr RowsFn by_rows[kRows + 1] = {
       nullptr, rows_by_blocks<1, W>, rows_by_blocks<2, W>, rows_by_blocks<3, W>, rows_by_blocks<4, W>,
       rows_by_blocks<5, W>, rows_by_blocks<6, W>, rows_by_blocks<7, W>, rows_by_blocks<8, W>};
-  // a converted group's block j is output block first + j: shift y and the scales to match
+  // shift y and the scales to w's first block
   for (int64_t m = 0; m < M; m += kRows) {
     const int64_t rows = std::min(kRows, M - m);
     by_rows[rows](x + m * K, K, w, pairs, scale + first * 16, y + m * N + first * 16, N, b0, b1, N - first * 16);
@@ -119,27 +115,12 @@ torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& packed, c
   const int8_t* wp = packed.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  // Threads split the output blocks; each walks its blocks in groups that stay in L1 while every row tile of
-  // x passes over them.
-  const int64_t group = 6;
-  const int64_t grain = std::max<int64_t>(1, (blocks + at::get_num_threads() - 1) / at::get_num_threads());
-  // From kConvertRows rows on, each group's weights are converted to bf16 once (into a per-thread buffer
-  // that stays in L2) instead of once per row tile.
-  const bool convert = M >= kConvertRows;
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<at::BFloat16> converted(convert ? group * pairs * 32 : 0);
-    for (int64_t g0 = begin; g0 < end; g0 += group) {
-      const int64_t g1 = std::min(end, g0 + group);
-      if (!convert) {
-        all_rows(xp, M, K, wp, pairs, sp, yp, g0, g1, N, 0);
-        continue;
-      }
-      const int8_t* src = wp + g0 * pairs * 32;
-      for (int64_t i = 0; i < (g1 - g0) * pairs; ++i)
-        _mm512_storeu_si512(reinterpret_cast<void*>(converted.data() + i * 32),
-                            reinterpret_cast<__m512i>(weight_pairs(src + i * 32)));
-      all_rows(xp, M, K, converted.data(), pairs, sp, yp, 0, g1 - g0, N, g0);
-    }
-  });
+  // Spans of blocks as cpu_common.h's for_each_span walks them; from kConvertRows rows on, a span's weights
+  // are converted to bf16 once instead of once per row tile.
+  zskernels_cpu::for_each_span(blocks, pairs, wp, 32, M >= kConvertRows, [](const int8_t* p) { return bf16_pairs(p); },
+                               [&](int64_t b0, int64_t b1, const at::BFloat16* converted) {
+                                 if (converted != nullptr) all_rows(xp, M, K, converted, pairs, sp, yp, 0, b1 - b0, N, b0);
+                                 else all_rows(xp, M, K, wp, pairs, sp, yp, b0, b1, N, 0);
+                               });
   return y;
 }
