@@ -13,6 +13,7 @@ import torch
 import zskernels
 from zskernels import _cpu, _cpu_kernel as cpu_kernel
 from zskernels.formats.remap import unpack_remap
+from zskernels.ops.remap.cpu import product_is_smaller
 
 SHAPES = [(37, 23, 9), (23, 37, 9), (48, 48, 48), (37, 23, 1), (64, 32, 16)]  # out>in, in>out, square, k=1, K%16=0
 ROWS = [1, 3, 17]
@@ -59,12 +60,14 @@ def reencoding_budget(w: torch.Tensor) -> float:
 
 
 def remap_budget(packed: dict, dtype: torch.dtype, tolerance: float | None = None) -> float:
-    """The dtype's ``tolerance``, plus (16-bit activations on the CPU path) the factors' re-encoding
-    to int8 rows, x4 as x's direction is random."""
+    """The dtype's ``tolerance``, plus (16-bit activations on the CPU path) the re-encoding to int8 rows of
+    the factors, or of their product where that is smaller, x4 as x's direction is random."""
     tolerance = RTOL[dtype] if tolerance is None else tolerance
     if dtype == torch.float32:
         return tolerance
     u_hat, v_hat = unpack_remap(packed)
+    if product_is_smaller(u_hat.shape[0], u_hat.shape[1], v_hat.shape[0]):
+        return tolerance + 4 * reencoding_budget(u_hat @ v_hat.t())
     return tolerance + 4 * (reencoding_budget(v_hat.t()) + reencoding_budget(u_hat))
 
 
@@ -110,6 +113,32 @@ def test_cache_bytes_of_a_remap_plan(rng, int8_route):
     else:
         assert _cpu.derived_nbytes(packed.values()) == 32 * 48 + 300 * 32 + 2 * (32 + 300)
     assert _cpu.derived_nbytes([torch.zeros(1)]) == 0  # another tensor's entries are not counted
+
+
+@pytest.mark.parametrize("m", [1, 20])
+@pytest.mark.parametrize("shape", [(48, 40, 40), (37, 23, 15), (23, 37, 15)], ids=shape_id)
+def test_remap_16_bit_path_multiplies_the_reencoded_product_of_high_ranks(shape, m, rng, int8_route):
+    """From k (out + in) > out * in on, 16-bit x meets W_hat = U_hat V_hat^T re-encoded to int8 rows: one GEMM,
+    and the plan holds the product's out * in bytes (plus padding) instead of k (out + in)."""
+    out, in_, k = shape
+    packed = zskernels.pack_remap(*factors(out, in_, k, rng), fmt="int8", tail_dtype=torch.bfloat16)
+    u_hat, v_hat = unpack_remap(packed)
+    w_hat = u_hat.double() @ v_hat.double().t()
+    q, scale = _cpu.float_rows_as_int8(w_hat.float())
+    xb = torch.randn(m, in_, generator=rng).to(torch.bfloat16)
+    y = zskernels.remap_matmul(xb, packed)
+    assert rel_err(y, xb.double() @ (q.double() * scale.double()[:, None]).t()) < RTOL[torch.bfloat16]
+    assert rel_err(y, xb.double() @ w_hat.t()) < remap_budget(packed, torch.bfloat16)
+    if int8_route == "kernel":  # rows in blocks of 16, K in pairs, float32 scales
+        expected = -(-out // 16) * 16 * (in_ + in_ % 2) + 4 * out
+    else:  # int8pack's K in steps of 16, bf16 scales
+        expected = out * (in_ + -in_ % 16) + 2 * out
+    assert _cpu.derived_nbytes(packed.values()) == expected
+
+
+def test_the_product_is_smaller_from_half_the_harmonic_rank_on():
+    assert not product_is_smaller(576, 288, 576) and product_is_smaller(576, 289, 576)
+    assert not product_is_smaller(1536, 418, 576) and product_is_smaller(1536, 419, 576)
 
 
 def test_remap_reencoding_keeps_v_heads_that_bound_their_tail(rng):
