@@ -137,7 +137,8 @@ def main(argv=None) -> int:
     print(table(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": cpu_model(), "threads": args.threads, "repeats": args.repeats, "results": results}, f, indent=1)
+            json.dump({"cpu": cpu_model(), "threads": args.threads, "repeats": args.repeats, "results": results}, f,
+                      indent=1)
     return 0
 
 

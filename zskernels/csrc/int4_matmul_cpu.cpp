@@ -3,9 +3,9 @@
 // accumulation, bf16 output. AVX-512 with the BF16 extension. Notes and measurements: zskernels/README.md,
 // "CPU kernels". Bound to Python in cpu_kernels.cpp.
 //
-// The weight arrives packed once by zskernels/_cpu_kernel.py (int4_pack): blocks of 16 output rows, and within a block
-// one byte per output for each pair of K values, [N / 16][K / 2][16] uint8 with K's even value in the low
-// nibble (the stored codes' own byte, transposed per block). Per group and block, 16 fp32 scales and 16 fp32
+// The weight arrives packed once by zskernels/_cpu_kernel.py (int4_pack): blocks of 16 output rows, and within
+// a block one byte per output for each pair of K values, [N / 16][K / 2][16] uint8 with K's even value in the
+// low nibble (the stored codes' own byte, transposed per block). Per group and block, 16 fp32 scales and 16 fp32
 // offsets (min - 128 scale), [N / 16][groups][16]; and per row of x its sum over each group, (M, groups).
 //
 // A code q becomes the bf16 value 128 + q by bit arithmetic alone (0x4300 is 128.0, and from 128 to 256 the
@@ -132,7 +132,8 @@ torch::Tensor int4_matmul(const torch::Tensor& x, const torch::Tensor& packed, c
                     K, N, pairs, groups, pairs / groups};
   // Spans of blocks as cpu_common.h's for_each_span walks them; from kExpandRows rows on, a span's codes are
   // expanded to bf16 once instead of once per row tile.
-  zskernels_cpu::for_each_span(blocks, pairs, op.w, 16, M >= kExpandRows, [](const uint8_t* p) { return bf16_pairs(p); },
+  const auto codes = [](const uint8_t* p) { return bf16_pairs(p); };
+  zskernels_cpu::for_each_span(blocks, pairs, op.w, 16, M >= kExpandRows, codes,
                                [&](int64_t b0, int64_t b1, const at::BFloat16* expanded) {
                                  if (expanded != nullptr) all_rows(op, M, expanded, b0, b0, b1);
                                  else all_rows(op, M, op.w, 0, b0, b1);

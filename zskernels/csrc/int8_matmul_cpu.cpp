@@ -117,10 +117,13 @@ torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& packed, c
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   // Spans of blocks as cpu_common.h's for_each_span walks them; from kConvertRows rows on, a span's weights
   // are converted to bf16 once instead of once per row tile.
-  zskernels_cpu::for_each_span(blocks, pairs, wp, 32, M >= kConvertRows, [](const int8_t* p) { return bf16_pairs(p); },
+  const auto weights = [](const int8_t* p) { return bf16_pairs(p); };
+  zskernels_cpu::for_each_span(blocks, pairs, wp, 32, M >= kConvertRows, weights,
                                [&](int64_t b0, int64_t b1, const at::BFloat16* converted) {
-                                 if (converted != nullptr) all_rows(xp, M, K, converted, pairs, sp, yp, 0, b1 - b0, N, b0);
-                                 else all_rows(xp, M, K, wp, pairs, sp, yp, b0, b1, N, 0);
+                                 if (converted != nullptr)
+                                   all_rows(xp, M, K, converted, pairs, sp, yp, 0, b1 - b0, N, b0);
+                                 else
+                                   all_rows(xp, M, K, wp, pairs, sp, yp, b0, b1, N, 0);
                                });
   return y;
 }
