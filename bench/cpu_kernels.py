@@ -3,9 +3,10 @@
 For each weight shape (SmolLM2-135M's layers and their ratio-0.8 factors) and each number of rows M:
 bf16 ``F.linear`` against ``bf16_linear`` (a bf16 weight as stored), ``_weight_int8pack_mm`` against
 ``int8_matmul`` (an int8 weight with row scales), and ``_weight_int4pack_mm_for_cpu`` against ``int4_matmul``
-(int4 codes with a scale and min per group of 64, zskernels/formats/int4.py). Every timed call reads a different copy of the weights
-(each method its own copies), enough to exceed 3x the last-level cache, as a decode step reads them from memory; random values,
-medians of ``--repeats`` calls, the methods interleaved per repeat.
+(int4 codes with a scale and min per group of 64, zskernels/formats/int4.py). Every timed call reads a
+different copy of the weights (each method its own copies), enough to exceed 3x the last-level cache, as a
+decode step reads them from memory; random values, medians of ``--repeats`` calls, the methods interleaved
+per repeat. The CPU's name is printed with the table and saved with ``--json``.
 
     python bench/cpu_kernels.py [--threads 2] [--repeats 200] [--rows 1,8,32,64,128,512] [--json OUT]
 """

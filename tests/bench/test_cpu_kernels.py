@@ -18,8 +18,9 @@ def test_one_table_with_every_method(monkeypatch, tmp_path, capsys):
     assert len(rows) == 4
     methods = ["bf16 F.linear", "int8pack", "int4pack"] + (
         ["bf16_linear", "int8_matmul", "int4_matmul"] if cpu_kernel.available() else [])
-    results = __import__("json").loads(out.read_text())["results"]
-    assert all(row[m] > 0 for row in results for m in methods)
+    saved = __import__("json").loads(out.read_text())
+    assert all(row[m] > 0 for row in saved["results"] for m in methods)
+    assert saved["cpu"] == cpu_kernels.cpu_model() != "" and f"{saved['cpu']}, 1 threads" in text
 
 
 def test_the_cache_size_reads_as_bytes():

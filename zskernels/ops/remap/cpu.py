@@ -7,8 +7,8 @@ int8 GEMMs. Where the rank is so high that the product is smaller, k (out + in) 
 of remap 0.8's SmolLM2 layers), W_hat = U_hat V_hat^T itself is re-encoded instead and a call is one int8
 GEMM: fewer bytes to read at decode and fewer multiply-adds at prefill (measured: bench/RESULTS.md, "remap's
 high ranks as one int8 matrix"). Why not the stored layout as it is: it splits each stage into an 8-bit
-head and a 16-bit tail, which on the CPU costs a 16-bit GEMM (about half int8pack's speed at decode, bench/RESULTS.md)
-plus the slices, the scale multiply, the sum and the concatenation around four GEMMs, each a few
+head and a 16-bit tail, which on the CPU costs a 16-bit GEMM (about half int8pack's speed at decode,
+bench/RESULTS.md) plus the slices, the scale multiply, the sum and the concatenation around four GEMMs, each a few
 microseconds of dispatch, while a whole SmolLM2 layer takes 20-100 us. The re-encoding rounds each value
 to half a step of its row's absmax / 127 (V's head rows stay exact whenever the tail fits under their
 scale); its cost in perplexity is in bench/RESULTS.md ("CPU serving after the re-encoding"), and it holds k (out + in)
