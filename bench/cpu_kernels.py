@@ -72,8 +72,8 @@ def methods(n: int, k: int, gen: torch.Generator) -> dict[str, list[Callable[[to
     int4 = int4_weights(n, k, copies_beyond_cache(n * k // 2), gen)
     out = {"bf16 F.linear": [lambda x, w=w: F.linear(x, w) for w in bf16],
            "int8pack": [lambda x, w=w, s=s.to(torch.bfloat16): torch._weight_int8pack_mm(x, w, s) for w, s in int8],
-           "int4pack": [lambda x, w=int4_cpu._int4pack_weight(q["codes"]),
-                        sz=int4_cpu._scales_and_zeros(q["scales"], q["mins"], torch.bfloat16):
+           "int4pack": [lambda x, w=int4_cpu.int4pack_weight(q["codes"]),
+                        sz=int4_cpu.scales_and_zeros(q["scales"], q["mins"], torch.bfloat16):
                         torch._weight_int4pack_mm_for_cpu(x, w, INT4_GROUP, sz) for q in int4]}
     if cpu_kernel.available():  # copies of its own: interleaved calls must not find each other's in the cache
         out["bf16_linear"] = [lambda x, w=w.clone(): cpu_kernel.bf16_linear(x, w) for w in bf16]

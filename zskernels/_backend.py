@@ -56,7 +56,12 @@ def cpu_fast_path(backend: str, *tensors: torch.Tensor) -> bool:
     """True when ``backend="auto"`` meets CPU tensors: the op runs its ``cpu.py`` path (int8 weight-only
     GEMMs, see ``_cpu``) instead of the plain reference, which ``backend="torch"`` keeps. Under
     torch.compile the path is one opaque op (``_cpu.opaque_when_compiled``)."""
-    return backend == "auto" and all(t.device.type == "cpu" for t in tensors)
+    if backend != "auto":
+        return False
+    for t in tensors:  # a plain loop: this runs on every call (a generator costs about a microsecond)
+        if t.device.type != "cpu":
+            return False
+    return True
 
 
 def check_same_device(**tensors: torch.Tensor) -> torch.device:

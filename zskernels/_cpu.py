@@ -164,7 +164,12 @@ def finish(y: Tensor, x: Tensor, bias: Optional[Tensor]) -> Tensor:
     """y (M, out) + bias, shaped like x's leading dimensions."""
     if bias is not None:
         y = y + bias.to(y.dtype)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def rows_of(x: Tensor) -> Tensor:
+    """x (..., K) as an (M, K) matrix (a view where x is not 2-D already: a reshape costs about a microsecond)."""
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
 
 
 def _chunk_rows(w: Tensor, dtype: torch.dtype) -> int:
@@ -388,21 +393,36 @@ def _rows_as_int8(values: Tensor, absmax: Optional[Tensor] = None) -> tuple[Tens
 # same Python function, run eagerly on the real tensors: the same numbers and the same speed.
 _PATHS: dict[str, tuple[Callable, Callable[[dict], int]]] = {}
 _PATH_OP = "zskernels::cpu_path"
-_path_op_registered = False
+_path_library: Optional[torch.library.Library] = None  # kept: the definition lives as long as it
+
+
+def register_path(name: str, fn: Callable, out_features: Callable[[dict], int]) -> None:
+    """Make ``fn(x, packed, bias)`` callable as ``run_path(name, ...)``; ``out_features(packed)`` gives y's width
+    from shapes only (the compiler's fake tensors have no values). Names are global: one per op, or one per
+    object that registers itself (zssvd's vLLM layers), which drops its entry with ``unregister_path``."""
+    _PATHS[name] = (fn, out_features)
+
+
+def unregister_path(name: str) -> None:
+    _PATHS.pop(name, None)
+
+
+def run_path(name: str, x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor] = None) -> Tensor:
+    """The registered path ``name``: called directly, or, while torch.compile traces, as one opaque op."""
+    if not torch.compiler.is_compiling():
+        return _PATHS[name][0](x, packed, bias)
+    _register_path_op()
+    return torch.ops.zskernels.cpu_path(name, x, ",".join(packed), list(packed.values()), bias)
 
 
 def opaque_when_compiled(name: str, out_features: Callable[[dict], int]):
-    """Decorate an op's CPU path ``fn(x, packed, bias)``; ``out_features(packed)`` gives y's width
-    (from shapes only: the compiler's fake tensors have no values)."""
+    """Decorate an op's CPU path ``fn(x, packed, bias)`` so that compiled code calls it as one opaque op."""
     def wrap(fn):
-        _PATHS[name] = (fn, out_features)
+        register_path(name, fn, out_features)
 
         @functools.wraps(fn)
         def path(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor] = None) -> Tensor:
-            if not torch.compiler.is_compiling():
-                return fn(x, packed, bias)
-            _register_path_op()
-            return torch.ops.zskernels.cpu_path(name, x, ",".join(packed), list(packed.values()), bias)
+            return run_path(name, x, packed, bias)
         return path
     return wrap
 
@@ -418,11 +438,18 @@ def _path_shape(name: str, x: Tensor, names: str, tensors: list[Tensor], bias: O
 
 @torch.compiler.assume_constant_result
 def _register_path_op() -> bool:
-    """Register zskernels::cpu_path once, on the first compiled call (``import zskernels`` stays lean)."""
-    global _path_op_registered
+    """Define zskernels::cpu_path once, on the first compiled call (``import zskernels`` stays lean).
+
+    A plain ``torch.library.Library`` definition with a CPU kernel, not ``torch.library.custom_op``: compiled
+    code calls it once per layer per step, and custom_op's Python wrapper costs 10-20 us more per call
+    (measured, zskernels/README.md) -- as much as a SmolLM2 layer's GEMMs at one row.
+    """
+    global _path_library
     with _LOCK:
-        if not _path_op_registered:
-            schema = "(str name, Tensor x, str names, Tensor[] tensors, Tensor? bias) -> Tensor"
-            torch.library.custom_op(_PATH_OP, mutates_args=(), schema=schema)(_run_path).register_fake(_path_shape)
-            _path_op_registered = True
+        if _path_library is None:
+            library = torch.library.Library("zskernels", "FRAGMENT")
+            library.define("cpu_path(str name, Tensor x, str names, Tensor[] tensors, Tensor? bias) -> Tensor")
+            library.impl("cpu_path", _run_path, "CPU")
+            torch.library.register_fake(_PATH_OP, _path_shape, lib=library)
+            _path_library = library
     return True

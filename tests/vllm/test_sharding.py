@@ -98,3 +98,31 @@ def test_fused_parts_share_the_first_product_and_keep_order(rng):
     bias = torch.randn(24, generator=rng)
     expected = torch.cat([f(x) for f, _, _ in mods], -1) + bias
     torch.testing.assert_close(fused.forward(x, bias), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_parts_on_the_cpu_are_one_opaque_path(rng):
+    """bf16 on the CPU, every kind of part: compiled code (vLLM's default) calls the layer as one opaque op and
+    gets eager's numbers bit for bit, both near the float64 modules; the path's name goes with the layer."""
+    import gc
+
+    from zskernels import _cpu
+
+    kinds = [("bf16", (12, 18, 5)), ("weight", (6, 18, 0)), ("remap", (10, 18, 4)), ("dense-fp8", (7, 18, 0)),
+             ("bf16", (6, 18, 3))]
+    mods = [_module_and_desc(kind, shape, rng) for kind, shape in kinds]
+    fused = FusedParts([slice_module(d, t, WHOLE, 0, 0) for _, d, t in mods], torch.bfloat16)
+    bias = torch.randn(41, generator=rng).to(torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: fused.forward(x, bias), fullgraph=True, dynamic=True)
+    for m in (1, 9):
+        x = torch.randn(m, 18, generator=rng)
+        eager = fused.forward(x.bfloat16(), bias)
+        assert torch.equal(compiled(x.bfloat16()), eager)
+        expected = torch.cat([f(x) for f, _, _ in mods], -1) + bias.float()
+        torch.testing.assert_close(eager.float(), expected, rtol=0.05, atol=0.1 * expected.abs().max().item())
+    name = fused._cpu_path
+    assert name in _cpu._PATHS
+    del fused, compiled
+    torch._dynamo.reset()
+    gc.collect()
+    assert name not in _cpu._PATHS

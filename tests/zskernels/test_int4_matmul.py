@@ -350,11 +350,27 @@ def test_cpu_routes(m, dtype, kernel_here, rng, monkeypatch, one_thread):
     assert _rel_err(y, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("kernel_here", [True, False], ids=["kernel", "no-kernel"])
+@pytest.mark.parametrize("m", [1, 20])
+@pytest.mark.parametrize("groups", [(64, 16), (16, 32)], ids=["int4pack-then-chunked", "chunked-then-int4pack"])
+def test_cpu_stages_on_different_routes(groups, m, kernel_here, rng, monkeypatch, one_thread):
+    """A group size int4pack does not take sends one factor down the chunked route: t leaves V at U's padded width
+    (zero rows in V's layouts) or at the true rank, and U reads either."""
+    if kernel_here and not cpu_kernel.available():
+        pytest.skip(f"the CPU kernels are off here: {cpu_kernel.unavailable_reason() or 'their build failed'}")
+    if not kernel_here:
+        monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    x, packed, bias, ref = _problem(rng, (45, 70, 37, groups, (m,), True), torch.bfloat16, "lowrank")
+    y = zk.int4_lowrank_matmul(x.cpu(), {n: t.cpu() for n, t in packed.items()}, bias.cpu())
+    assert _rel_err(y, ref) < TOL[torch.bfloat16]
+
+
 def test_cpu_conversion_is_cached_and_follows_writes(rng):
     packed = zk.quantize_int4(torch.randn(20, 64, generator=rng), 64)
     x = torch.randn(2, 64, generator=rng).bfloat16()
     first = zk.int4_linear(x, packed)
-    assert int4_cpu._int4pack_weight(packed["codes"]) is int4_cpu._int4pack_weight(packed["codes"])
+    plan = int4_cpu._plan(x, packed, None, "dense", "int4_linear")
+    assert plan is int4_cpu._plan(x, packed, None, "dense", "int4_linear")
     packed["mins"].add_(1.0)  # an in-place write (a checkpoint loaded into the buffer) rebuilds the cache
     second = zk.int4_linear(x, packed)
     assert torch.allclose(second.float() - first.float(), x.float().sum(1, keepdim=True).expand(2, 20), atol=0.1)

@@ -48,7 +48,7 @@ def _plan(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor], form: st
 def _rows(x: Tensor, plan: _Plan, packed: dict[str, Tensor], bias: Optional[Tensor], form: str, op: str) -> Tensor:
     if x.dim() < 1 or x.shape[-1] != plan.in_features or not _cpu.bias_fits(bias, plan.out_features):
         check_call(x, packed, bias, form, op)  # raises, naming what it needs
-    return x.reshape(-1, x.shape[-1])
+    return _cpu.rows_of(x)
 
 
 @_cpu.opaque_when_compiled("fp8_linear", lambda packed: packed["weight_fp8"].shape[0])

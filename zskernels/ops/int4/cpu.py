@@ -1,26 +1,31 @@
 """int4_linear / int4_lowrank_matmul's fast CPU path.
 
 Three routes, chosen per call from the activation dtype, the row count and the group size (the
-thresholds are measurements on the development machine, zskernels/README.md):
+thresholds are measurements, zskernels/README.md):
 
 * zskernels' own int4 kernel (``_cpu_kernel.int4_matmul``) for bf16 activations from
-  ``KERNEL_MIN_ROWS`` rows on, where the CPU has AVX-512 BF16: any group size, the weight in a layout
-  made once (``_cpu_kernel.int4_pack``, cached beside the codes like int4pack's tiles).
+  ``KERNEL_MIN_ROWS`` rows on, where the CPU has AVX-512 BF16: any group size, the weight in its own
+  layout (``_cpu_kernel.int4_pack``).
 * ``torch._weight_int4pack_mm_for_cpu`` (vectorised int4 weight-only GEMM; reads half a byte per
   weight). It wants the weight re-tiled by ``_convert_weight_to_int4pack_for_cpu`` (N a multiple
   of 16, so rows are padded) and per-group (scale, zero) pairs in x's dtype with
   w = (q - 8) * scale + zero, i.e. zero = min + 8 scale; group sizes 32, 64, 128, 256 only; K a
-  multiple of the group (x is zero-padded to the stored width). Both conversions happen once per
-  stored tensor and are cached by ``_cpu.derived`` beside it (the stored tensors are left as they are).
+  multiple of the group (x is zero-padded to the stored width).
 * otherwise de-quantise-then-GEMM in row chunks of about ``_cpu.CHUNK_BYTES`` converted bytes: never
   the whole weight at once, and amortised over the rows of x.
+
+Every layout is made once per packed dict and x dtype, in the op's plan (``_cpu.plan``, which leaves the
+stored tensors as they are), so a call is the plan lookup and then the kernel calls: the Python around
+them costs a few microseconds, against 30-40 before plans held the layouts (a SmolLM2 layer's two GEMMs at
+one row take about 15 us each). A V factor's layouts have U's padded width of rows (zero rows), so t comes
+out as wide as U's codes are read and stage 2 pads nothing.
 
   (a) dense:   y = x W_hat^T
   (b) lowrank: t = x V_hat, y = t U_hat^T   (t in x's dtype)
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,27 +51,65 @@ def _nibbles(codes: Tensor) -> Tensor:
     return torch.stack([codes & 0xF, codes >> 4], dim=2).reshape(codes.shape[0], 2 * codes.shape[1])
 
 
-def _int4pack_weight(codes: Tensor) -> Tensor:
-    """The stored codes re-tiled for torch's CPU int4 kernel, rows padded to a multiple of 16 (cached)."""
-    def make() -> Tensor:
-        q = _nibbles(codes).to(torch.int32)
-        q = F.pad(q, (0, 0, 0, -q.shape[0] % INT4PACK_N_MULTIPLE))
-        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
-    return _cpu.derived(codes, "int4pack", make)
+def int4pack_weight(codes: Tensor) -> Tensor:
+    """The stored codes re-tiled for torch's CPU int4 kernel, rows zero-padded to a multiple of 16 (a copy)."""
+    q = _nibbles(codes).to(torch.int32)
+    q = F.pad(q, (0, 0, 0, -q.shape[0] % INT4PACK_N_MULTIPLE))
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
 
 
-def _scales_and_zeros(scales: Tensor, mins: Tensor, dtype: torch.dtype) -> Tensor:
-    """(groups, N padded, 2) [scale, min + 8 scale] in ``dtype`` (cached beside ``scales``)."""
-    def make() -> Tensor:
-        s, m = scales.float().T, mins.float().T
-        pair = torch.stack([s, m + 8 * s], dim=2)
-        return F.pad(pair, (0, 0, 0, -pair.shape[1] % INT4PACK_N_MULTIPLE)).to(dtype).contiguous()
-    return _cpu.derived(scales, f"int4sz:{dtype}:{id(mins)}:{mins._version}", make)
+def scales_and_zeros(scales: Tensor, mins: Tensor, dtype: torch.dtype) -> Tensor:
+    """(groups, N padded, 2) [scale, min + 8 scale] in ``dtype`` (a copy)."""
+    s, m = scales.float().T, mins.float().T
+    pair = torch.stack([s, m + 8 * s], dim=2)
+    return F.pad(pair, (0, 0, 0, -pair.shape[1] % INT4PACK_N_MULTIPLE)).to(dtype).contiguous()
 
 
-def _kernel_weight(codes: Tensor, scales: Tensor, mins: Tensor) -> tuple[Tensor, ...]:
-    """The stored weight in zskernels' int4 kernel's layout (cached)."""
-    return _cpu.derived(codes, "int4kernel", lambda: cpu_kernel.int4_pack(codes, scales, mins), also=(scales, mins))
+class _Matrix(NamedTuple):
+    """One stored matrix (``prefix`` "", "v_" or "u_") prepared for x of one dtype: its sizes and the
+    layouts of the routes x can take (None where a route cannot run)."""
+
+    prefix: str
+    out_features: int   # N, what the chunked route writes
+    rows: int           # what the kernel and int4pack write: N, or a V factor's N grown to U's width
+    width: int          # the codes' padded K: x is zero-padded to it for the kernel and int4pack
+    in_features: int
+    group_size: int
+    kernel: Optional[tuple[Tensor, ...]]        # zskernels' layout (bf16 x, where the kernel runs)
+    int4pack: Optional[tuple[Tensor, Tensor]]  # torch's tiles and its (scale, zero) pairs
+
+
+class _Plan(NamedTuple):
+    in_features: int
+    out_features: int
+    stages: tuple[_Matrix, ...]  # (W_hat,) or (V_hat, U_hat), applied in turn
+
+
+def _prepared(packed: dict[str, Tensor], prefix: str, dtype: torch.dtype, rows: int = 0) -> _Matrix:
+    """The layouts, made once per plan. ``rows``: zero rows appended up to it (scale and min 0, so those outputs
+    are 0), so that V's t comes out at the width U's codes are read at and stage 2 pads nothing."""
+    codes, scales, mins = (packed[prefix + key] for key in ("codes", "scales", "mins"))
+    n, width = codes.shape[0], 2 * codes.shape[1]
+    group_size = width // scales.shape[1]
+    stored = (codes, scales, mins)
+    if rows > n:
+        stored = tuple(F.pad(t, (0, 0, 0, rows - n)) for t in stored)
+    kernel = cpu_kernel.int4_pack(*stored) if dtype == torch.bfloat16 and cpu_kernel.available() else None
+    int4pack = None
+    if group_size in INT4PACK_GROUPS and dtype in INT4PACK_MAX_ROWS and (kernel is None or KERNEL_MIN_ROWS > 1):
+        int4pack = (int4pack_weight(stored[0]), scales_and_zeros(stored[1], stored[2], dtype))
+    return _Matrix(prefix, n, max(rows, n), width, true_in_features(packed, prefix), group_size, kernel, int4pack)
+
+
+def _apply(x: Tensor, m: _Matrix, packed: dict[str, Tensor]) -> Tensor:
+    """x (M, K or wider, zero beyond K) @ W_hat^T through the route M picks."""
+    if m.kernel is not None and x.shape[0] >= KERNEL_MIN_ROWS:
+        return cpu_kernel.int4_matmul(_padded(x, m.width), m.kernel, m.rows)
+    if m.int4pack is not None and x.shape[0] <= INT4PACK_MAX_ROWS[x.dtype]:
+        y = torch._weight_int4pack_mm_for_cpu(_padded(x, m.width), m.int4pack[0], m.group_size, m.int4pack[1])
+        return y if y.shape[1] == m.rows else y[:, :m.rows]
+    codes, scales, mins = (packed[m.prefix + key] for key in ("codes", "scales", "mins"))
+    return _chunked(x, codes, scales, mins, min(x.shape[1], m.width))
 
 
 def _dequantize_rows(codes: Tensor, scales: Tensor, mins: Tensor, k: int, dtype: torch.dtype) -> Tensor:
@@ -92,39 +135,36 @@ def _padded(x: Tensor, width: int) -> Tensor:
     return F.pad(x, (0, width - x.shape[1])) if width != x.shape[1] else x.contiguous()
 
 
-def linear_2d(x: Tensor, packed: dict[str, Tensor], prefix: str = "") -> Tensor:
-    """x (M, K) @ W_hat^T for one stored matrix (``prefix`` "v_" / "u_" of a pair), in x's dtype."""
-    codes, scales, mins = (packed[prefix + key] for key in ("codes", "scales", "mins"))
-    n, kp = codes.shape[0], 2 * codes.shape[1]
-    k = true_in_features(packed, prefix)
-    group_size = kp // scales.shape[1]
-    if x.dtype == torch.bfloat16 and x.shape[0] >= KERNEL_MIN_ROWS and cpu_kernel.available():
-        return cpu_kernel.int4_matmul(_padded(x, kp), _kernel_weight(codes, scales, mins), n)
-    if group_size in INT4PACK_GROUPS and x.shape[0] <= INT4PACK_MAX_ROWS.get(x.dtype, 0):
-        y = torch._weight_int4pack_mm_for_cpu(_padded(x, kp), _int4pack_weight(codes), group_size,
-                                              _scales_and_zeros(scales, mins, x.dtype))
-        return y[:, :n]
-    return _chunked(x, codes, scales, mins, k)
+def _plan(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor], kind: str, op: str) -> _Plan:
+    """The checked, prepared operands, once per packed dict and x dtype (``_cpu.plan``)."""
+    def make() -> _Plan:
+        in_features, out_features = check_call(x, packed, bias, kind, op)
+        if kind == "dense":
+            return _Plan(in_features, out_features, (_prepared(packed, "", x.dtype),))
+        u_width = 2 * packed["u_codes"].shape[1]
+        return _Plan(in_features, out_features,
+                     (_prepared(packed, "v_", x.dtype, rows=u_width), _prepared(packed, "u_", x.dtype)))
+
+    return _cpu.plan(op, x.dtype, packed, make)
 
 
-def _checked(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor], kind: str, op: str) -> None:
-    """The layout checks, once per packed dict and x dtype (``_cpu.plan``); per call only x's width and
-    the bias length, and on a mismatch the full check, which raises naming what the op needs."""
-    in_features, out_features = _cpu.plan(op, x.dtype, packed, lambda: check_call(x, packed, bias, kind, op))
-    if x.dim() < 1 or x.shape[-1] != in_features or not _cpu.bias_fits(bias, out_features):
-        check_call(x, packed, bias, kind, op)
+def _run(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor], kind: str, op: str) -> Tensor:
+    plan = _plan(x, packed, bias, kind, op)
+    if x.dim() < 1 or x.shape[-1] != plan.in_features or not _cpu.bias_fits(bias, plan.out_features):
+        check_call(x, packed, bias, kind, op)  # raises, naming what the op needs
+    y = _cpu.rows_of(x)
+    for matrix in plan.stages:
+        y = _apply(y, matrix, packed)
+    return _cpu.finish(y, x, bias)
 
 
 @_cpu.opaque_when_compiled("int4_linear", lambda packed: packed["codes"].shape[0])
 def int4_linear_cpu(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor] = None) -> Tensor:
     """y = x W_hat^T + bias, in x's dtype."""
-    _checked(x, packed, bias, "dense", "int4_linear")
-    return _cpu.finish(linear_2d(x.reshape(-1, x.shape[-1]), packed), x, bias)
+    return _run(x, packed, bias, "dense", "int4_linear")
 
 
 @_cpu.opaque_when_compiled("int4_lowrank_matmul", lambda packed: packed["u_codes"].shape[0])
 def int4_lowrank_matmul_cpu(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor] = None) -> Tensor:
     """y = (x V_hat) U_hat^T + bias, in x's dtype."""
-    _checked(x, packed, bias, "lowrank", "int4_lowrank_matmul")
-    t = linear_2d(x.reshape(-1, x.shape[-1]), packed, "v_")
-    return _cpu.finish(linear_2d(t, packed, "u_"), x, bias)
+    return _run(x, packed, bias, "lowrank", "int4_lowrank_matmul")

@@ -82,7 +82,7 @@ def remap_matmul_cpu(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor
     plan = _plan(x, packed, bias)
     if x.dim() < 1 or x.shape[-1] != plan.in_features or not _cpu.bias_fits(bias, plan.out_features):
         check_call(x, packed, bias, "remap_matmul")  # raises, naming what it needs
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = _cpu.rows_of(x)
     if plan.u_scale is None:  # 16-bit x: one or two int8 GEMMs on re-encoded copies
         y = x2d
         for stage in plan.stages:

@@ -24,13 +24,15 @@ slice runs the same op (Triton on a GPU, the fast CPU path on the CPU) as the wh
 """
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from ...nn.packed_linear import FLOAT_STORAGES, STORAGES, dense_forward
+from ...nn.packed_linear import FLOAT_STORAGES, STORAGES, _kernels, dense_forward
 
 Tensors = dict[str, torch.Tensor]
 COLUMN, ROW, WHOLE = "column", "row", "whole"
@@ -58,13 +60,18 @@ class Part:
 
     def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         if self.kind == "weight":
-            return F.linear(x, self.tensors["weight"])
+            return _linear(x, self.tensors["weight"])
         if self.kind == "dense":
             return dense_forward(self.storage, x, self.tensors, None, backend)
         return STORAGES[self.storage].forward(x, self.tensors, None, backend)
 
     def is_float_lowrank(self) -> bool:
         return self.kind == "lowrank" and self.storage in FLOAT_STORAGES
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear; on the CPU with few bf16 rows, zskernels' bf16 kernel (faster than torch's GEMM there)."""
+    return _kernels()._cpu.float_linear(x, w) if x.device.type == "cpu" else F.linear(x, w)
 
 
 def _rows(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
@@ -180,6 +187,9 @@ def slice_module(desc: dict | None, tensors: Tensors, role: str, start: int, siz
     return Part(kind, storage, sliced, out_s, in_s, desc.get("rank", 0) if desc else 0)
 
 
+_FUSED_IDS = itertools.count()
+
+
 class FusedParts:
     """The ``Part``s of one vLLM layer (q/k/v, gate/up, or a single module), output = their concatenation.
 
@@ -187,6 +197,11 @@ class FusedParts:
     GEMM, then one second product per part. Other parts (remap, fp8, dense) each run their own op.
     Float factors and ordinary weights are cast once to the serving dtype (what vLLM does to an
     unquantised weight), so no call converts them again.
+
+    On the CPU the whole layer is one zskernels CPU path (``_cpu.run_path``): compiled vLLM calls it as one
+    opaque op per layer instead of one per part, and its float GEMMs take zskernels' bf16 kernel where it
+    beats torch's. Per-call Python, not the GEMMs, is what made compressed models slower than dense ones in
+    compiled vLLM on the CPU (bench/RESULTS.md).
     """
 
     def __init__(self, parts: list[Part], dtype: torch.dtype):
@@ -197,6 +212,13 @@ class FusedParts:
         self.shared = [i for i, p in enumerate(parts) if p.is_float_lowrank()]
         self.v_cat = torch.cat([parts[i].tensors["weight_v"] for i in self.shared]) if self.shared else None
         self.ranks = [parts[i].tensors["weight_v"].shape[0] for i in self.shared]
+        self._named = self.tensors()
+        self._cpu_path = f"zssvd.fused_parts.{next(_FUSED_IDS)}"
+        cpu = _kernels()._cpu
+        this, width = weakref.ref(self), sum(p.out_features for p in parts)
+        cpu.register_path(self._cpu_path, lambda x, _tensors, bias: this()._forward(x, bias, "auto"),
+                          lambda _tensors: width)
+        weakref.finalize(self, cpu.unregister_path, self._cpu_path)
 
     def tensors(self) -> Tensors:
         """Every tensor held, by a unique name (to register them as the layer's buffers)."""
@@ -207,11 +229,16 @@ class FusedParts:
         return named
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+        if backend == "auto" and x.device.type == "cpu":  # the op reads every tensor: compiled code orders it so
+            return _kernels()._cpu.run_path(self._cpu_path, x, self._named, bias)
+        return self._forward(x, bias, backend)
+
+    def _forward(self, x: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
         outputs: list[torch.Tensor | None] = [None] * len(self.parts)
         if self.shared:
-            t = F.linear(x, self.v_cat).split(self.ranks, dim=-1)
+            t = _linear(x, self.v_cat).split(self.ranks, dim=-1)
             for i, ti in zip(self.shared, t):
-                outputs[i] = F.linear(ti, self.parts[i].tensors["weight_u"])
+                outputs[i] = _linear(ti, self.parts[i].tensors["weight_u"])
         for i, part in enumerate(self.parts):
             if outputs[i] is None:
                 outputs[i] = part.forward(x, backend)
