@@ -2,8 +2,9 @@
 
 For each weight shape (SmolLM2-135M's layers and their ratio-0.8 factors) and each number of rows M:
 bf16 ``F.linear`` against ``bf16_linear`` (a bf16 weight as stored), ``_weight_int8pack_mm`` against
-``int8_matmul`` (an int8 weight with row scales), and ``_weight_int4pack_mm_for_cpu`` against ``int4_matmul``
-(int4 codes with a scale and min per group of 64, zskernels/formats/int4.py). Every timed call reads a
+``int8_matmul`` (an int8 weight with row scales; its weights converted to bf16 once per 8-row tile, or once per
+span of blocks), and ``_weight_int4pack_mm_for_cpu`` and de-quantise-then-GEMM (the int4 path's chunked route)
+against ``int4_matmul`` (int4 codes with a scale and min per group of 64, zskernels/formats/int4.py). Every timed call reads a
 different copy of the weights (each method its own copies), enough to exceed 3x the last-level cache, as a
 decode step reads them from memory; random values, medians of ``--repeats`` calls, the methods interleaved
 per repeat. The CPU's name is printed with the table and saved with ``--json``.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +32,7 @@ from zskernels.ops.int4 import cpu as int4_cpu
 SHAPES = [(1536, 576), (576, 1536), (576, 576), (192, 576), (335, 576), (1536, 335)]
 INT4_GROUP = 64
 CACHE_BYTES = 32 * 2**20  # where the L3's size cannot be read; weights rotate through 3x the L3
+NEVER = 2**62  # int8_matmul's convert_rows: never once per span
 
 
 def last_level_cache_bytes() -> int:
@@ -40,15 +41,6 @@ def last_level_cache_bytes() -> int:
         return int(size.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1], 1)
     except (OSError, ValueError, IndexError):
         return CACHE_BYTES
-
-
-def cpu_model() -> str:
-    """The CPU's name as Linux reports it (lscpu's "Model name"), else the platform's."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(l.split(":", 1)[1].strip() for l in lines if l.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def copies_beyond_cache(bytes_per_copy: int) -> int:
@@ -74,10 +66,16 @@ def methods(n: int, k: int, gen: torch.Generator) -> dict[str, list[Callable[[to
            "int8pack": [lambda x, w=w, s=s.to(torch.bfloat16): torch._weight_int8pack_mm(x, w, s) for w, s in int8],
            "int4pack": [lambda x, w=int4_cpu.int4pack_weight(q["codes"]),
                         sz=int4_cpu.scales_and_zeros(q["scales"], q["mins"], torch.bfloat16):
-                        torch._weight_int4pack_mm_for_cpu(x, w, INT4_GROUP, sz) for q in int4]}
+                        torch._weight_int4pack_mm_for_cpu(x, w, INT4_GROUP, sz) for q in int4],
+           "int4 chunked": [lambda x, q=q: int4_cpu._chunked(x, q["codes"], q["scales"], q["mins"], x.shape[1])
+                            for q in int4]}
     if cpu_kernel.available():  # copies of its own: interleaved calls must not find each other's in the cache
         out["bf16_linear"] = [lambda x, w=w.clone(): cpu_kernel.bf16_linear(x, w) for w in bf16]
-        out["int8_matmul"] = [lambda x, p=cpu_kernel.pack(w), s=s: cpu_kernel.matmul(x, p, s) for w, s in int8]
+        # the weights converted to bf16 once per 8-row tile or once per span of blocks (the CPU's own threshold
+        # between the two: configs/cpu_routes.json's int8_convert_min_rows)
+        out["int8_matmul tile"] = [lambda x, p=cpu_kernel.pack(w), s=s: cpu_kernel.matmul(x, p, s, NEVER)
+                                   for w, s in int8]
+        out["int8_matmul span"] = [lambda x, p=cpu_kernel.pack(w), s=s: cpu_kernel.matmul(x, p, s, 0) for w, s in int8]
         out["int4_matmul"] = [lambda x, p=cpu_kernel.int4_pack(q["codes"], q["scales"], q["mins"]):
                               cpu_kernel.int4_matmul(x, p, n) for q in int4]
     return out
@@ -113,7 +111,8 @@ def run(rows: list[int], repeats: int, gen: torch.Generator) -> list[dict]:
 
 
 def table(results: list[dict]) -> str:
-    cols = ["bf16 F.linear", "bf16_linear", "int8pack", "int8_matmul", "int4pack", "int4_matmul"]
+    cols = ["bf16 F.linear", "bf16_linear", "int8pack", "int8_matmul tile", "int8_matmul span", "int4pack",
+            "int4_matmul", "int4 chunked"]
     lines = ["| (N, K) | M | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for row in results:
         cells = [f"{row[c]:.1f}" if c in row else "" for c in cols]
@@ -133,12 +132,12 @@ def main(argv=None) -> int:
         print(f"zskernels' CPU kernels are off here ({cpu_kernel.unavailable_reason() or 'the build failed'}): "
               "only torch's routes are timed")
     results = run([int(m) for m in args.rows.split(",")], args.repeats, torch.Generator().manual_seed(0))
-    print(f"{cpu_model()}, {args.threads} threads, bf16 x, us per GEMM "
+    print(f"{cpu_kernel.cpu_model()}, {args.threads} threads, bf16 x, us per GEMM "
           f"(median of {args.repeats}):")
     print(table(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": cpu_model(), "threads": args.threads, "repeats": args.repeats, "results": results}, f,
+            json.dump({"cpu": cpu_kernel.cpu_model(), "threads": args.threads, "repeats": args.repeats, "results": results}, f,
                       indent=1)
     return 0
 

@@ -7,6 +7,9 @@ and the last bucket takes everything larger. GPUs without an entry use ``"defaul
 starting with ``_`` are comments. Configs are read once and chosen on the host before a kernel
 launches, so nothing here runs during CUDA-graph capture. ``write_buckets`` is how
 ``bench/tune_configs.py`` stores tuned buckets for one GPU.
+
+The CPU paths' thresholds live beside them in ``configs/cpu_routes.json``: one flat entry per CPU, keyed by
+its model name as /proc/cpuinfo gives it, else by its vendor id, else ``"default"`` (``cpu_route_setting``).
 """
 from __future__ import annotations
 
@@ -58,6 +61,43 @@ def pick_config(op: str, size: int, device: torch.device, config_dir: Optional[P
     buckets = tab.get(_device.device_name(device), tab["default"])
     chosen = next((b for b in buckets if size <= b["max_m"]), buckets[-1])
     return {k: v for k, v in chosen.items() if k != "max_m"}
+
+
+CPU_ROUTES = "cpu_routes"
+
+
+def cpu_route_setting(key: str, config_dir: Optional[Path] = None):
+    """One CPU path threshold for this CPU (e.g. "int4_kernel_min_rows"): from the entry of its model name, else
+    of its vendor id, else of "default"; an environment variable ZSKERNELS_<KEY> overrides it (an int, or
+    "none")."""
+    override = os.environ.get(f"ZSKERNELS_{key.upper()}")
+    if override is not None:
+        return _cpu_setting_value(key, override)
+    from . import _cpu_kernel
+
+    info = _cpu_kernel.cpu_info()
+    tab = _load_cpu_routes(_path(CPU_ROUTES, config_dir))
+    for name in (info.get("model name"), info.get("vendor_id"), "default"):
+        if name in tab and key in tab[name]:
+            return tab[name][key]
+    raise KeyError(f"{_path(CPU_ROUTES, config_dir)} has no {key!r} in its 'default' entry")
+
+
+def _cpu_setting_value(key: str, text: str) -> Optional[int]:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"ZSKERNELS_{key.upper()}={text!r}: give a whole number of rows, or none") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _load_cpu_routes(path: Path) -> dict:
+    table = json.loads(path.read_text())
+    if "default" not in table:
+        raise ValueError(f"{path} has no 'default' entry")
+    return {name: entry for name, entry in table.items() if not name.startswith("_")}
 
 
 @contextlib.contextmanager

@@ -33,9 +33,11 @@ Nothing here de-quantises a whole factor per call:
   unchanged tensors skips the layout checks and casts (per-call overhead was ~50 us a layer).
   ``derived_nbytes(tensors)``: what the cache holds for them (``bench-serve``'s ``cpu_path_gib``).
 * ``opaque_when_compiled(name, out_features)``: each op's CPU path, seen by torch.compile as one
-  opaque op (``zskernels::cpu_path``), so compiled and eager code compute the same numbers.
+  opaque op (``zskernels::cpu_path``), so compiled and eager code compute the same numbers;
+  ``register_path`` / ``run_path`` do the same for a caller's own path (zssvd's vLLM layers).
 
-Thresholds were measured on the development machine (bench/RESULTS.md).
+Thresholds were measured on the development machine (bench/RESULTS.md); the ones that differ between CPUs are
+data (``configs/cpu_routes.json``).
 """
 from __future__ import annotations
 
@@ -89,8 +91,9 @@ def derived(source: Tensor, key: Hashable, make: Callable[[], T], also: tuple[Te
 
 def _state(tensors: tuple[Tensor, ...]) -> tuple:
     # In-place writes bump _version; ``t.data = other`` (nn.Module casts do it to parameters) does
-    # not, but moves the data: both are part of the state an entry was derived from.
-    return tuple((t._version, t.data_ptr()) for t in tensors)
+    # not, but moves the data: both are part of the state an entry was derived from. Tensors made under
+    # torch.inference_mode have no version counter (None here): only a move is seen for them.
+    return tuple((None if t.is_inference() else t._version, t.data_ptr()) for t in tensors)
 
 
 def _current(entry, tensors: tuple[Tensor, ...]) -> bool:
@@ -99,7 +102,7 @@ def _current(entry, tensors: tuple[Tensor, ...]) -> bool:
     if len(refs) != len(tensors):
         return False
     for ref, t, (version, pointer) in zip(refs, tensors, state):
-        if ref() is not t or t._version != version or t.data_ptr() != pointer:
+        if ref() is not t or (version is not None and t._version != version) or t.data_ptr() != pointer:
             return False
     return True
 
@@ -193,7 +196,7 @@ class Int8Rows(NamedTuple):
     realigned, or zero-padded to K % 16 == 0); ``scale`` is a copy in x's dtype; ``packable``: int8pack
     applies to these rows; ``pad``: zero columns appended to the rows (x gets as many per call).
     ``kernel``: for bf16 x where zskernels' CPU kernel runs (``_cpu_kernel``), the rows in its layout; every
-    call then takes it, ``rows`` is None (no second copy is kept) and ``scale`` is in float32.
+    call then takes it, ``rows`` is None (no second copy is kept), ``packable`` False and ``scale`` in float32.
     """
 
     rows: Optional[Tensor]
@@ -233,7 +236,7 @@ def int8_rows(w: Tensor, row_scale: Optional[Tensor], dtype: torch.dtype, *, nor
         rows = F.pad(w if rows is None else rows, (0, grow_cols + pad, 0, grow_rows)).contiguous()
         scale = F.pad(scale, (0, grow_rows), value=1.0)
     if kernel:  # its layout replaces the rows
-        return Int8Rows(None, scale.contiguous(), True, pad, cpu_kernel.pack(w if rows is None else rows))
+        return Int8Rows(None, scale.contiguous(), False, pad, cpu_kernel.pack(w if rows is None else rows))
     return Int8Rows(rows, scale, dtype in INT8PACK_DTYPES, pad)
 
 

@@ -15,6 +15,7 @@ why, and the CPU paths keep torch's routes.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -45,10 +46,21 @@ def pack(w: torch.Tensor) -> torch.Tensor:
     return _required().int8_pack(w.contiguous())
 
 
-def matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, convert_rows: int | None = None) -> torch.Tensor:
     """bf16 x (M, K) @ (w * scale[:, None])^T for ``packed = pack(w)``; scale float32 (N,); bf16 (M, N).
-    K must be the packed width (even: the caller pads x as it padded w)."""
-    return _required().int8_matmul(x, packed, scale)
+    K must be the packed width (even: the caller pads x as it padded w). From ``convert_rows`` rows of x on, the
+    weights are converted to bf16 once per span of blocks instead of once per 8-row tile (default: this CPU's
+    ``int8_convert_min_rows``, zskernels/configs/cpu_routes.json)."""
+    return _required().int8_matmul(x, packed, scale, convert_min_rows() if convert_rows is None else convert_rows)
+
+
+@functools.lru_cache(maxsize=None)
+def convert_min_rows() -> int:
+    """This CPU's ``int8_convert_min_rows`` (none: never convert once per span)."""
+    from . import _configs
+
+    rows = _configs.cpu_route_setting("int8_convert_min_rows")
+    return 2**62 if rows is None else rows
 
 
 def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -92,12 +104,26 @@ def unavailable_reason() -> str | None:
 
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (Linux /proc/cpuinfo); empty where it cannot be read."""
+    return set(cpu_info().get("flags", "").split())
+
+
+def cpu_model() -> str:
+    """The CPU's name as Linux reports it (lscpu's "Model name"), else the platform's."""
+    return cpu_info().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ("model name", "vendor_id", "flags", ...); {} where it
+    cannot be read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
-    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
+        return {}
+    info: dict[str, str] = {}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    return info
 
 
 _LOCK = threading.Lock()

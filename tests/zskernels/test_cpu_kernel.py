@@ -14,7 +14,7 @@ needs_kernel = pytest.mark.skipif(not cpu_kernel.available(),
                                 reason=f"the CPU kernels are off here: {cpu_kernel.unavailable_reason()}")
 
 SHAPES = [(1, 2), (16, 16), (37, 20), (17, 578), (192, 576), (1537, 64)]  # (N, K); K even: the caller pads
-ROWS = [0, 1, 2, 3, 7, 8, 9, 15, 17, 64, 127, 130]  # 128 on: weights converted once per group
+ROWS = [0, 1, 2, 3, 7, 8, 9, 15, 17, 64, 127, 130]  # each also with the weights converted once per span
 
 
 def reference(x, w, scale):
@@ -41,6 +41,9 @@ def test_kernel_matches_float64_within_one_bf16_rounding(shape, rng):
             expected = reference(x, w, scale)
             # fp32 sums of exact products, scaled in fp32, rounded once to bf16 (2^-8 relative)
             assert max_rel(y, expected) <= 2 ** -8 + 1e-5, (shape, m)
+        # weights converted once per span or once per row tile: the same exact bf16 values, the same sums
+        per_span, per_tile = cpu_kernel.matmul(x, packed, scale, 0), cpu_kernel.matmul(x, packed, scale, 2**62)
+        assert torch.equal(per_span, y) and torch.equal(per_tile, y), (shape, m)
 
 
 @needs_kernel
@@ -137,6 +140,43 @@ def test_a_cpu_without_the_flags_is_named(monkeypatch):
     assert cpu_kernel.unavailable_reason() == "this CPU lacks avx512_bf16"
     monkeypatch.setattr(cpu_kernel.platform, "machine", lambda: "aarch64")
     assert cpu_kernel.unavailable_reason() == "it is built for x86-64 Linux, not Linux aarch64"
+
+
+def test_cpu_info_reads_the_first_processor(monkeypatch, tmp_path):
+    text = ("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Some CPU @ 2.0GHz\nflags\t\t: fpu avx512f\n\n"
+            "processor\t: 1\nvendor_id\t: Other\nmodel name\t: Another\nflags\t\t: fpu\n")
+    real = cpu_kernel.Path
+    monkeypatch.setattr(cpu_kernel, "Path", lambda p: tmp_path / "cpuinfo" if p == "/proc/cpuinfo" else real(p))
+    (tmp_path / "cpuinfo").write_text(text)
+    assert cpu_kernel.cpu_info()["vendor_id"] == "GenuineIntel"
+    assert cpu_kernel.cpu_model() == "Some CPU @ 2.0GHz" and cpu_kernel.cpu_flags() == {"fpu", "avx512f"}
+
+
+def test_cpu_route_settings_by_model_then_vendor_then_default(monkeypatch, tmp_path):
+    from zskernels import _configs
+
+    (tmp_path / "cpu_routes.json").write_text(
+        '{"_about": "x", "default": {"rows": 16}, "GenuineIntel": {"rows": null}, "Some CPU": {"rows": 64}}')
+    monkeypatch.delenv("ZSKERNELS_ROWS", raising=False)
+    for model, vendor, expected in [("Some CPU", "GenuineIntel", 64), ("Other", "GenuineIntel", None),
+                                    ("Other", "AuthenticAMD", 16)]:
+        monkeypatch.setattr(cpu_kernel, "cpu_info", lambda: {"model name": model, "vendor_id": vendor})
+        assert _configs.cpu_route_setting("rows", tmp_path) == expected
+    monkeypatch.setenv("ZSKERNELS_ROWS", "none")
+    assert _configs.cpu_route_setting("rows", tmp_path) is None
+    monkeypatch.setenv("ZSKERNELS_ROWS", "32")
+    assert _configs.cpu_route_setting("rows", tmp_path) == 32
+    monkeypatch.setenv("ZSKERNELS_ROWS", "many")
+    with pytest.raises(ValueError, match="ZSKERNELS_ROWS='many': give a whole number of rows, or none"):
+        _configs.cpu_route_setting("rows", tmp_path)
+
+
+def test_the_shipped_cpu_routes_have_a_default():
+    from zskernels import _configs
+
+    table = _configs._load_cpu_routes(_configs._path(_configs.CPU_ROUTES, None))
+    assert isinstance(table["default"]["int4_kernel_min_rows"], int)
+    assert all(entry["int4_kernel_min_rows"] is None or entry["int4_kernel_min_rows"] > 0 for entry in table.values())
 
 
 # bf16_linear: a bf16 weight as stored, (N, K) row-major. K runs in steps of 32 with a masked remainder, N in

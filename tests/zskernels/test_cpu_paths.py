@@ -397,6 +397,22 @@ def test_compiled_code_runs_the_same_cpu_path(name, dtype, rng):
         assert _cpu.cache_entries() == entries
 
 
+@pytest.mark.parametrize("name", ["fp8_linear", "fp8_lowrank_matmul", "remap_matmul", "int4_linear",
+                                  "int4_lowrank_matmul"])
+def test_weights_made_under_inference_mode(name):
+    """Tensors made under torch.inference_mode have no version counter: the plans are still built and found again
+    (a moved tensor is still seen), and give the numbers of the same weights made outside it."""
+    with torch.inference_mode():
+        op, packed = _compiled_cases(torch.Generator().manual_seed(3))[name]
+        x = torch.randn(3, 23, generator=torch.Generator().manual_seed(4)).bfloat16()
+        first = op(x, packed)
+        gc.collect()
+        entries = _cpu.cache_entries()
+        assert torch.equal(op(x, packed), first) and _cpu.cache_entries() == entries
+    op, outside = _compiled_cases(torch.Generator().manual_seed(3))[name]
+    assert torch.equal(op(x.clone(), outside), first)
+
+
 def test_cache_bytes_of_an_fp8_plan(rng, int8_route):
     """fp8 rows re-encoded to int8 once: the plan keeps them (int8pack: 64 x 48 at K padded to 48 with bf16
     scales, and the cached re-encoding itself, 64 x 40, with float32 scales) or only the kernel's layout

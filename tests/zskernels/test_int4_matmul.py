@@ -327,16 +327,18 @@ def test_torch_and_cpu_paths_match_float64(case, backend, form, dtype, rng, one_
     assert _rel_err(y, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("min_rows", [16, 8, None], ids=lambda r: f"kernel-from-{r}")
 @pytest.mark.parametrize("kernel_here", [True, False], ids=["kernel", "no-kernel"])
 @pytest.mark.parametrize("m", [1, 8, 16, 300])
 @pytest.mark.parametrize("dtype", list(TOL), ids=str)
-def test_cpu_routes(m, dtype, kernel_here, rng, monkeypatch, one_thread):
-    """bf16 from KERNEL_MIN_ROWS rows on: zskernels' int4 kernel where it runs; otherwise bf16 with a supported
-    group and few rows: torch's int4pack kernel; the rest chunked."""
+def test_cpu_routes(m, dtype, kernel_here, min_rows, rng, monkeypatch, one_thread):
+    """bf16 from this CPU's kernel_min_rows() on (None: never): zskernels' int4 kernel where it runs; otherwise
+    bf16 with a supported group and few rows: torch's int4pack kernel; the rest chunked."""
     if kernel_here and not cpu_kernel.available():
         pytest.skip(f"the CPU kernels are off here: {cpu_kernel.unavailable_reason() or 'their build failed'}")
     if not kernel_here:
         monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    monkeypatch.setattr(int4_cpu, "kernel_min_rows", lambda: min_rows)
     calls, kernel_calls = [], []
     real, real_kernel = torch._weight_int4pack_mm_for_cpu, cpu_kernel.int4_matmul
     monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(1) or real(*a))
@@ -344,7 +346,7 @@ def test_cpu_routes(m, dtype, kernel_here, rng, monkeypatch, one_thread):
     monkeypatch.setattr(_cpu, "CHUNK_BYTES", 4096)  # several chunks even on this small weight
     x, packed, bias, ref = _problem(rng, (50, 130, 9, 64, (m,), True), dtype, "dense")
     y = zk.int4_linear(x.cpu(), {n: t.cpu() for n, t in packed.items()}, bias.cpu())
-    kernel = kernel_here and dtype == torch.bfloat16 and m >= int4_cpu.KERNEL_MIN_ROWS
+    kernel = kernel_here and dtype == torch.bfloat16 and min_rows is not None and m >= min_rows
     assert bool(kernel_calls) == kernel
     assert bool(calls) == (not kernel and dtype == torch.bfloat16 and m <= int4_cpu.INT4PACK_MAX_ROWS[torch.bfloat16])
     assert _rel_err(y, ref) < TOL[dtype]
@@ -360,6 +362,7 @@ def test_cpu_stages_on_different_routes(groups, m, kernel_here, rng, monkeypatch
         pytest.skip(f"the CPU kernels are off here: {cpu_kernel.unavailable_reason() or 'their build failed'}")
     if not kernel_here:
         monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    monkeypatch.setattr(int4_cpu, "kernel_min_rows", lambda: 16)  # whatever this CPU's entry says
     x, packed, bias, ref = _problem(rng, (45, 70, 37, groups, (m,), True), torch.bfloat16, "lowrank")
     y = zk.int4_lowrank_matmul(x.cpu(), {n: t.cpu() for n, t in packed.items()}, bias.cpu())
     assert _rel_err(y, ref) < TOL[torch.bfloat16]

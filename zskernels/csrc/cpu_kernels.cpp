@@ -2,7 +2,8 @@
 #include <torch/extension.h>
 
 torch::Tensor int8_pack(const torch::Tensor& w);
-torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale);
+torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale,
+                          int64_t convert_rows);
 torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor int4_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale,
                           const torch::Tensor& offset, const torch::Tensor& xsum, int64_t N);

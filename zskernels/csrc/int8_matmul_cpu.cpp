@@ -19,7 +19,6 @@ namespace {
 using zskernels_cpu::bf16_pairs;
 
 constexpr int64_t kRows = 8;  // rows of x per register tile
-constexpr int64_t kConvertRows = 128;  // from this many rows on, weights are converted once per span of blocks
 
 // Accumulators per row tile: rows * blocks <= 24 of the 32 zmm registers, the rest hold the weights.
 template <int R> constexpr int blocks_for_rows() { return R == 1 ? 8 : R == 2 ? 8 : R <= 4 ? 6 : R <= 6 ? 4 : 3; }
@@ -99,7 +98,10 @@ torch::Tensor int8_pack(const torch::Tensor& w) {
   return padded.view({blocks, 16, pairs, 2}).permute({0, 2, 1, 3}).contiguous();
 }
 
-torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale) {
+// convert_rows: from this many rows of x on, a span's weights are converted to bf16 once instead of once per row
+// tile (where that starts to pay depends on the CPU: the caller reads it from configs/cpu_routes.json).
+torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale,
+                          int64_t convert_rows) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous() && x.device().is_cpu(),
               "int8_matmul: x must be a contiguous 2-D bf16 CPU tensor");
   TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kInt8 && packed.is_contiguous() &&
@@ -115,10 +117,9 @@ torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& packed, c
   const int8_t* wp = packed.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  // Spans of blocks as cpu_common.h's for_each_span walks them; from kConvertRows rows on, a span's weights
-  // are converted to bf16 once instead of once per row tile.
+  // Spans of blocks as cpu_common.h's for_each_span walks them, converted once per span from convert_rows on.
   const auto weights = [](const int8_t* p) { return bf16_pairs(p); };
-  zskernels_cpu::for_each_span(blocks, pairs, wp, 32, M >= kConvertRows, weights,
+  zskernels_cpu::for_each_span(blocks, pairs, wp, 32, M >= convert_rows, weights,
                                [&](int64_t b0, int64_t b1, const at::BFloat16* converted) {
                                  if (converted != nullptr)
                                    all_rows(xp, M, K, converted, pairs, sp, yp, 0, b1 - b0, N, b0);

@@ -3,9 +3,10 @@
 Three routes, chosen per call from the activation dtype, the row count and the group size (the
 thresholds are measurements, zskernels/README.md):
 
-* zskernels' own int4 kernel (``_cpu_kernel.int4_matmul``) for bf16 activations from
-  ``KERNEL_MIN_ROWS`` rows on, where the CPU has AVX-512 BF16: any group size, the weight in its own
-  layout (``_cpu_kernel.int4_pack``).
+* zskernels' own int4 kernel (``_cpu_kernel.int4_matmul``) for bf16 activations from ``kernel_min_rows()``
+  rows on, where the CPU has AVX-512 BF16: any group size, the weight in its own layout
+  (``_cpu_kernel.int4_pack``). Where it beats int4pack depends on the CPU: from 16 rows on the AMD EPYC VM
+  measured, at no row count on the Intel Xeon VM, so the threshold is data (configs/cpu_routes.json).
 * ``torch._weight_int4pack_mm_for_cpu`` (vectorised int4 weight-only GEMM; reads half a byte per
   weight). It wants the weight re-tiled by ``_convert_weight_to_int4pack_for_cpu`` (N a multiple
   of 16, so rows are padded) and per-group (scale, zero) pairs in x's dtype with
@@ -15,22 +16,23 @@ thresholds are measurements, zskernels/README.md):
   the whole weight at once, and amortised over the rows of x.
 
 Every layout is made once per packed dict and x dtype, in the op's plan (``_cpu.plan``, which leaves the
-stored tensors as they are), so a call is the plan lookup and then the kernel calls: the Python around
-them costs a few microseconds, against 30-40 before plans held the layouts (a SmolLM2 layer's two GEMMs at
-one row take about 15 us each). A V factor's layouts have U's padded width of rows (zero rows), so t comes
-out as wide as U's codes are read and stage 2 pads nothing.
+stored tensors as they are), so a call is the plan lookup and then the kernel calls (a 576 x 576 rank-128
+layer at one row: 22-32 us a call, about 15 of them in its two GEMMs, against 55-63 us before plans held the
+layouts). A V factor's layouts have U's padded width of rows (zero rows), so t comes out as wide as U's
+codes are read and stage 2 pads nothing.
 
   (a) dense:   y = x W_hat^T
   (b) lowrank: t = x V_hat, y = t U_hat^T   (t in x's dtype)
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-from ... import _cpu
+from ... import _configs, _cpu
 from ... import _cpu_kernel as cpu_kernel
 from ...formats.int4 import true_in_features
 from .naive import check_call
@@ -42,8 +44,13 @@ INT4PACK_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu's row multiple
 # x dtype -> most rows of x for which int4pack beats chunked de-quantise + GEMM (measured, README).
 # Only its bf16 kernel is vectorised: fp16 / fp32 ran 1.2x-40x slower than the chunked path even at M = 1.
 INT4PACK_MAX_ROWS = {torch.bfloat16: 256}
-# From this many rows of bf16 x on, zskernels' int4 kernel beats int4pack (and the chunked path).
-KERNEL_MIN_ROWS = 16
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_min_rows() -> Optional[int]:
+    """From this many rows of bf16 x on, zskernels' int4 kernel beats int4pack (and the chunked path) on this CPU;
+    None: at no row count measured. It depends on the CPU (zskernels/configs/cpu_routes.json)."""
+    return _configs.cpu_route_setting("int4_kernel_min_rows")
 
 
 def _nibbles(codes: Tensor) -> Tensor:
@@ -75,7 +82,8 @@ class _Matrix(NamedTuple):
     width: int          # the codes' padded K: x is zero-padded to it for the kernel and int4pack
     in_features: int
     group_size: int
-    kernel: Optional[tuple[Tensor, ...]]        # zskernels' layout (bf16 x, where the kernel runs)
+    kernel_min_rows: int                         # x with this many rows or more takes the kernel
+    kernel: Optional[tuple[Tensor, ...]]        # zskernels' layout (bf16 x, where the kernel runs on this CPU)
     int4pack: Optional[tuple[Tensor, Tensor]]  # torch's tiles and its (scale, zero) pairs
 
 
@@ -94,16 +102,18 @@ def _prepared(packed: dict[str, Tensor], prefix: str, dtype: torch.dtype, rows: 
     stored = (codes, scales, mins)
     if rows > n:
         stored = tuple(F.pad(t, (0, 0, 0, rows - n)) for t in stored)
-    kernel = cpu_kernel.int4_pack(*stored) if dtype == torch.bfloat16 and cpu_kernel.available() else None
+    min_rows = kernel_min_rows() if dtype == torch.bfloat16 and cpu_kernel.available() else None
+    kernel = cpu_kernel.int4_pack(*stored) if min_rows is not None else None
     int4pack = None
-    if group_size in INT4PACK_GROUPS and dtype in INT4PACK_MAX_ROWS and (kernel is None or KERNEL_MIN_ROWS > 1):
+    if group_size in INT4PACK_GROUPS and dtype in INT4PACK_MAX_ROWS and (min_rows is None or min_rows > 1):
         int4pack = (int4pack_weight(stored[0]), scales_and_zeros(stored[1], stored[2], dtype))
-    return _Matrix(prefix, n, max(rows, n), width, true_in_features(packed, prefix), group_size, kernel, int4pack)
+    return _Matrix(prefix, n, max(rows, n), width, true_in_features(packed, prefix), group_size,
+                   min_rows or 0, kernel, int4pack)
 
 
 def _apply(x: Tensor, m: _Matrix, packed: dict[str, Tensor]) -> Tensor:
     """x (M, K or wider, zero beyond K) @ W_hat^T through the route M picks."""
-    if m.kernel is not None and x.shape[0] >= KERNEL_MIN_ROWS:
+    if m.kernel is not None and x.shape[0] >= m.kernel_min_rows:
         return cpu_kernel.int4_matmul(_padded(x, m.width), m.kernel, m.rows)
     if m.int4pack is not None and x.shape[0] <= INT4PACK_MAX_ROWS[x.dtype]:
         y = torch._weight_int4pack_mm_for_cpu(_padded(x, m.width), m.int4pack[0], m.group_size, m.int4pack[1])

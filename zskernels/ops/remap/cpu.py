@@ -41,7 +41,7 @@ Tensor = torch.Tensor
 class _Plan(NamedTuple):
     in_features: int
     out_features: int
-    head: int                    # s_in: V's rows held in 8 bits (fp32 route: x[:, :s_in] meets them)
+    head: int                    # fp32 x: s_in, V's rows held in 8 bits (x[:, :s_in] meets them); 16-bit x: 0
     # 16-bit x: int8 GEMMs applied in turn, (V_hat^T, U_hat) re-encoded at t's width, or (W_hat,);
     # fp32 x: (v_q with v_scale, u_q with per-row scale 1)
     stages: tuple[_cpu.Int8Rows, ...]
@@ -57,9 +57,9 @@ def _plan(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor]) -> _Plan
                           _cpu.int8_rows(packed["u_q"], None, x.dtype)), packed["u_scale"].to(x.dtype, copy=True))
         u_hat, v_hat = unpack_remap(packed)
         if product_is_smaller(lay.out_features, u_hat.shape[1], lay.in_features):
-            return _Plan(lay.in_features, lay.out_features, lay.head, (_reencoded(u_hat @ v_hat.t(), x.dtype),), None)
+            return _Plan(lay.in_features, lay.out_features, 0, (_reencoded(u_hat @ v_hat.t(), x.dtype),), None)
         width = _cpu.intermediate_width(u_hat.shape[1], x.dtype)
-        return _Plan(lay.in_features, lay.out_features, lay.head,
+        return _Plan(lay.in_features, lay.out_features, 0,
                      (_reencoded(v_hat.t(), x.dtype, out_rows=width), _reencoded(u_hat, x.dtype, in_cols=width)), None)
 
     return _cpu.plan("remap", x.dtype, packed, make)
