@@ -175,8 +175,9 @@ def test_the_shipped_cpu_routes_have_a_default():
     from zskernels import _configs
 
     table = _configs._load_cpu_routes(_configs._path(_configs.CPU_ROUTES, None))
-    assert isinstance(table["default"]["int4_kernel_min_rows"], int)
-    assert all(entry["int4_kernel_min_rows"] is None or entry["int4_kernel_min_rows"] > 0 for entry in table.values())
+    settings = ("int4_kernel_min_rows", "int8_convert_min_rows")
+    assert all(isinstance(table["default"][key], int) for key in settings)
+    assert all(entry[key] is None or entry[key] > 0 for entry in table.values() for key in settings if key in entry)
 
 
 # bf16_linear: a bf16 weight as stored, (N, K) row-major. K runs in steps of 32 with a masked remainder, N in

@@ -5,8 +5,9 @@ thresholds are measurements, zskernels/README.md):
 
 * zskernels' own int4 kernel (``_cpu_kernel.int4_matmul``) for bf16 activations from ``kernel_min_rows()``
   rows on, where the CPU has AVX-512 BF16: any group size, the weight in its own layout
-  (``_cpu_kernel.int4_pack``). Where it beats int4pack depends on the CPU: from 16 rows on the AMD EPYC VM
-  measured, at no row count on the Intel Xeon VM, so the threshold is data (configs/cpu_routes.json).
+  (``_cpu_kernel.int4_pack``). Where it beats int4pack depends on the CPU: from 16 rows up on the AMD EPYC
+  VM measured, only beyond int4pack's 256 rows (where it replaces the chunked route) on the Intel Xeon VM, so
+  the threshold is data (configs/cpu_routes.json).
 * ``torch._weight_int4pack_mm_for_cpu`` (vectorised int4 weight-only GEMM; reads half a byte per
   weight). It wants the weight re-tiled by ``_convert_weight_to_int4pack_for_cpu`` (N a multiple
   of 16, so rows are padded) and per-group (scale, zero) pairs in x's dtype with
@@ -34,7 +35,6 @@ import torch.nn.functional as F
 
 from ... import _configs, _cpu
 from ... import _cpu_kernel as cpu_kernel
-from ...formats.int4 import true_in_features
 from .naive import check_call
 
 Tensor = torch.Tensor
@@ -80,7 +80,6 @@ class _Matrix(NamedTuple):
     out_features: int   # N, what the chunked route writes
     rows: int           # what the kernel and int4pack write: N, or a V factor's N grown to U's width
     width: int          # the codes' padded K: x is zero-padded to it for the kernel and int4pack
-    in_features: int
     group_size: int
     kernel_min_rows: int                         # x with this many rows or more takes the kernel
     kernel: Optional[tuple[Tensor, ...]]        # zskernels' layout (bf16 x, where the kernel runs on this CPU)
@@ -107,12 +106,12 @@ def _prepared(packed: dict[str, Tensor], prefix: str, dtype: torch.dtype, rows: 
     int4pack = None
     if group_size in INT4PACK_GROUPS and dtype in INT4PACK_MAX_ROWS and (min_rows is None or min_rows > 1):
         int4pack = (int4pack_weight(stored[0]), scales_and_zeros(stored[1], stored[2], dtype))
-    return _Matrix(prefix, n, max(rows, n), width, true_in_features(packed, prefix), group_size,
-                   min_rows or 0, kernel, int4pack)
+    return _Matrix(prefix, n, max(rows, n), width, group_size, min_rows or 0, kernel, int4pack)
 
 
 def _apply(x: Tensor, m: _Matrix, packed: dict[str, Tensor]) -> Tensor:
-    """x (M, K or wider, zero beyond K) @ W_hat^T through the route M picks."""
+    """x (M, K or wider, zero beyond K) @ W_hat^T through the route M picks (the chunked route reads W_hat as
+    wide as x: K, or the codes' padded width when t arrives from V's zero-padded layouts)."""
     if m.kernel is not None and x.shape[0] >= m.kernel_min_rows:
         return cpu_kernel.int4_matmul(_padded(x, m.width), m.kernel, m.rows)
     if m.int4pack is not None and x.shape[0] <= INT4PACK_MAX_ROWS[x.dtype]:

@@ -200,8 +200,8 @@ class FusedParts:
 
     On the CPU the whole layer is one zskernels CPU path (``_cpu.run_path``): compiled vLLM calls it as one
     opaque op per layer instead of one per part, and its float GEMMs take zskernels' bf16 kernel where it
-    beats torch's. Per-call Python, not the GEMMs, is what made compressed models slower than dense ones in
-    compiled vLLM on the CPU (bench/RESULTS.md).
+    beats torch's. Per-call Python around small GEMMs made compressed models much slower than dense ones in
+    compiled vLLM on the CPU (bench/RESULTS.md, eleventh and twelfth sessions).
     """
 
     def __init__(self, parts: list[Part], dtype: torch.dtype):
@@ -229,7 +229,7 @@ class FusedParts:
         return named
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
-        if backend == "auto" and x.device.type == "cpu":  # the op reads every tensor: compiled code orders it so
+        if backend == "auto" and x.device.type == "cpu":  # compiled: one opaque op, handed every tensor it reads
             return _kernels()._cpu.run_path(self._cpu_path, x, self._named, bias)
         return self._forward(x, bias, backend)
 
