@@ -2,12 +2,12 @@
 
 For each weight shape (SmolLM2-135M's layers and their ratio-0.8 factors) and each number of rows M:
 bf16 ``F.linear`` against ``bf16_linear`` (a bf16 weight as stored), ``_weight_int8pack_mm`` against
-``int8_matmul`` (an int8 weight with row scales; its weights converted to bf16 once per 8-row tile, or once per
-span of blocks), and ``_weight_int4pack_mm_for_cpu`` and de-quantise-then-GEMM (the int4 path's chunked route)
-against ``int4_matmul`` (int4 codes with a scale and min per group of 64, zskernels/formats/int4.py). Every timed call reads a
-different copy of the weights (each method its own copies), enough to exceed 3x the last-level cache, as a
-decode step reads them from memory; random values, medians of ``--repeats`` calls, the methods interleaved
-per repeat. The CPU's name is printed with the table and saved with ``--json``.
+``int8_matmul`` (an int8 weight with row scales, VNNI on two int8 planes of x), and
+``_weight_int4pack_mm_for_cpu`` and de-quantise-then-GEMM (the int4 path's chunked route) against ``int4_matmul``
+(int4 codes with a scale and min per group of 64, zskernels/formats/int4.py). Every timed call reads a different copy
+of the weights (each method its own copies), enough to exceed 3x the last-level cache, as a decode step reads them
+from memory; random values, medians of ``--repeats`` calls, the methods interleaved per repeat. The CPU's name is
+printed with the table and saved with ``--json``.
 
     python bench/cpu_kernels.py [--threads 2] [--repeats 200] [--rows 1,8,32,64,128,512] [--json OUT]
 """
@@ -32,7 +32,6 @@ from zskernels.ops.int4 import cpu as int4_cpu
 SHAPES = [(1536, 576), (576, 1536), (576, 576), (192, 576), (335, 576), (1536, 335)]
 INT4_GROUP = 64
 CACHE_BYTES = 32 * 2**20  # where the L3's size cannot be read; weights rotate through 3x the L3
-NEVER = 2**62  # int8_matmul's convert_rows: never once per span
 
 
 def last_level_cache_bytes() -> int:
@@ -71,11 +70,7 @@ def methods(n: int, k: int, gen: torch.Generator) -> dict[str, list[Callable[[to
                             for q in int4]}
     if cpu_kernel.available():  # copies of its own: interleaved calls must not find each other's in the cache
         out["bf16_linear"] = [lambda x, w=w.clone(): cpu_kernel.bf16_linear(x, w) for w in bf16]
-        # the weights converted to bf16 once per 8-row tile or once per span of blocks (the CPU's own threshold
-        # between the two: configs/cpu_routes.json's int8_convert_min_rows)
-        out["int8_matmul tile"] = [lambda x, p=cpu_kernel.pack(w), s=s: cpu_kernel.matmul(x, p, s, NEVER)
-                                   for w, s in int8]
-        out["int8_matmul span"] = [lambda x, p=cpu_kernel.pack(w), s=s: cpu_kernel.matmul(x, p, s, 0) for w, s in int8]
+        out["int8_matmul"] = [lambda x, p=cpu_kernel.pack(w), s=s: cpu_kernel.matmul(x, p, s) for w, s in int8]
         out["int4_matmul"] = [lambda x, p=cpu_kernel.int4_pack(q["codes"], q["scales"], q["mins"]):
                               cpu_kernel.int4_matmul(x, p, n) for q in int4]
     return out
@@ -111,8 +106,7 @@ def run(rows: list[int], repeats: int, gen: torch.Generator) -> list[dict]:
 
 
 def table(results: list[dict]) -> str:
-    cols = ["bf16 F.linear", "bf16_linear", "int8pack", "int8_matmul tile", "int8_matmul span", "int4pack",
-            "int4_matmul", "int4 chunked"]
+    cols = ["bf16 F.linear", "bf16_linear", "int8pack", "int8_matmul", "int4pack", "int4_matmul", "int4 chunked"]
     lines = ["| (N, K) | M | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for row in results:
         cells = [f"{row[c]:.1f}" if c in row else "" for c in cols]

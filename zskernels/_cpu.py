@@ -158,6 +158,14 @@ def plan(op: str, dtype: torch.dtype, packed: dict, make: Callable[[], T]) -> T:
     return derived(tensors[0], key, make, also=tensors[1:])
 
 
+def check_fits(x: Tensor, bias: Optional[Tensor], sizes, check: Callable[[], object]) -> None:
+    """A later call against its op's plan (``sizes``: anything with ``in_features`` and ``out_features``): x's
+    width and the bias (the rest was checked when the plan was made). Where they do not fit, ``check()`` --
+    the op's full argument check -- raises, naming what the op needs."""
+    if x.dim() < 1 or x.shape[-1] != sizes.in_features or not bias_fits(bias, sizes.out_features):
+        check()
+
+
 def bias_fits(bias: Optional[Tensor], out_features: int) -> bool:
     return bias is None or (isinstance(bias, Tensor) and bias.is_floating_point() and bias.dim() == 1
                             and bias.shape[0] == out_features and bias.device.type == "cpu")
@@ -217,7 +225,8 @@ def int8_rows(w: Tensor, row_scale: Optional[Tensor], dtype: torch.dtype, *, nor
     ``owned``: ``w`` is already a copy the caller hands over (e.g. a re-encoded factor), never the stored
     tensor, so the plan may hold it.
     """
-    kernel = dtype == torch.bfloat16 and w.device.type == "cpu" and cpu_kernel.available()
+    kernel = (dtype == torch.bfloat16 and w.device.type == "cpu" and max(w.shape[1], in_cols) <= cpu_kernel.INT8_MAX_K
+              and cpu_kernel.available())
     if w.dtype == torch.int8:
         rows, scale = (w if owned or w.data_ptr() % ALIGN else None), row_scale
         rows = rows.clone() if rows is not None and rows.data_ptr() % ALIGN else rows
@@ -229,8 +238,8 @@ def int8_rows(w: Tensor, row_scale: Optional[Tensor], dtype: torch.dtype, *, nor
     grow_rows, grow_cols = max(out_rows - w.shape[0], 0), max(in_cols - w.shape[1], 0)
     # int8pack reads K in steps of 16: zero columns make any K fit (a rank of 460 -> 464), at the
     # cost of this padded copy (stored int8 heads; fp8 ones are re-encoded into a copy anyway). The
-    # kernel reads K in pairs.
-    multiple = 2 if kernel else INT8PACK_K_MULTIPLE if dtype in INT8PACK_DTYPES else 1
+    # kernel reads K in quads.
+    multiple = 4 if kernel else INT8PACK_K_MULTIPLE if dtype in INT8PACK_DTYPES else 1
     pad = -(w.shape[1] + grow_cols) % multiple
     if grow_rows or grow_cols or pad:
         rows = F.pad(w if rows is None else rows, (0, grow_cols + pad, 0, grow_rows)).contiguous()

@@ -1,21 +1,22 @@
 """zskernels' CPU kernels (``csrc/``), for bf16 activations on CPUs with AVX-512 BF16:
 
 * ``int8_matmul`` (``csrc/int8_matmul_cpu.cpp``): x (M, K) times an int8 weight with one float32 scale per
-  output row, in a packed layout (``int8_pack``), register-blocked so that each weight value is loaded once per
-  8 rows of x (torch's ``_weight_int8pack_mm`` reloads it per row, and from M = 4 on loses to a bf16 GEMM);
+  output row, in a packed layout (``int8_pack``), with VNNI on the weights as stored: x is quantised per row
+  into two int8 planes (finer than bf16), so no weight is converted, and each weight load feeds up to 4 rows
+  (torch's ``_weight_int8pack_mm`` converts every weight for every row, and from M = 4 on loses to a bf16 GEMM);
 * ``bf16_linear`` (``csrc/bf16_matmul_cpu.cpp``): x (M, K) times a bf16 weight in its own (N, K) layout, so no
   copy is kept; it runs for few rows (``BF16_MAX_ROWS``), where it beats torch's bf16 GEMM;
 * ``int4_matmul`` (``csrc/int4_matmul_cpu.cpp``): x (M, K) times an int4 weight with a scale and a min per group
   of K (``zskernels/formats/int4.py``), blocked like the int8 kernel, in a layout made once by ``int4_pack``.
 
 Compiled on first use with torch's extension builder (g++ and ninja; about 40 s, then cached under
-``TORCH_EXTENSIONS_DIR``). They need a CPU with AVX-512 BF16 (``avx512_bf16``, with F, BW and VL). Where
+``TORCH_EXTENSIONS_DIR``). They need a CPU with AVX-512 BF16 and VNNI (``avx512_bf16``, ``avx512_vnni``, with F, BW and
+VL: Cooper Lake, Sapphire Rapids and later Xeons, AMD Zen 4 and later). Where
 any of that is missing, or ``ZSKERNELS_CPU_KERNEL=0``, ``available()`` is False, a one-line message says
 why, and the CPU paths keep torch's routes.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import platform
@@ -28,12 +29,15 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in
            ("cpu_kernels.cpp", "int8_matmul_cpu.cpp", "bf16_matmul_cpu.cpp", "int4_matmul_cpu.cpp")]
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
-COMPILE_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
+COMPILE_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni"]
 ENV = "ZSKERNELS_CPU_KERNEL"
 # bf16_linear up to this many rows of x (zskernels/README.md, "CPU kernels": 1.2-2.7x torch's bf16 GEMM at 64
 # rows; at 128 ahead or even depending on the shape and the run, at 512 behind on some shapes).
 BF16_MAX_ROWS = 64
+# The int8 kernel's int32 sums are exact up to this K (csrc/int8_matmul_cpu.cpp, kMaxK); wider weights keep
+# torch's routes.
+INT8_MAX_K = 65536
 
 
 def available() -> bool:
@@ -42,25 +46,15 @@ def available() -> bool:
 
 
 def pack(w: torch.Tensor) -> torch.Tensor:
-    """An int8 (N, K) weight in the int8 kernel's layout (a copy, [N/16][K/2][16][2], zero-padded)."""
+    """An int8 (N, K) weight in the int8 kernel's layout (a copy: w + 128 as uint8, [N/16][K/4][16][4], padded
+    with weight zero). K is at most ``INT8_MAX_K``."""
     return _required().int8_pack(w.contiguous())
 
 
-def matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, convert_rows: int | None = None) -> torch.Tensor:
+def matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """bf16 x (M, K) @ (w * scale[:, None])^T for ``packed = pack(w)``; scale float32 (N,); bf16 (M, N).
-    K must be the packed width (even: the caller pads x as it padded w). From ``convert_rows`` rows of x on, the
-    weights are converted to bf16 once per span of blocks instead of once per 8-row tile (default: this CPU's
-    ``int8_convert_min_rows``, zskernels/configs/cpu_routes.json)."""
-    return _required().int8_matmul(x, packed, scale, convert_min_rows() if convert_rows is None else convert_rows)
-
-
-@functools.lru_cache(maxsize=None)
-def convert_min_rows() -> int:
-    """This CPU's ``int8_convert_min_rows`` (none: never convert once per span)."""
-    from . import _configs
-
-    rows = _configs.cpu_route_setting("int8_convert_min_rows")
-    return 2**62 if rows is None else rows
+    K must be the packed width (a multiple of 4: the caller pads x as it padded w)."""
+    return _required().int8_matmul(x, packed, scale)
 
 
 def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -69,24 +63,26 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def int4_pack(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """An int4 weight as stored (codes (N, K / 2) uint8, scales and mins (N, groups); zskernels/formats/int4.py)
-    in the int4 kernel's layout: (codes [N/16][K/2][16], scale and offset = min - 128 scale, [N/16][groups][16]
-    float32), rows zero-padded to 16 (copies)."""
+    """An int4 weight as stored (codes (N, K / 2) uint8, two codes a byte, scales and mins (N, groups);
+    zskernels/formats/int4.py) in the int4 kernel's layout (copies, rows zero-padded to 16): codes
+    [N/16][K/8][16][4] uint8, byte j of an octet holding code j in its low nibble and code 4 + j in its high one;
+    scales and mins [N/16][groups][16] float32."""
     rows = -codes.shape[0] % 16
     blocks = (codes.shape[0] + rows) // 16
 
-    def by_block(t: torch.Tensor) -> torch.Tensor:  # (N, C) -> [N/16][C][16]
-        return torch.nn.functional.pad(t, (0, 0, 0, rows)).view(blocks, 16, -1).permute(0, 2, 1).contiguous()
+    def by_block(t: torch.Tensor) -> torch.Tensor:  # (N, C...) -> [N/16][C...][16]
+        t = torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, rows))
+        return t.view(blocks, 16, *t.shape[1:]).movedim(1, 2).contiguous()
 
-    scale = scales.float()
-    return by_block(codes), by_block(scale), by_block(mins.float() - 128 * scale)
+    n, half = codes.shape
+    q = torch.stack([codes & 0xF, codes >> 4], dim=-1).view(n, half // 4, 2, 4)  # (N, octets, low/high, 4)
+    octets = q[:, :, 0] | (q[:, :, 1] << 4)
+    return by_block(octets), by_block(scales.float()), by_block(mins.float())
 
 
 def int4_matmul(x: torch.Tensor, packed: tuple[torch.Tensor, ...], out_features: int) -> torch.Tensor:
     """bf16 x (M, K) @ W_hat^T for ``packed = int4_pack(...)``, K the codes' padded width; bf16 (M, N)."""
-    codes, scale, offset = packed
-    xsum = x.float().view(x.shape[0], scale.shape[1], x.shape[1] // scale.shape[1]).sum(dim=2)  # per group
-    return _required().int4_matmul(x, codes, scale, offset, xsum, out_features)
+    return _required().int4_matmul(x, *packed, out_features)
 
 
 def unavailable_reason() -> str | None:

@@ -13,8 +13,8 @@ from zskernels import _cpu_kernel as cpu_kernel
 needs_kernel = pytest.mark.skipif(not cpu_kernel.available(),
                                 reason=f"the CPU kernels are off here: {cpu_kernel.unavailable_reason()}")
 
-SHAPES = [(1, 2), (16, 16), (37, 20), (17, 578), (192, 576), (1537, 64)]  # (N, K); K even: the caller pads
-ROWS = [0, 1, 2, 3, 7, 8, 9, 15, 17, 64, 127, 130]  # each also with the weights converted once per span
+SHAPES = [(1, 4), (16, 16), (37, 20), (17, 580), (192, 576), (1537, 64)]  # (N, K); K in quads: the caller pads
+ROWS = [0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 17, 64, 127, 130]  # every remainder of the 4-row tiles
 
 
 def reference(x, w, scale):
@@ -29,21 +29,38 @@ def max_rel(y, expected):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_kernel_matches_float64_within_one_bf16_rounding(shape, rng):
     n, k = shape
-    w = torch.randint(-127, 128, (n, k), generator=rng, dtype=torch.int8)
+    w = torch.randint(-128, 128, (n, k), generator=rng, dtype=torch.int8)
     scale = torch.rand(n, generator=rng) * 0.01 + 1e-3
     packed = cpu_kernel.pack(w)
-    assert packed.shape == (-(-n // 16), k // 2, 16, 2)
+    assert packed.shape == (-(-n // 16), k // 4, 16, 4) and packed.dtype == torch.uint8
     for m in ROWS:
         x = torch.randn(m, k, generator=rng).to(torch.bfloat16)
         y = cpu_kernel.matmul(x, packed, scale)
         assert y.dtype == torch.bfloat16 and y.shape == (m, n)
         if m:
-            expected = reference(x, w, scale)
-            # fp32 sums of exact products, scaled in fp32, rounded once to bf16 (2^-8 relative)
-            assert max_rel(y, expected) <= 2 ** -8 + 1e-5, (shape, m)
-        # weights converted once per span or once per row tile: the same exact bf16 values, the same sums
-        per_span, per_tile = cpu_kernel.matmul(x, packed, scale, 0), cpu_kernel.matmul(x, packed, scale, 2**62)
-        assert torch.equal(per_span, y) and torch.equal(per_tile, y), (shape, m)
+            # x in two int8 planes (steps of absmax / 32258), exact int32 sums, one rounding to bf16 (2^-8)
+            assert max_rel(y, reference(x, w, scale)) <= 2 ** -8 + 1e-4, (shape, m)
+
+
+@needs_kernel
+def test_planes_keep_rows_of_very_different_magnitudes_and_outliers(rng):
+    """Each row has its own step: a row of 1e-30s beside one of 1e30s, rows with one outlier 1000x the rest, and
+    rows below FLT_MIN (the fp32 loop) all stay within a bf16 rounding of float64, relative to each row."""
+    w = torch.randint(-128, 128, (40, 64), generator=rng, dtype=torch.int8)
+    scale = torch.rand(40, generator=rng) + 0.5
+    x = torch.randn(6, 64, generator=rng)
+    x[0] *= 1e-30
+    x[1] *= 1e30
+    x[2, 5] = 1000.0
+    x[3] *= 1e-39  # subnormal in fp32 and bf16
+    x[4] = 0.0
+    x[5, :63] = 0.0
+    x = x.to(torch.bfloat16)
+    y = cpu_kernel.matmul(x, cpu_kernel.pack(w), scale).double()
+    expected = reference(x, w, scale)
+    assert not y[4].any()
+    for r in (0, 1, 2, 3, 5):
+        assert float((y[r] - expected[r]).abs().max() / expected[r].abs().max()) <= 2 ** -8 + 1e-4, r
 
 
 @needs_kernel
@@ -53,6 +70,7 @@ def test_rows_are_independent_and_threads_do_not_change_the_sums(rng):
     packed = cpu_kernel.pack(w)
     x = torch.randn(19, 96, generator=rng).to(torch.bfloat16)
     x[4, 7] = float("inf")
+    x[9, 0] = float("nan")
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -61,19 +79,23 @@ def test_rows_are_independent_and_threads_do_not_change_the_sums(rng):
         two = cpu_kernel.matmul(x, packed, scale)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, two)
-    assert not one[4].isfinite().all()
-    finite = [r for r in range(19) if r != 4]
+    torch.testing.assert_close(one, two, rtol=0, atol=0, equal_nan=True)
+    assert not one[4].isfinite().all() and one[9].isnan().all()  # IEEE: inf propagates, NaN everywhere
+    finite = [r for r in range(19) if r not in (4, 9)]
     assert torch.equal(one[finite], cpu_kernel.matmul(x[finite].contiguous(), packed, scale))  # no row leaks
 
 
 @needs_kernel
-def test_packing_pads_with_zeros(rng):
-    w = torch.randint(-127, 128, (3, 5), generator=rng, dtype=torch.int8)
+def test_packing_offsets_the_weights_and_pads_with_weight_zero(rng):
+    w = torch.randint(-128, 128, (3, 5), generator=rng, dtype=torch.int8)
+    w[0, 0], w[0, 1] = -128, 127
     packed = cpu_kernel.pack(w)
-    assert packed.shape == (1, 3, 16, 2)
-    unpacked = packed.permute(0, 2, 1, 3).reshape(16, 6)
-    assert torch.equal(unpacked[:3, :5], w) and not unpacked[3:].any() and not unpacked[:, 5].any()
+    assert packed.shape == (1, 2, 16, 4)
+    unpacked = packed.permute(0, 2, 1, 3).reshape(16, 8).to(torch.int16) - 128
+    assert torch.equal(unpacked[:3, :5], w.to(torch.int16))
+    assert not unpacked[3:].any() and not unpacked[:, 5:].any()
+    with pytest.raises(RuntimeError, match="K = 65537 is over the 65536 columns"):
+        cpu_kernel.pack(torch.zeros(1, cpu_kernel.INT8_MAX_K + 1, dtype=torch.int8))
 
 
 @needs_kernel
@@ -81,8 +103,8 @@ def test_bad_arguments_are_refused_in_one_line(rng):
     w = torch.randint(-127, 128, (20, 8), generator=rng, dtype=torch.int8)
     packed, scale = cpu_kernel.pack(w), torch.ones(20)
     x = torch.randn(2, 8).to(torch.bfloat16)
-    with pytest.raises(RuntimeError, match="x has 6 columns, the packed weight 8"):
-        cpu_kernel.matmul(x[:, :6].contiguous(), packed, scale)
+    with pytest.raises(RuntimeError, match="x has 4 columns, the packed weight 8"):
+        cpu_kernel.matmul(x[:, :4].contiguous(), packed, scale)
     with pytest.raises(RuntimeError, match="contiguous 2-D bf16"):
         cpu_kernel.matmul(x.half(), packed, scale)
     with pytest.raises(RuntimeError, match="float32"):
@@ -91,6 +113,8 @@ def test_bad_arguments_are_refused_in_one_line(rng):
         cpu_kernel.matmul(x, packed, torch.ones(40))
     with pytest.raises(RuntimeError, match="2-D int8"):
         cpu_kernel.pack(w.float())
+    with pytest.raises(RuntimeError, match="must come from int8_pack"):
+        cpu_kernel.matmul(x, packed.view(torch.int8), scale)
 
 
 def test_switched_off_by_the_environment(monkeypatch):
@@ -136,8 +160,8 @@ def test_a_cpu_without_the_flags_is_named(monkeypatch):
     monkeypatch.delenv(cpu_kernel.ENV, raising=False)
     monkeypatch.setattr(cpu_kernel.platform, "system", lambda: "Linux")
     monkeypatch.setattr(cpu_kernel.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(cpu_kernel, "cpu_flags", lambda: {"avx512f", "avx512bw", "avx512vl"})
-    assert cpu_kernel.unavailable_reason() == "this CPU lacks avx512_bf16"
+    monkeypatch.setattr(cpu_kernel, "cpu_flags", lambda: {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
+    assert cpu_kernel.unavailable_reason() == "this CPU lacks avx512_vnni"
     monkeypatch.setattr(cpu_kernel.platform, "machine", lambda: "aarch64")
     assert cpu_kernel.unavailable_reason() == "it is built for x86-64 Linux, not Linux aarch64"
 
@@ -175,9 +199,8 @@ def test_the_shipped_cpu_routes_have_a_default():
     from zskernels import _configs
 
     table = _configs._load_cpu_routes(_configs._path(_configs.CPU_ROUTES, None))
-    settings = ("int4_kernel_min_rows", "int8_convert_min_rows")
-    assert all(isinstance(table["default"][key], int) for key in settings)
-    assert all(entry[key] is None or entry[key] > 0 for entry in table.values() for key in settings if key in entry)
+    assert isinstance(table["default"]["int4_kernel_min_rows"], int)
+    assert all(entry["int4_kernel_min_rows"] is None or entry["int4_kernel_min_rows"] > 0 for entry in table.values())
 
 
 # bf16_linear: a bf16 weight as stored, (N, K) row-major. K runs in steps of 32 with a masked remainder, N in
@@ -257,8 +280,7 @@ def test_float_linear_takes_the_bf16_kernel_for_few_rows_only(monkeypatch, rng):
 
 
 # int4_matmul: codes, scales and mins as zskernels/formats/int4.py stores them, in the kernel's layout. Groups
-# of 16 to 80 (any multiple of 16), N in blocks of 16 with a partial last one, rows in tiles of 1 to 4, and from
-# 64 rows on codes expanded once per span of blocks.
+# of 16 to 80 (any multiple of 16), N in blocks of 16 with a partial last one, rows in tiles of 1 to 4.
 INT4_SHAPES = [(1, 16, 16), (37, 101, 16), (16, 64, 64), (5, 200, 80), (335, 576, 32), (40, 130, 64)]  # (N, K, g)
 INT4_ROWS = [0, 1, 2, 3, 4, 5, 7, 8, 9, 63, 64, 67]
 
@@ -286,24 +308,45 @@ def test_int4_kernel_matches_float64_within_one_bf16_rounding(shape, rng):
         y = int4_apply(x, stored, n)
         assert y.dtype == torch.bfloat16 and y.shape == (m, n)
         if m:
-            # exact products in fp32, fp32 sums with 128 sum(x) taken out per group, one bf16 rounding
+            # x in two int8 planes (steps of absmax / 32258), exact int32 sums per group, one bf16 rounding
             assert max_rel(y, x.double() @ w.T) <= 2 ** -8 + 1e-4, (shape, m)
 
 
 @needs_kernel
-def test_int4_packing_transposes_each_block_and_folds_the_min(rng):
+def test_int4_packing_puts_each_outputs_octet_of_codes_in_one_lane(rng):
     stored, _ = int4_weight(20, 64, 32, rng)
-    codes, scale, offset = cpu_kernel.int4_pack(stored["codes"], stored["scales"], stored["mins"])
-    assert codes.shape == (2, 32, 16) and scale.shape == offset.shape == (2, 2, 16)
-    assert torch.equal(codes.permute(0, 2, 1).reshape(32, 32)[:20], stored["codes"])
-    assert not codes.permute(0, 2, 1).reshape(32, 32)[20:].any()
-    s = stored["scales"].float()
-    assert torch.equal(scale.permute(0, 2, 1).reshape(32, 2)[:20], s)
-    assert torch.equal(offset.permute(0, 2, 1).reshape(32, 2)[:20], stored["mins"].float() - 128 * s)
+    codes, scale, mins = cpu_kernel.int4_pack(stored["codes"], stored["scales"], stored["mins"])
+    assert codes.shape == (2, 8, 16, 4) and scale.shape == mins.shape == (2, 2, 16)
+    c = stored["codes"]
+    q = torch.stack([c & 0xF, c >> 4], dim=-1).view(20, 64)  # code k of output n
+    lanes = codes.permute(0, 2, 1, 3).reshape(32, 8, 4)[:20]  # output n, octet o, byte j
+    octets = q.view(20, 8, 2, 4)  # output, octet, low / high nibble, byte
+    assert torch.equal(lanes & 0xF, octets[:, :, 0]) and torch.equal(lanes >> 4, octets[:, :, 1])
+    assert not codes.permute(0, 2, 1, 3).reshape(32, 32)[20:].any()
+    assert torch.equal(scale.permute(0, 2, 1).reshape(32, 2)[:20], stored["scales"].float())
+    assert torch.equal(mins.permute(0, 2, 1).reshape(32, 2)[:20], stored["mins"].float())
 
 
 @needs_kernel
-@pytest.mark.parametrize("m", [11, 70])  # both sides of the expansion threshold
+def test_int4_rows_of_very_different_magnitudes_outliers_and_tiny_rows(rng):
+    """Each row has its own step; rows below FLT_MIN take the fp32 loop."""
+    stored, w = int4_weight(40, 64, 32, rng)
+    x = torch.randn(5, 64, generator=rng)
+    x[0] *= 1e-30
+    x[1] *= 1e30
+    x[2, 5] = 1000.0
+    x[3] *= 1e-39
+    x[4] = 0.0
+    x = x.to(torch.bfloat16)
+    y = int4_apply(x, stored, 40).double()
+    expected = x.double() @ w.T
+    assert not y[4].any()
+    for r in range(4):
+        assert float((y[r] - expected[r]).abs().max() / expected[r].abs().max()) <= 2 ** -8 + 1e-4, r
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", [11, 70])
 def test_int4_rows_are_independent_and_threads_do_not_change_the_sums(m, rng):
     stored, _ = int4_weight(300, 96, 32, rng)
     x = torch.randn(m, 96, generator=rng).to(torch.bfloat16)
@@ -316,29 +359,27 @@ def test_int4_rows_are_independent_and_threads_do_not_change_the_sums(m, rng):
         two = int4_apply(x, stored, 300)
     finally:
         torch.set_num_threads(threads)
-    torch.testing.assert_close(one, two, rtol=0, atol=0, equal_nan=True)  # the inf row: inf - inf per group
-    assert not one[4].isfinite().any()
+    torch.testing.assert_close(one, two, rtol=0, atol=0, equal_nan=True)
+    assert not one[4].isfinite().all()  # the fp32 loop: inf propagates
     finite = [r for r in range(m) if r != 4]
     assert one[finite].isfinite().all()
+    assert torch.equal(one[finite], int4_apply(x[finite].contiguous(), stored, 300))  # no row leaks
 
 
 @needs_kernel
 def test_int4_bad_arguments_are_refused_in_one_line(rng):
     stored, _ = int4_weight(20, 64, 32, rng)
-    codes, scale, offset = cpu_kernel.int4_pack(stored["codes"], stored["scales"], stored["mins"])
+    codes, scale, mins = cpu_kernel.int4_pack(stored["codes"], stored["scales"], stored["mins"])
     x = torch.randn(2, 64).to(torch.bfloat16)
-    xsum = torch.zeros(2, 2)
     module = cpu_kernel._required()
-    with pytest.raises(RuntimeError, match="x has 62 columns, the packed codes 64"):
-        module.int4_matmul(x[:, :62].contiguous(), codes, scale, offset, xsum, 20)
+    with pytest.raises(RuntimeError, match="x has 56 columns, the packed codes 64"):
+        module.int4_matmul(x[:, :56].contiguous(), codes, scale, mins, 20)
     with pytest.raises(RuntimeError, match="40 outputs for 2 blocks"):
-        module.int4_matmul(x, codes, scale, offset, xsum, 40)
-    with pytest.raises(RuntimeError, match="scale and offset must be"):
-        module.int4_matmul(x, codes, scale.half(), offset, xsum, 20)
-    with pytest.raises(RuntimeError, match="xsum must be"):
-        module.int4_matmul(x, codes, scale, offset, xsum[:1].contiguous(), 20)
+        module.int4_matmul(x, codes, scale, mins, 40)
+    with pytest.raises(RuntimeError, match="scale and min must be"):
+        module.int4_matmul(x, codes, scale.half(), mins, 20)
     with pytest.raises(RuntimeError, match="the codes must be"):
-        module.int4_matmul(x, codes.view(torch.int8), scale, offset, xsum, 20)
+        module.int4_matmul(x, codes.view(torch.int8), scale, mins, 20)
 
 
 def test_compiled_float_linear_traces_f_linear_without_a_guard_on_rows(rng):

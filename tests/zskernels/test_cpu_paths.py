@@ -104,7 +104,7 @@ def test_remap_16_bit_path_multiplies_the_reencoded_factors(m, rng):
 def test_cache_bytes_of_a_remap_plan(rng, int8_route):
     """What the 16-bit path keeps: V_hat^T in int8 at t's width (24 -> 32 rows) and int8pack's K (40 -> 48),
     U_hat in int8 (300 x 32), and one bf16 scale per row of each; the kernel's layout instead keeps K (40:
-    it reads K in pairs), pads U_hat's rows to blocks of 16 (304) and keeps float32 scales."""
+    a multiple of 4: it reads K in quads), pads U_hat's rows to blocks of 16 (304) and keeps float32 scales."""
     packed = zskernels.pack_remap(*factors(300, 40, 24, rng), fmt="int8", tail_dtype=torch.bfloat16)
     assert _cpu.derived_nbytes(packed.values()) == 0
     zskernels.remap_matmul(torch.randn(1, 40, generator=rng).to(torch.bfloat16), packed)
@@ -129,8 +129,8 @@ def test_remap_16_bit_path_multiplies_the_reencoded_product_of_high_ranks(shape,
     y = zskernels.remap_matmul(xb, packed)
     assert rel_err(y, xb.double() @ (q.double() * scale.double()[:, None]).t()) < RTOL[torch.bfloat16]
     assert rel_err(y, xb.double() @ w_hat.t()) < remap_budget(packed, torch.bfloat16)
-    if int8_route == "kernel":  # rows in blocks of 16, K in pairs, float32 scales
-        expected = -(-out // 16) * 16 * (in_ + in_ % 2) + 4 * out
+    if int8_route == "kernel":  # rows in blocks of 16, K in quads, float32 scales
+        expected = -(-out // 16) * 16 * (in_ + -in_ % 4) + 4 * out
     else:  # int8pack's K in steps of 16, bf16 scales
         expected = out * (in_ + -in_ % 16) + 2 * out
     assert _cpu.derived_nbytes(packed.values()) == expected
@@ -416,7 +416,7 @@ def test_weights_made_under_inference_mode(name):
 def test_cache_bytes_of_an_fp8_plan(rng, int8_route):
     """fp8 rows re-encoded to int8 once: the plan keeps them (int8pack: 64 x 48 at K padded to 48 with bf16
     scales, and the cached re-encoding itself, 64 x 40, with float32 scales) or only the kernel's layout
-    (64 x 40: it reads K in pairs) and float32 scales, never both."""
+    (64 x 40: it reads K in quads) and float32 scales, never both."""
     packed = zskernels.quantize_fp8_dense(torch.randn(64, 40, generator=rng))
     zskernels.fp8_linear(torch.randn(2, 40, generator=rng).to(torch.bfloat16), packed)
     if int8_route == "kernel":

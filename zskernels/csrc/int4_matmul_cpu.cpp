@@ -1,142 +1,176 @@
 // y (M, N) = x (M, K) @ W_hat^T for bf16 x and an int4 weight with a scale and a min per group of K,
-// W_hat[n, k] = q[n, k] * scale[n, k / g] + min[n, k / g], q in 0..15 (zskernels/formats/int4.py); fp32
-// accumulation, bf16 output. AVX-512 with the BF16 extension. Notes and measurements: zskernels/README.md,
-// "CPU kernels". Bound to Python in cpu_kernels.cpp.
+// W_hat[n, k] = q[n, k] * scale[n, k / g] + min[n, k / g], q in 0..15 (zskernels/formats/int4.py); bf16
+// output. AVX-512 VNNI: the codes are multiplied as they are, against x in two int8 planes (cpu_common.h).
+// Notes and measurements: zskernels/README.md, "CPU kernels". Bound to Python in cpu_kernels.cpp.
 //
 // The weight arrives packed once by zskernels/_cpu_kernel.py (int4_pack): blocks of 16 output rows, and within
-// a block one byte per output for each pair of K values, [N / 16][K / 2][16] uint8 with K's even value in the
-// low nibble (the stored codes' own byte, transposed per block). Per group and block, 16 fp32 scales and 16 fp32
-// offsets (min - 128 scale), [N / 16][groups][16]; and per row of x its sum over each group, (M, groups).
+// a block one 32-bit lane per output for each octet of K, [N / 16][K / 8][16][4] uint8, byte j of a lane holding
+// code k0 + j in its low nibble and code k0 + 4 + j in its high one: a mask and a shift make the two quads of
+// codes that two vpdpbusd take, with no other conversion. Per group and block, 16 fp32 scales and 16 fp32 mins,
+// [N / 16][groups][16].
 //
-// A code q becomes the bf16 value 128 + q by bit arithmetic alone (0x4300 is 128.0, and from 128 to 256 the
-// bf16 step is 1), so no conversion instruction is needed: sum_k x (128 + q) is accumulated per group, and
-// scale * that + offset * sum_k x = sum_k x (q scale + min). The products are exact in fp32; the 128 sum_k x
-// it takes out again costs about 2^-24 * 128 relative to the row's values, far below bf16's rounding.
+// Per group, sum_k a q and sum_k a (a = x / step as the planes hold it, hi + lo / 254) are exact in int32;
+// then y = step * sum_g (scale_g * sum_k a q + min_g * sum_k a) in fp32, one rounding to bf16.
 #include <torch/extension.h>
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cstring>
 
 #include "cpu_common.h"
 
 namespace {
 
-using zskernels_cpu::bf16_pairs;
+using zskernels_cpu::PlaneRow;
+using zskernels_cpu::broadcast_quad;
 
 constexpr int64_t kRows = 4;  // rows of x per register tile
-constexpr int64_t kExpandRows = 64;  // from this many rows on, codes are expanded once per span of blocks
 
-// Accumulators per row tile: group sums and totals, 2 * rows * blocks <= 24 of the 32 zmm registers.
-template <int R> constexpr int blocks_for_rows() { return R == 1 ? 8 : R == 2 ? 4 : R == 3 ? 4 : 3; }
-
-// 16 outputs' bytes (two codes each) -> the 32 bf16 values 128 + q that vdpbf16ps multiplies, in pairs.
-// (Codes expanded earlier, for many rows, are loaded as they are: cpu_common.h's bf16_pairs.)
-inline __m512bh bf16_pairs(const uint8_t* p) {
-  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m512i low = _mm512_and_si512(bytes, _mm512_set1_epi32(0x0F));
-  const __m512i high = _mm512_slli_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0xF0)), 12);
-  return reinterpret_cast<__m512bh>(_mm512_or_si512(_mm512_or_si512(low, high), _mm512_set1_epi32(0x43004300)));
-}
+// Group accumulators per row tile (2 planes * rows * blocks, at most 24 zmm); the fp32 totals, touched once a
+// group, may live in memory.
+template <int R> constexpr int blocks_for_rows() { return R == 1 ? 6 : R == 2 ? 4 : 3; }
 
 struct Operands {
-  const at::BFloat16* x;  // (M, K)
-  const uint8_t* w;       // [blocks][pairs][16]
-  const float* scale;     // [blocks][groups][16]
-  const float* offset;    // [blocks][groups][16]
-  const float* xsum;      // (M, groups)
-  at::BFloat16* y;        // (M, N)
-  int64_t K, N, pairs, groups, group_pairs;
+  const int8_t* hi;        // planes of x, (M, K)
+  const int8_t* lo;
+  const PlaneRow* rows;    // (M)
+  const uint8_t* w;        // [blocks][octets][16][4]
+  const float* scale;      // [blocks][groups][16]
+  const float* min;        // [blocks][groups][16]
+  const float* xsum;       // (M, groups): sum_k a over each group
+  at::BFloat16* y;         // (M, N)
+  int64_t K, N, octets, groups, group_octets;
 };
 
-// R rows of x from row m times B blocks of 16 outputs from block b0 (b0 - first in w, whose blocks are
-// numbered from block first): each code pair is loaded and expanded once for the R rows; a group's sums are
-// scaled into the totals when the group ends.
-template <int R, int B, typename W>
-void tile(const Operands& op, const W* w, int64_t first, int64_t m, int64_t b0) {
-  constexpr int64_t step = sizeof(W) == 1 ? 16 : 32;  // a pair's elements per block: 16 bytes or 32 bf16
+// R rows from row m times B blocks of 16 outputs from block b0: each 64-byte load of codes feeds 4 R vpdpbusd;
+// a group's integer sums are scaled into the fp32 totals when the group ends.
+template <int R, int B>
+void tile(const Operands& op, int64_t m, int64_t b0) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
   __m512 total[R][B];
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < B; ++b) total[r][b] = _mm512_setzero_ps();
+  float xs[R];  // sum_k a over the group, per row
   for (int64_t g = 0; g < op.groups; ++g) {
-    __m512 acc[R][B];
+    __m512i acc_hi[R][B], acc_lo[R][B];
     for (int r = 0; r < R; ++r)
-      for (int b = 0; b < B; ++b) acc[r][b] = _mm512_setzero_ps();
-    for (int64_t p = g * op.group_pairs; p < (g + 1) * op.group_pairs; ++p) {
-      __m512bh wp[B];
-      for (int b = 0; b < B; ++b) wp[b] = bf16_pairs(w + ((b0 - first + b) * op.pairs + p) * step);
+      for (int b = 0; b < B; ++b) acc_hi[r][b] = acc_lo[r][b] = _mm512_setzero_si512();
+    for (int64_t o = g * op.group_octets; o < (g + 1) * op.group_octets; ++o) {
+      __m512i low[B], high[B];  // codes k0..k0+3 and k0+4..k0+7 of 16 outputs
+      for (int b = 0; b < B; ++b) {
+        const __m512i v = _mm512_loadu_si512(op.w + ((b0 + b) * op.octets + o) * 64);
+        low[b] = _mm512_and_si512(v, nibble);
+        high[b] = _mm512_and_si512(_mm512_srli_epi32(v, 4), nibble);
+      }
       for (int r = 0; r < R; ++r) {
-        int32_t both;  // x[m + r, 2p] and x[m + r, 2p + 1], broadcast to every lane
-        std::memcpy(&both, op.x + (m + r) * op.K + 2 * p, sizeof(both));
-        const __m512bh xp = reinterpret_cast<__m512bh>(_mm512_set1_epi32(both));
-        for (int b = 0; b < B; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], wp[b], xp);
+        const int64_t at = (m + r) * op.K + 8 * o;
+        const __m512i h0 = broadcast_quad(op.hi + at), h1 = broadcast_quad(op.hi + at + 4);
+        const __m512i l0 = broadcast_quad(op.lo + at), l1 = broadcast_quad(op.lo + at + 4);
+        for (int b = 0; b < B; ++b) {
+          acc_hi[r][b] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_hi[r][b], low[b], h0), high[b], h1);
+          acc_lo[r][b] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_lo[r][b], low[b], l0), high[b], l1);
+        }
       }
     }
+    for (int r = 0; r < R; ++r) xs[r] = op.xsum[(m + r) * op.groups + g];
     for (int b = 0; b < B; ++b) {
       const int64_t at = ((b0 + b) * op.groups + g) * 16;
-      const __m512 scale = _mm512_loadu_ps(op.scale + at), offset = _mm512_loadu_ps(op.offset + at);
+      const __m512 scale = _mm512_loadu_ps(op.scale + at), min = _mm512_loadu_ps(op.min + at);
       for (int r = 0; r < R; ++r) {
-        const __m512 xs = _mm512_set1_ps(op.xsum[(m + r) * op.groups + g]);
-        total[r][b] = _mm512_fmadd_ps(acc[r][b], scale, _mm512_fmadd_ps(offset, xs, total[r][b]));
+        const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc_lo[r][b]), _mm512_set1_ps(1.f / 254.f),
+                                           _mm512_cvtepi32_ps(acc_hi[r][b]));
+        total[r][b] = _mm512_fmadd_ps(sum, scale, _mm512_fmadd_ps(min, _mm512_set1_ps(xs[r]), total[r][b]));
       }
     }
   }
   for (int b = 0; b < B; ++b) {
     const int64_t n0 = (b0 + b) * 16;
     const __mmask16 mask = zskernels_cpu::lanes_below(op.N - n0);
-    for (int r = 0; r < R; ++r) zskernels_cpu::store_bf16(op.y + (m + r) * op.N + n0, total[r][b], mask);
+    for (int r = 0; r < R; ++r) {
+      const __m512 y = _mm512_mul_ps(total[r][b], _mm512_set1_ps(op.rows[m + r].step));
+      zskernels_cpu::store_bf16(op.y + (m + r) * op.N + n0, y, mask);
+    }
   }
 }
 
-// Blocks [b0, b1) for rows [m, m + R): full groups of blocks_for_rows<R>() blocks, then single blocks.
-template <int R, typename W>
-void rows_by_blocks(const Operands& op, const W* w, int64_t first, int64_t m, int64_t b0, int64_t b1) {
-  constexpr int B = blocks_for_rows<R>();
-  int64_t b = b0;
-  for (; b + B <= b1; b += B) tile<R, B>(op, w, first, m, b);
-  for (; b < b1; ++b) tile<R, 1>(op, w, first, m, b);
+// Blocks [b, b1) for rows [m, m + R) in groups of B blocks, the remainder in one smaller group.
+template <int R, int B>
+void rows_by_blocks(const Operands& op, int64_t m, int64_t b, int64_t b1) {
+  for (; b + B <= b1; b += B) tile<R, B>(op, m, b);
+  if constexpr (B > 1)
+    if (b < b1) rows_by_blocks<R, B - 1>(op, m, b, b1);
 }
 
-// Every row of x over blocks [b0, b1), w holding blocks from first on.
-template <typename W>
-void all_rows(const Operands& op, int64_t M, const W* w, int64_t first, int64_t b0, int64_t b1) {
-  using RowsFn = void (*)(const Operands&, const W*, int64_t, int64_t, int64_t, int64_t);
-  static constexpr RowsFn by_rows[kRows + 1] = {nullptr, rows_by_blocks<1, W>, rows_by_blocks<2, W>,
-                                                rows_by_blocks<3, W>, rows_by_blocks<4, W>};
-  for (int64_t m = 0; m < M; m += kRows) by_rows[std::min(kRows, M - m)](op, w, first, m, b0, b1);
+// The fp32 loop for one row that the planes cannot represent: IEEE results, inf * 0 included.
+void exact_row(const Operands& op, const at::BFloat16* x, int64_t m) {
+  const int64_t group = op.K / op.groups;
+  for (int64_t n = 0; n < op.N; ++n) {
+    const int64_t block = n / 16, lane = n % 16;
+    float sum = 0.f;
+    for (int64_t k = 0; k < op.K; ++k) {
+      const int64_t o = k / 8, j = k % 8, g = k / group;
+      const uint8_t byte = op.w[((block * op.octets + o) * 16 + lane) * 4 + j % 4];
+      const float q = static_cast<float>(j < 4 ? byte & 0x0F : byte >> 4);
+      const int64_t at = (block * op.groups + g) * 16 + lane;
+      sum += static_cast<float>(x[m * op.K + k]) * (q * op.scale[at] + op.min[at]);
+    }
+    op.y[m * op.N + n] = static_cast<at::BFloat16>(sum);
+  }
+}
+
+// Per row and group of K, sum_k a = sum hi + sum lo / 254 (exact integer sums; zero for the fp32 loop's rows).
+std::vector<float> group_sums(const zskernels_cpu::Planes& planes, int64_t M, int64_t K, int64_t groups) {
+  std::vector<float> sums(M * groups);
+  const int64_t group = K / groups;
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t g = 0; g < groups; ++g) {
+        int32_t hi = 0, lo = 0;
+        for (int64_t k = m * K + g * group; k < m * K + (g + 1) * group; ++k) {
+          hi += planes.hi[k];
+          lo += planes.lo[k];
+        }
+        sums[m * groups + g] = static_cast<float>(hi) + static_cast<float>(lo) * (1.f / 254.f);
+      }
+  });
+  return sums;
 }
 
 }  // namespace
 
 torch::Tensor int4_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale,
-                          const torch::Tensor& offset, const torch::Tensor& xsum, int64_t N) {
+                          const torch::Tensor& min, int64_t N) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous() && x.device().is_cpu(),
               "int4_matmul: x must be a contiguous 2-D bf16 CPU tensor");
-  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == torch::kUInt8 && packed.is_contiguous() &&
-              packed.size(2) == 16, "int4_matmul: the codes must be [N / 16][K / 2][16] uint8");
-  const int64_t M = x.size(0), K = x.size(1), blocks = packed.size(0), pairs = packed.size(1);
-  TORCH_CHECK(K == 2 * pairs, "int4_matmul: x has ", K, " columns, the packed codes ", 2 * pairs);
+  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kUInt8 && packed.is_contiguous() &&
+              packed.size(2) == 16 && packed.size(3) == 4,
+              "int4_matmul: the codes must be [N / 16][K / 8][16][4] uint8");
+  const int64_t M = x.size(0), K = x.size(1), blocks = packed.size(0), octets = packed.size(1);
+  TORCH_CHECK(K == 8 * octets, "int4_matmul: x has ", K, " columns, the packed codes ", 8 * octets);
   TORCH_CHECK(N > 16 * (blocks - 1) && N <= 16 * blocks, "int4_matmul: ", N, " outputs for ", blocks, " blocks of 16");
   TORCH_CHECK(scale.dim() == 3 && scale.size(0) == blocks && scale.size(2) == 16 && scale.is_contiguous() &&
-              scale.scalar_type() == torch::kFloat32 && offset.sizes() == scale.sizes() && offset.is_contiguous() &&
-              offset.scalar_type() == torch::kFloat32,
-              "int4_matmul: scale and offset must be contiguous float32 [N / 16][groups][16]");
+              scale.scalar_type() == torch::kFloat32 && min.sizes() == scale.sizes() && min.is_contiguous() &&
+              min.scalar_type() == torch::kFloat32,
+              "int4_matmul: scale and min must be contiguous float32 [N / 16][groups][16]");
   const int64_t groups = scale.size(1);
-  TORCH_CHECK(groups > 0 && pairs % groups == 0, "int4_matmul: ", pairs, " pairs of K do not split into ", groups, " groups");
-  TORCH_CHECK(xsum.dim() == 2 && xsum.size(0) == M && xsum.size(1) == groups && xsum.is_contiguous() &&
-              xsum.scalar_type() == torch::kFloat32, "int4_matmul: xsum must be contiguous float32 (M, groups)");
+  TORCH_CHECK(groups > 0 && octets % groups == 0, "int4_matmul: ", octets, " octets of K do not split into ", groups,
+              " groups");
   auto y = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  const Operands op{x.data_ptr<at::BFloat16>(), packed.data_ptr<uint8_t>(), scale.data_ptr<float>(),
-                    offset.data_ptr<float>(), xsum.data_ptr<float>(), y.data_ptr<at::BFloat16>(),
-                    K, N, pairs, groups, pairs / groups};
-  // Spans of blocks as cpu_common.h's for_each_span walks them; from kExpandRows rows on, a span's codes are
-  // expanded to bf16 once instead of once per row tile.
-  const auto codes = [](const uint8_t* p) { return bf16_pairs(p); };
-  zskernels_cpu::for_each_span(blocks, pairs, op.w, 16, M >= kExpandRows, codes,
-                               [&](int64_t b0, int64_t b1, const at::BFloat16* expanded) {
-                                 if (expanded != nullptr) all_rows(op, M, expanded, b0, b0, b1);
-                                 else all_rows(op, M, op.w, 0, b0, b1);
-                               });
+  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  const zskernels_cpu::Planes planes = zskernels_cpu::quantise(xp, M, K);
+  const std::vector<float> xsum = group_sums(planes, M, K, groups);
+  const Operands op{planes.hi.data(), planes.lo.data(), planes.rows.data(), packed.data_ptr<uint8_t>(),
+                    scale.data_ptr<float>(), min.data_ptr<float>(), xsum.data(),
+                    y.data_ptr<at::BFloat16>(), K, N, octets, groups, octets / groups};
+  using RowsFn = void (*)(const Operands&, int64_t, int64_t, int64_t);
+  static constexpr RowsFn by_rows[kRows + 1] = {nullptr, rows_by_blocks<1, blocks_for_rows<1>()>,
+                                                rows_by_blocks<2, blocks_for_rows<2>()>,
+                                                rows_by_blocks<3, blocks_for_rows<3>()>,
+                                                rows_by_blocks<4, blocks_for_rows<4>()>};
+  zskernels_cpu::for_each_span(blocks, [&](int64_t b0, int64_t b1) {
+    for (int64_t m = 0; m < M; m += kRows) by_rows[std::min(kRows, M - m)](op, m, b0, b1);
+  });
+  for (int64_t m = 0; m < M; ++m)
+    if (planes.rows[m].exact) exact_row(op, xp, m);
   return y;
 }

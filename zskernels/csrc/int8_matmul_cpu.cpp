@@ -1,130 +1,146 @@
 // y (M, N) = x (M, K) @ (w * scale[:, None])^T for bf16 x, an int8 weight w (N, K) and a float32 scale per
-// output row; fp32 accumulation, bf16 output. AVX-512 with the BF16 extension (avx512_bf16). Notes on the
-// layout, the blocking and the measurements: zskernels/README.md, "CPU kernels". Bound to Python in
-// cpu_kernels.cpp.
+// output row; bf16 output. AVX-512 VNNI: the weights are multiplied as stored, with no conversion. Notes on
+// the scheme, the layout, the blocking and the measurements: zskernels/README.md, "CPU kernels". Bound to
+// Python in cpu_kernels.cpp.
 //
-// The weight arrives packed once by zskernels/_cpu_kernel.py: blocks of 16 output rows, and within a block
-// pairs of consecutive K values side by side, [N / 16][K / 2][16][2] int8 (N and K zero-padded to 16 and
-// to even). One 32-byte load then holds the two K values of 16 outputs that one vdpbf16ps consumes.
+// x is quantised per row into two int8 planes: with step = absmax / 127 and a = x / step (|a| <= 127),
+// a = hi + lo / 254 + e, hi and lo integers in [-127, 127] and |e| <= 1/508 (a step of absmax / 32258, finer
+// than bf16 on every value of the row but the smallest). vpdpbusd multiplies unsigned by signed bytes, so the
+// weights are stored offset, w + 128 in [1, 255], and each row's plane sums times 128 are subtracted. Sums
+// in int32 (exact for K up to kMaxK), combined in fp32 as (hi_sum + lo_sum / 254) * step * scale, one rounding
+// to bf16. Rows that are not finite, or too small to scale (below FLT_MIN), take an fp32 loop instead, so
+// that infinities and NaNs propagate as in IEEE arithmetic.
+//
+// Layout (int8_pack, once): blocks of 16 output rows, and within a block quads of consecutive K values side
+// by side, [N / 16][K / 4][16][4] uint8 (N and K padded, the padding offset zeros): one 64-byte load holds
+// the four K values of 16 outputs that one vpdpbusd consumes.
 #include <torch/extension.h>
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cstring>
 
 #include "cpu_common.h"
 
 namespace {
 
-using zskernels_cpu::bf16_pairs;
+using zskernels_cpu::PlaneRow;
+using zskernels_cpu::broadcast_quad;
 
-constexpr int64_t kRows = 8;  // rows of x per register tile
+constexpr int64_t kRows = 4;     // rows of x per register tile
+constexpr int64_t kMaxK = 65536; // K / 4 vpdpbusd steps of at most 4 * 255 * 127 stay below 2^31
+constexpr int kOffset = 128;     // stored weight = w + kOffset
 
-// Accumulators per row tile: rows * blocks <= 24 of the 32 zmm registers, the rest hold the weights.
-template <int R> constexpr int blocks_for_rows() { return R == 1 ? 8 : R == 2 ? 8 : R <= 4 ? 6 : R <= 6 ? 4 : 3; }
+// Accumulators per row tile: 2 planes * rows * blocks <= 24 of the 32 zmm registers, and at least 6 chains of
+// vpdpbusd (a latency of about 5 cycles) in flight.
+template <int R> constexpr int blocks_for_rows() { return R <= 2 ? 6 : 3; }
 
-// 16 outputs' pairs (32 int8) -> the 32 bf16 values vdpbf16ps multiplies. int8 is exact in bf16. (Pairs
-// converted earlier, for many rows, are loaded as they are: cpu_common.h's bf16_pairs.)
-inline __m512bh bf16_pairs(const int8_t* p) {
-  __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-  __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
-  return _mm512_cvtne2ps_pbh(hi, lo);
-}
-
-// acc * scale -> bf16, the outputs past N masked off.
-inline void store_row(at::BFloat16* y, __m512 acc, const float* scale, int64_t n0, int64_t N) {
+// Two planes' int32 sums of 16 outputs -> y (bf16), the outputs past N masked off.
+inline void store_outputs(at::BFloat16* y, __m512i hi, __m512i lo, const PlaneRow& row, const float* scale,
+                          int64_t n0, int64_t N) {
+  const __m512i hi_exact = _mm512_sub_epi32(hi, _mm512_set1_epi32(kOffset * row.hi_sum));
+  const __m512i lo_exact = _mm512_sub_epi32(lo, _mm512_set1_epi32(kOffset * row.lo_sum));
+  const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo_exact), _mm512_set1_ps(1.f / 254.f),
+                                     _mm512_cvtepi32_ps(hi_exact));
   const __mmask16 mask = zskernels_cpu::lanes_below(N - n0);
-  zskernels_cpu::store_bf16(y + n0, _mm512_mul_ps(acc, _mm512_maskz_loadu_ps(mask, scale + n0)), mask);
+  const __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, scale + n0), _mm512_set1_ps(row.step));
+  zskernels_cpu::store_bf16(y + n0, _mm512_mul_ps(sum, s), mask);
 }
 
-// R rows of x times B blocks of 16 outputs, starting at block b0: every weight pair is loaded and converted
-// once and used by all R rows.
-template <int R, int B, typename W>
-void tile(const at::BFloat16* x, int64_t ldx, const W* w, int64_t pairs, const float* scale,
+// R rows of planes times B blocks of 16 outputs from block b0: each 64-byte weight load feeds 2 R vpdpbusd.
+template <int R, int B>
+void tile(const int8_t* hi, const int8_t* lo, int64_t K, const PlaneRow* rows, const uint8_t* w, const float* scale,
           at::BFloat16* y, int64_t ldy, int64_t b0, int64_t N) {
-  __m512 acc[R][B];
+  const int64_t quads = K / 4;
+  __m512i acc_hi[R][B], acc_lo[R][B];
   for (int r = 0; r < R; ++r)
-    for (int b = 0; b < B; ++b) acc[r][b] = _mm512_setzero_ps();
-  const W* block[B];
-  for (int b = 0; b < B; ++b) block[b] = w + (b0 + b) * pairs * 32;
-  for (int64_t p = 0; p < pairs; ++p) {
-    __m512bh wp[B];
-    for (int b = 0; b < B; ++b) wp[b] = bf16_pairs(block[b] + p * 32);
-    for (int r = 0; r < R; ++r) {
-      int32_t both;  // x[r, 2p] and x[r, 2p + 1], broadcast to every lane
-      std::memcpy(&both, x + r * ldx + 2 * p, sizeof(both));
-      const __m512bh xp = reinterpret_cast<__m512bh>(_mm512_set1_epi32(both));
-      for (int b = 0; b < B; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], wp[b], xp);
+    for (int b = 0; b < B; ++b) acc_hi[r][b] = acc_lo[r][b] = _mm512_setzero_si512();
+  const uint8_t* block[B];
+  for (int b = 0; b < B; ++b) block[b] = w + (b0 + b) * quads * 64;
+  for (int64_t q = 0; q < quads; ++q) {
+    __m512i wq[B];
+    for (int b = 0; b < B; ++b) wq[b] = _mm512_loadu_si512(block[b] + q * 64);
+    for (int r = 0; r < R; ++r) {  // four K values of row r, broadcast to every lane
+      const __m512i hb = broadcast_quad(hi + r * K + 4 * q), lb = broadcast_quad(lo + r * K + 4 * q);
+      for (int b = 0; b < B; ++b) {
+        acc_hi[r][b] = _mm512_dpbusd_epi32(acc_hi[r][b], wq[b], hb);
+        acc_lo[r][b] = _mm512_dpbusd_epi32(acc_lo[r][b], wq[b], lb);
+      }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int b = 0; b < B; ++b) store_row(y + r * ldy, acc[r][b], scale, (b0 + b) * 16, N);
+    for (int b = 0; b < B; ++b)
+      store_outputs(y + r * ldy, acc_hi[r][b], acc_lo[r][b], rows[r], scale, (b0 + b) * 16, N);
 }
 
-// Blocks [b0, b1) for R rows: full groups of blocks_for_rows<R>() blocks, then single blocks.
-template <int R, typename W>
-void rows_by_blocks(const at::BFloat16* x, int64_t ldx, const W* w, int64_t pairs, const float* scale,
-                    at::BFloat16* y, int64_t ldy, int64_t b0, int64_t b1, int64_t N) {
-  constexpr int B = blocks_for_rows<R>();
-  int64_t b = b0;
-  for (; b + B <= b1; b += B) tile<R, B>(x, ldx, w, pairs, scale, y, ldy, b, N);
-  for (; b < b1; ++b) tile<R, 1>(x, ldx, w, pairs, scale, y, ldy, b, N);
+// Blocks [b, b1) for R rows in groups of B blocks, the remainder in one smaller group.
+template <int R, int B>
+void rows_by_blocks(const int8_t* hi, const int8_t* lo, int64_t K, const PlaneRow* rows, const uint8_t* w,
+                    const float* scale, at::BFloat16* y, int64_t ldy, int64_t b, int64_t b1, int64_t N) {
+  for (; b + B <= b1; b += B) tile<R, B>(hi, lo, K, rows, w, scale, y, ldy, b, N);
+  if constexpr (B > 1)
+    if (b < b1) rows_by_blocks<R, B - 1>(hi, lo, K, rows, w, scale, y, ldy, b, b1, N);
 }
 
-// Every row of x over blocks [b0, b1) of w, whose block 0 is output block `first` (a converted span's).
-template <typename W>
-void all_rows(const at::BFloat16* x, int64_t M, int64_t K, const W* w, int64_t pairs, const float* scale,
-              at::BFloat16* y, int64_t b0, int64_t b1, int64_t N, int64_t first) {
-  using RowsFn = void (*)(const at::BFloat16*, int64_t, const W*, int64_t, const float*, at::BFloat16*,
-                          int64_t, int64_t, int64_t, int64_t);
-  static constexpr RowsFn by_rows[kRows + 1] = {
-      nullptr, rows_by_blocks<1, W>, rows_by_blocks<2, W>, rows_by_blocks<3, W>, rows_by_blocks<4, W>,
-      rows_by_blocks<5, W>, rows_by_blocks<6, W>, rows_by_blocks<7, W>, rows_by_blocks<8, W>};
-  // shift y and the scales to w's first block
-  for (int64_t m = 0; m < M; m += kRows) {
-    const int64_t rows = std::min(kRows, M - m);
-    by_rows[rows](x + m * K, K, w, pairs, scale + first * 16, y + m * N + first * 16, N, b0, b1, N - first * 16);
+// The fp32 loop for one row that the planes cannot represent: IEEE results, inf * 0 included.
+void exact_row(const at::BFloat16* x, int64_t K, const uint8_t* w, const float* scale, at::BFloat16* y,
+               int64_t N) {
+  const int64_t quads = K / 4;
+  for (int64_t n = 0; n < N; ++n) {
+    const uint8_t* block = w + (n / 16) * quads * 64 + (n % 16) * 4;
+    float sum = 0.f;
+    for (int64_t k = 0; k < K; ++k)
+      sum += static_cast<float>(x[k]) * static_cast<float>(block[(k / 4) * 64 + k % 4] - kOffset);
+    y[n] = static_cast<at::BFloat16>(sum * scale[n]);
   }
 }
 
 }  // namespace
 
-// w (N, K) int8 -> [ceil(N / 16)][ceil(K / 2)][16][2], zero-padded.
+// w (N, K) int8 -> [ceil(N / 16)][ceil(K / 4)][16][4] uint8, w + 128, padded with 128 (weight zero).
 torch::Tensor int8_pack(const torch::Tensor& w) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kInt8 && w.device().is_cpu(), "int8_pack: a 2-D int8 CPU tensor");
-  const int64_t N = w.size(0), K = w.size(1), blocks = (N + 15) / 16, pairs = (K + 1) / 2;
-  auto padded = torch::zeros({blocks * 16, pairs * 2}, w.options());
-  padded.narrow(0, 0, N).narrow(1, 0, K).copy_(w);
-  return padded.view({blocks, 16, pairs, 2}).permute({0, 2, 1, 3}).contiguous();
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kInt8 && w.device().is_cpu(),
+              "int8_pack: a 2-D int8 CPU tensor");
+  const int64_t N = w.size(0), K = w.size(1), blocks = (N + 15) / 16, quads = (K + 3) / 4;
+  TORCH_CHECK(4 * quads <= kMaxK, "int8_pack: K = ", K, " is over the ", kMaxK, " columns the kernel sums exactly");
+  auto padded = torch::full({blocks * 16, quads * 4}, kOffset, w.options().dtype(torch::kUInt8));
+  padded.narrow(0, 0, N).narrow(1, 0, K).copy_((w.to(torch::kInt16) + kOffset).to(torch::kUInt8));
+  return padded.view({blocks, 16, quads, 4}).permute({0, 2, 1, 3}).contiguous();
 }
 
-// convert_rows: from this many rows of x on, a span's weights are converted to bf16 once instead of once per row
-// tile (where that starts to pay depends on the CPU: the caller reads it from configs/cpu_routes.json).
-torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale,
-                          int64_t convert_rows) {
+torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous() && x.device().is_cpu(),
               "int8_matmul: x must be a contiguous 2-D bf16 CPU tensor");
-  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kInt8 && packed.is_contiguous() &&
-              packed.size(2) == 16 && packed.size(3) == 2, "int8_matmul: the weight must come from int8_pack()");
+  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kUInt8 && packed.is_contiguous() &&
+              packed.size(2) == 16 && packed.size(3) == 4, "int8_matmul: the weight must come from int8_pack()");
   TORCH_CHECK(scale.dim() == 1 && scale.scalar_type() == torch::kFloat32 && scale.is_contiguous(),
               "int8_matmul: scale must be a contiguous 1-D float32 tensor");
-  const int64_t M = x.size(0), K = x.size(1), N = scale.size(0), blocks = packed.size(0), pairs = packed.size(1);
-  TORCH_CHECK(K == 2 * pairs, "int8_matmul: x has ", K, " columns, the packed weight ", 2 * pairs);
-  TORCH_CHECK(N > 16 * (blocks - 1) && N <= 16 * blocks, "int8_matmul: ", N, " scales for ", blocks, " blocks of 16 rows");
+  const int64_t M = x.size(0), K = x.size(1), N = scale.size(0), blocks = packed.size(0), quads = packed.size(1);
+  TORCH_CHECK(K == 4 * quads, "int8_matmul: x has ", K, " columns, the packed weight ", 4 * quads);
+  TORCH_CHECK(N > 16 * (blocks - 1) && N <= 16 * blocks,
+              "int8_matmul: ", N, " scales for ", blocks, " blocks of 16 rows");
   auto y = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
-  const int8_t* wp = packed.data_ptr<int8_t>();
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  // Spans of blocks as cpu_common.h's for_each_span walks them, converted once per span from convert_rows on.
-  const auto weights = [](const int8_t* p) { return bf16_pairs(p); };
-  zskernels_cpu::for_each_span(blocks, pairs, wp, 32, M >= convert_rows, weights,
-                               [&](int64_t b0, int64_t b1, const at::BFloat16* converted) {
-                                 if (converted != nullptr)
-                                   all_rows(xp, M, K, converted, pairs, sp, yp, 0, b1 - b0, N, b0);
-                                 else
-                                   all_rows(xp, M, K, wp, pairs, sp, yp, b0, b1, N, 0);
-                               });
+
+  const zskernels_cpu::Planes planes = zskernels_cpu::quantise(xp, M, K);
+  const int8_t* hi = planes.hi.data();
+  const int8_t* lo = planes.lo.data();
+
+  using RowsFn = void (*)(const int8_t*, const int8_t*, int64_t, const PlaneRow*, const uint8_t*, const float*,
+                          at::BFloat16*, int64_t, int64_t, int64_t, int64_t);
+  static constexpr RowsFn by_rows[kRows + 1] = {nullptr, rows_by_blocks<1, blocks_for_rows<1>()>,
+                                                rows_by_blocks<2, blocks_for_rows<2>()>,
+                                                rows_by_blocks<3, blocks_for_rows<3>()>,
+                                                rows_by_blocks<4, blocks_for_rows<4>()>};
+  zskernels_cpu::for_each_span(blocks, [&](int64_t b0, int64_t b1) {
+    for (int64_t m = 0; m < M; m += kRows)
+      by_rows[std::min(kRows, M - m)](hi + m * K, lo + m * K, K, planes.rows.data() + m, wp, sp, yp + m * N, N, b0,
+                                      b1, N);
+  });
+  for (int64_t m = 0; m < M; ++m)
+    if (planes.rows[m].exact) exact_row(xp + m * K, K, wp, sp, yp + m * N, N);
   return y;
 }

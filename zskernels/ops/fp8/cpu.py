@@ -46,8 +46,7 @@ def _plan(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor], form: st
 
 
 def _rows(x: Tensor, plan: _Plan, packed: dict[str, Tensor], bias: Optional[Tensor], form: str, op: str) -> Tensor:
-    if x.dim() < 1 or x.shape[-1] != plan.in_features or not _cpu.bias_fits(bias, plan.out_features):
-        check_call(x, packed, bias, form, op)  # raises, naming what it needs
+    _cpu.check_fits(x, bias, plan, lambda: check_call(x, packed, bias, form, op))
     return _cpu.rows_of(x)
 
 

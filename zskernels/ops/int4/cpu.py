@@ -3,11 +3,11 @@
 Three routes, chosen per call from the activation dtype, the row count and the group size (the
 thresholds are measurements, zskernels/README.md):
 
-* zskernels' own int4 kernel (``_cpu_kernel.int4_matmul``) for bf16 activations from ``kernel_min_rows()``
-  rows on, where the CPU has AVX-512 BF16: any group size, the weight in its own layout
-  (``_cpu_kernel.int4_pack``). Where it beats int4pack depends on the CPU: from 16 rows up on the AMD EPYC
-  VM measured, only beyond int4pack's 256 rows (where it replaces the chunked route) on the Intel Xeon VM, so
-  the threshold is data (configs/cpu_routes.json).
+* zskernels' own int4 kernel (``_cpu_kernel.int4_matmul``, VNNI on the codes as they are) for bf16 activations
+  from ``kernel_min_rows()`` rows on, where the CPU has AVX-512 BF16 and VNNI: any group size, the weight in
+  its own layout (``_cpu_kernel.int4_pack``). The threshold is data per CPU (configs/cpu_routes.json): 1 since
+  the kernel multiplies the codes with VNNI (1.1-2.2x int4pack at 1-64 rows on the Intel Xeon VM), so no
+  int4pack layout is made there.
 * ``torch._weight_int4pack_mm_for_cpu`` (vectorised int4 weight-only GEMM; reads half a byte per
   weight). It wants the weight re-tiled by ``_convert_weight_to_int4pack_for_cpu`` (N a multiple
   of 16, so rows are padded) and per-group (scale, zero) pairs in x's dtype with
@@ -159,8 +159,7 @@ def _plan(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor], kind: st
 
 def _run(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor], kind: str, op: str) -> Tensor:
     plan = _plan(x, packed, bias, kind, op)
-    if x.dim() < 1 or x.shape[-1] != plan.in_features or not _cpu.bias_fits(bias, plan.out_features):
-        check_call(x, packed, bias, kind, op)  # raises, naming what the op needs
+    _cpu.check_fits(x, bias, plan, lambda: check_call(x, packed, bias, kind, op))
     y = _cpu.rows_of(x)
     for matrix in plan.stages:
         y = _apply(y, matrix, packed)

@@ -80,8 +80,7 @@ def _reencoded(w: Tensor, dtype: torch.dtype, **grow) -> _cpu.Int8Rows:
 def remap_matmul_cpu(x: Tensor, packed: dict[str, Tensor], bias: Optional[Tensor] = None) -> Tensor:
     """y = x V_hat U_hat^T + bias for x (..., in), in x's dtype."""
     plan = _plan(x, packed, bias)
-    if x.dim() < 1 or x.shape[-1] != plan.in_features or not _cpu.bias_fits(bias, plan.out_features):
-        check_call(x, packed, bias, "remap_matmul")  # raises, naming what it needs
+    _cpu.check_fits(x, bias, plan, lambda: check_call(x, packed, bias, "remap_matmul"))
     x2d = _cpu.rows_of(x)
     if plan.u_scale is None:  # 16-bit x: one or two int8 GEMMs on re-encoded copies
         y = x2d
