@@ -42,25 +42,37 @@ def test_kernel_matches_float64_within_one_bf16_rounding(shape, rng):
             assert max_rel(y, reference(x, w, scale)) <= 2 ** -8 + 1e-4, (shape, m)
 
 
-@needs_kernel
-def test_planes_keep_rows_of_very_different_magnitudes_and_outliers(rng):
-    """Each row has its own step: a row of 1e-30s beside one of 1e30s, rows with one outlier 1000x the rest, and
-    rows below FLT_MIN (the fp32 loop) all stay within a bf16 rounding of float64, relative to each row."""
-    w = torch.randint(-128, 128, (40, 64), generator=rng, dtype=torch.int8)
-    scale = torch.rand(40, generator=rng) + 0.5
-    x = torch.randn(6, 64, generator=rng)
+# Results below FLT_MIN (2^-126) come out zero: vcvtneps2bf16, the bf16 rounding of every kernel, flushes them.
+FLUSHED = 2.0 ** -126
+
+
+def row_errors_within_a_bf16_rounding(y, expected):
+    for r in range(y.shape[0]):
+        err = float((y[r].double() - expected[r]).abs().max())
+        assert err <= (2 ** -8 + 1e-4) * float(expected[r].abs().max()) + FLUSHED, r
+
+
+def magnitudes(rng, k):
+    """Rows of 1e-30s, 1e30s, a 1000x outlier, 1e-24 (below 2^-64: scaled by 2^64 first), subnormals, zeros."""
+    x = torch.randn(6, k, generator=rng)
     x[0] *= 1e-30
     x[1] *= 1e30
     x[2, 5] = 1000.0
-    x[3] *= 1e-39  # subnormal in fp32 and bf16
-    x[4] = 0.0
-    x[5, :63] = 0.0
-    x = x.to(torch.bfloat16)
-    y = cpu_kernel.matmul(x, cpu_kernel.pack(w), scale).double()
-    expected = reference(x, w, scale)
-    assert not y[4].any()
-    for r in (0, 1, 2, 3, 5):
-        assert float((y[r] - expected[r]).abs().max() / expected[r].abs().max()) <= 2 ** -8 + 1e-4, r
+    x[3] *= 1e-24
+    x[4] *= 1e-39  # subnormal in fp32 and bf16
+    x[5] = 0.0
+    return x.to(torch.bfloat16)
+
+
+@needs_kernel
+def test_planes_keep_rows_of_very_different_magnitudes_and_outliers(rng):
+    """Each row has its own step: every row within a bf16 rounding of float64, relative to the row."""
+    w = torch.randint(-128, 128, (40, 64), generator=rng, dtype=torch.int8)
+    scale = torch.rand(40, generator=rng) + 0.5
+    x = magnitudes(rng, 64)
+    y = cpu_kernel.matmul(x, cpu_kernel.pack(w), scale)
+    assert not y[5].any() and y[4].any()
+    row_errors_within_a_bf16_rounding(y, reference(x, w, scale))
 
 
 @needs_kernel
@@ -329,20 +341,11 @@ def test_int4_packing_puts_each_outputs_octet_of_codes_in_one_lane(rng):
 
 @needs_kernel
 def test_int4_rows_of_very_different_magnitudes_outliers_and_tiny_rows(rng):
-    """Each row has its own step; rows below FLT_MIN take the fp32 loop."""
     stored, w = int4_weight(40, 64, 32, rng)
-    x = torch.randn(5, 64, generator=rng)
-    x[0] *= 1e-30
-    x[1] *= 1e30
-    x[2, 5] = 1000.0
-    x[3] *= 1e-39
-    x[4] = 0.0
-    x = x.to(torch.bfloat16)
-    y = int4_apply(x, stored, 40).double()
-    expected = x.double() @ w.T
-    assert not y[4].any()
-    for r in range(4):
-        assert float((y[r] - expected[r]).abs().max() / expected[r].abs().max()) <= 2 ** -8 + 1e-4, r
+    x = magnitudes(rng, 64)
+    y = int4_apply(x, stored, 40)
+    assert not y[5].any()
+    row_errors_within_a_bf16_rounding(y, x.double() @ w.T)
 
 
 @needs_kernel
@@ -360,7 +363,7 @@ def test_int4_rows_are_independent_and_threads_do_not_change_the_sums(m, rng):
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(one, two, rtol=0, atol=0, equal_nan=True)
-    assert not one[4].isfinite().all()  # the fp32 loop: inf propagates
+    assert not one[4].isfinite().all()  # the fp32 path: inf propagates
     finite = [r for r in range(m) if r != 4]
     assert one[finite].isfinite().all()
     assert torch.equal(one[finite], int4_apply(x[finite].contiguous(), stored, 300))  # no row leaks

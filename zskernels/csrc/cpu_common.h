@@ -49,11 +49,13 @@ void for_each_span(int64_t blocks, OnSpan on_span) {
 
 // x in two int8 planes, per row: with step = absmax / 127 and a = x / step (|a| <= 127), a = hi + lo / 254 + e,
 // hi and lo integers in [-127, 127] and |e| <= 1/508 -- a step of absmax / 32258, finer than bf16 on every
-// value of the row but the smallest. Rows that are not finite, or below FLT_MIN, are marked `exact` (their
-// planes zero): the kernels compute them with an fp32 loop, so that infinities and NaNs propagate as in IEEE.
+// value of the row but the smallest. A row below 2^-64 is first scaled by 2^64 (exact), its outputs by 2^-64,
+// so that 127 / absmax cannot overflow. Rows that are not finite are marked `exact` (their planes zero): the
+// kernels compute them in fp32 instead, so that infinities and NaNs propagate as in IEEE arithmetic.
 struct PlaneRow {
-  float step = 0.f;    // absmax / 127; 0 for a row of zeros
-  int32_t hi_sum = 0;  // sums of the planes over the row
+  float step = 0.f;     // absmax / 127 (of the scaled row); 0 for a row of zeros
+  float unscale = 1.f;  // 1, or 2^-64 for a scaled row
+  int32_t hi_sum = 0;   // sums of the planes over the row
   int32_t lo_sum = 0;
   bool exact = false;
 };
@@ -61,6 +63,7 @@ struct PlaneRow {
 struct Planes {
   std::vector<int8_t> hi, lo;  // (M, K)
   std::vector<PlaneRow> rows;  // (M)
+  std::vector<int64_t> exact;  // the rows marked exact, ascending
 };
 
 // Row x (K values) -> its planes hi and lo.
@@ -74,19 +77,22 @@ inline PlaneRow quantise_row(const at::BFloat16* x, int64_t K, int8_t* hi, int8_
   float absmax;
   std::memcpy(&absmax, &bits, sizeof(absmax));
   PlaneRow row;
-  if (bits == 0 || bits >= 0x7F800000u || absmax < FLT_MIN) {  // zeros, or the fp32 loop's
+  if (bits == 0 || bits >= 0x7F800000u) {  // zeros, or a row for the fp32 path
     row.exact = bits != 0;
     std::memset(hi, 0, K);
     std::memset(lo, 0, K);
     return row;
   }
+  const float pre = absmax < 0x1p-64f ? 0x1p64f : 1.f;
+  row.unscale = 1.f / pre;
+  absmax *= pre;
   row.step = absmax / 127.f;
-  const __m512 inv = _mm512_set1_ps(127.f / absmax), fine = _mm512_set1_ps(254.f);
+  const __m512 scaled = _mm512_set1_ps(pre), inv = _mm512_set1_ps(127.f / absmax), fine = _mm512_set1_ps(254.f);
   __m512i hi_sums = _mm512_setzero_si512(), lo_sums = _mm512_setzero_si512();
   constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   for (int64_t k = 0; k < K; k += 16) {
     const __mmask16 mask = lanes_below(K - k);
-    const __m512 a = _mm512_mul_ps(load_bf16(x + k, K - k), inv);
+    const __m512 a = _mm512_mul_ps(_mm512_mul_ps(load_bf16(x + k, K - k), scaled), inv);
     const __m512 h = _mm512_roundscale_ps(a, kNearest);
     const __m512 l = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(a, h), fine), kNearest);
     const __m512i hq = _mm512_cvtps_epi32(h), lq = _mm512_cvtps_epi32(l);
@@ -102,11 +108,13 @@ inline PlaneRow quantise_row(const at::BFloat16* x, int64_t K, int8_t* hi, int8_
 
 // Every row of x (M, K) in planes, rows split among threads.
 inline Planes quantise(const at::BFloat16* x, int64_t M, int64_t K) {
-  Planes planes{std::vector<int8_t>(M * K), std::vector<int8_t>(M * K), std::vector<PlaneRow>(M)};
+  Planes planes{std::vector<int8_t>(M * K), std::vector<int8_t>(M * K), std::vector<PlaneRow>(M), {}};
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
       planes.rows[m] = quantise_row(x + m * K, K, planes.hi.data() + m * K, planes.lo.data() + m * K);
   });
+  for (int64_t m = 0; m < M; ++m)
+    if (planes.rows[m].exact) planes.exact.push_back(m);
   return planes;
 }
 

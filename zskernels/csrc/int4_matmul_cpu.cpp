@@ -86,7 +86,8 @@ void tile(const Operands& op, int64_t m, int64_t b0) {
     const int64_t n0 = (b0 + b) * 16;
     const __mmask16 mask = zskernels_cpu::lanes_below(op.N - n0);
     for (int r = 0; r < R; ++r) {
-      const __m512 y = _mm512_mul_ps(total[r][b], _mm512_set1_ps(op.rows[m + r].step));
+      const PlaneRow& row = op.rows[m + r];
+      const __m512 y = _mm512_mul_ps(_mm512_mul_ps(total[r][b], _mm512_set1_ps(row.step)), _mm512_set1_ps(row.unscale));
       zskernels_cpu::store_bf16(op.y + (m + r) * op.N + n0, y, mask);
     }
   }
@@ -100,24 +101,33 @@ void rows_by_blocks(const Operands& op, int64_t m, int64_t b, int64_t b1) {
     if (b < b1) rows_by_blocks<R, B - 1>(op, m, b, b1);
 }
 
-// The fp32 loop for one row that the planes cannot represent: IEEE results, inf * 0 included.
-void exact_row(const Operands& op, const at::BFloat16* x, int64_t m) {
-  const int64_t group = op.K / op.groups;
-  for (int64_t n = 0; n < op.N; ++n) {
-    const int64_t block = n / 16, lane = n % 16;
-    float sum = 0.f;
-    for (int64_t k = 0; k < op.K; ++k) {
-      const int64_t o = k / 8, j = k % 8, g = k / group;
-      const uint8_t byte = op.w[((block * op.octets + o) * 16 + lane) * 4 + j % 4];
-      const float q = static_cast<float>(j < 4 ? byte & 0x0F : byte >> 4);
-      const int64_t at = (block * op.groups + g) * 16 + lane;
-      sum += static_cast<float>(x[m * op.K + k]) * (q * op.scale[at] + op.min[at]);
+// Row m over blocks [b0, b1) in fp32, for a row the planes cannot represent: IEEE results, inf * 0 included.
+// Vectorised like the planes' path (a row of garbage must not cost a scalar loop), k in ascending order.
+void exact_row(const Operands& op, const at::BFloat16* x, int64_t m, int64_t b0, int64_t b1) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F), byte = _mm512_set1_epi32(0xFF);
+  const at::BFloat16* row = x + m * op.K;
+  for (int64_t b = b0; b < b1; ++b) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t g = 0; g < op.groups; ++g) {
+      const __m512 scale = _mm512_loadu_ps(op.scale + (b * op.groups + g) * 16);
+      const __m512 min = _mm512_loadu_ps(op.min + (b * op.groups + g) * 16);
+      for (int64_t o = g * op.group_octets; o < (g + 1) * op.group_octets; ++o) {
+        const __m512i v = _mm512_loadu_si512(op.w + (b * op.octets + o) * 64);
+        const __m512i halves[2] = {_mm512_and_si512(v, nibble), _mm512_and_si512(_mm512_srli_epi32(v, 4), nibble)};
+        for (int h = 0; h < 2; ++h)
+          for (int j = 0; j < 4; ++j) {  // K value 8o + 4h + j of 16 outputs
+            const __m512 q = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(halves[h], 8 * j), byte));
+            const float xk = static_cast<float>(row[8 * o + 4 * h + j]);
+            acc = _mm512_fmadd_ps(_mm512_fmadd_ps(q, scale, min), _mm512_set1_ps(xk), acc);
+          }
+      }
     }
-    op.y[m * op.N + n] = static_cast<at::BFloat16>(sum);
+    const __mmask16 mask = zskernels_cpu::lanes_below(op.N - b * 16);
+    zskernels_cpu::store_bf16(op.y + m * op.N + b * 16, acc, mask);
   }
 }
 
-// Per row and group of K, sum_k a = sum hi + sum lo / 254 (exact integer sums; zero for the fp32 loop's rows).
+// Per row and group of K, sum_k a = sum hi + sum lo / 254 (exact integer sums; zero for the rows computed in fp32).
 std::vector<float> group_sums(const zskernels_cpu::Planes& planes, int64_t M, int64_t K, int64_t groups) {
   std::vector<float> sums(M * groups);
   const int64_t group = K / groups;
@@ -169,8 +179,7 @@ torch::Tensor int4_matmul(const torch::Tensor& x, const torch::Tensor& packed, c
                                                 rows_by_blocks<4, blocks_for_rows<4>()>};
   zskernels_cpu::for_each_span(blocks, [&](int64_t b0, int64_t b1) {
     for (int64_t m = 0; m < M; m += kRows) by_rows[std::min(kRows, M - m)](op, m, b0, b1);
+    for (const int64_t m : planes.exact) exact_row(op, xp, m, b0, b1);
   });
-  for (int64_t m = 0; m < M; ++m)
-    if (planes.rows[m].exact) exact_row(op, xp, m);
   return y;
 }

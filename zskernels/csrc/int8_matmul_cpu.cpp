@@ -8,8 +8,8 @@
 // than bf16 on every value of the row but the smallest). vpdpbusd multiplies unsigned by signed bytes, so the
 // weights are stored offset, w + 128 in [1, 255], and each row's plane sums times 128 are subtracted. Sums
 // in int32 (exact for K up to kMaxK), combined in fp32 as (hi_sum + lo_sum / 254) * step * scale, one rounding
-// to bf16. Rows that are not finite, or too small to scale (below FLT_MIN), take an fp32 loop instead, so
-// that infinities and NaNs propagate as in IEEE arithmetic.
+// to bf16 (where, as in every bf16 conversion by vcvtneps2bf16, results below FLT_MIN become zero). Rows that
+// are not finite are computed in fp32 instead, so that infinities and NaNs propagate as in IEEE arithmetic.
 //
 // Layout (int8_pack, once): blocks of 16 output rows, and within a block quads of consecutive K values side
 // by side, [N / 16][K / 4][16][4] uint8 (N and K padded, the padding offset zeros): one 64-byte load holds
@@ -43,7 +43,7 @@ inline void store_outputs(at::BFloat16* y, __m512i hi, __m512i lo, const PlaneRo
                                      _mm512_cvtepi32_ps(hi_exact));
   const __mmask16 mask = zskernels_cpu::lanes_below(N - n0);
   const __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, scale + n0), _mm512_set1_ps(row.step));
-  zskernels_cpu::store_bf16(y + n0, _mm512_mul_ps(sum, s), mask);
+  zskernels_cpu::store_bf16(y + n0, _mm512_mul_ps(_mm512_mul_ps(sum, s), _mm512_set1_ps(row.unscale)), mask);
 }
 
 // R rows of planes times B blocks of 16 outputs from block b0: each 64-byte weight load feeds 2 R vpdpbusd.
@@ -81,16 +81,23 @@ void rows_by_blocks(const int8_t* hi, const int8_t* lo, int64_t K, const PlaneRo
     if (b < b1) rows_by_blocks<R, B - 1>(hi, lo, K, rows, w, scale, y, ldy, b, b1, N);
 }
 
-// The fp32 loop for one row that the planes cannot represent: IEEE results, inf * 0 included.
+// Row x over blocks [b0, b1) in fp32, for a row the planes cannot represent: IEEE results, inf * 0 included.
+// Vectorised like the planes' path (a row of garbage must not cost a scalar loop), k in ascending order.
 void exact_row(const at::BFloat16* x, int64_t K, const uint8_t* w, const float* scale, at::BFloat16* y,
-               int64_t N) {
+               int64_t b0, int64_t b1, int64_t N) {
   const int64_t quads = K / 4;
-  for (int64_t n = 0; n < N; ++n) {
-    const uint8_t* block = w + (n / 16) * quads * 64 + (n % 16) * 4;
-    float sum = 0.f;
-    for (int64_t k = 0; k < K; ++k)
-      sum += static_cast<float>(x[k]) * static_cast<float>(block[(k / 4) * 64 + k % 4] - kOffset);
-    y[n] = static_cast<at::BFloat16>(sum * scale[n]);
+  const __m512i byte = _mm512_set1_epi32(0xFF), offset = _mm512_set1_epi32(kOffset);
+  for (int64_t b = b0; b < b1; ++b) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t q = 0; q < quads; ++q) {
+      const __m512i v = _mm512_loadu_si512(w + (b * quads + q) * 64);
+      for (int j = 0; j < 4; ++j) {  // K value 4q + j of 16 outputs
+        const __m512i wj = _mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(v, 8 * j), byte), offset);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(wj), _mm512_set1_ps(static_cast<float>(x[4 * q + j])), acc);
+      }
+    }
+    const __mmask16 mask = zskernels_cpu::lanes_below(N - b * 16);
+    zskernels_cpu::store_bf16(y + b * 16, _mm512_mul_ps(acc, _mm512_maskz_loadu_ps(mask, scale + b * 16)), mask);
   }
 }
 
@@ -139,8 +146,8 @@ torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& packed, c
     for (int64_t m = 0; m < M; m += kRows)
       by_rows[std::min(kRows, M - m)](hi + m * K, lo + m * K, K, planes.rows.data() + m, wp, sp, yp + m * N, N, b0,
                                       b1, N);
+    for (const int64_t m : planes.exact)
+      exact_row(xp + m * K, K, wp, sp, yp + m * N, b0, b1, N);
   });
-  for (int64_t m = 0; m < M; ++m)
-    if (planes.rows[m].exact) exact_row(xp + m * K, K, wp, sp, yp + m * N, N);
   return y;
 }
