@@ -25,7 +25,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -134,7 +133,9 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     dirs = compress_all(args)
-    machine = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    from zskernels._cpu_kernel import cpu_model  # /proc/cpuinfo's model name, not only the architecture
+
+    machine = {"machine": cpu_model(), "cores": os.cpu_count(),
                "date": time.strftime("%Y-%m-%d"), "calib": f"{args.samples}x{args.seq_len}"}
     if args.models:
         dirs = {name: dirs[name] for name in args.models.split(",")}

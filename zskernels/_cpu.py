@@ -225,8 +225,8 @@ def int8_rows(w: Tensor, row_scale: Optional[Tensor], dtype: torch.dtype, *, nor
     ``owned``: ``w`` is already a copy the caller hands over (e.g. a re-encoded factor), never the stored
     tensor, so the plan may hold it.
     """
-    kernel = (dtype == torch.bfloat16 and w.device.type == "cpu" and max(w.shape[1], in_cols) <= cpu_kernel.INT8_MAX_K
-              and cpu_kernel.available())
+    kernel = (dtype == torch.bfloat16 and w.device.type == "cpu"
+              and max(w.shape[1], in_cols) <= cpu_kernel.INT8_MAX_K and cpu_kernel.available())
     if w.dtype == torch.int8:
         rows, scale = (w if owned or w.data_ptr() % ALIGN else None), row_scale
         rows = rows.clone() if rows is not None and rows.data_ptr() % ALIGN else rows

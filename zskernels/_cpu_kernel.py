@@ -1,4 +1,4 @@
-"""zskernels' CPU kernels (``csrc/``), for bf16 activations on CPUs with AVX-512 BF16:
+"""zskernels' CPU kernels (``csrc/``), for bf16 activations on CPUs with AVX-512 BF16 and VNNI:
 
 * ``int8_matmul`` (``csrc/int8_matmul_cpu.cpp``): x (M, K) times an int8 weight with one float32 scale per
   output row, in a packed layout (``int8_pack``), with VNNI on the weights as stored: x is quantised per row
@@ -7,13 +7,14 @@
 * ``bf16_linear`` (``csrc/bf16_matmul_cpu.cpp``): x (M, K) times a bf16 weight in its own (N, K) layout, so no
   copy is kept; it runs for few rows (``BF16_MAX_ROWS``), where it beats torch's bf16 GEMM;
 * ``int4_matmul`` (``csrc/int4_matmul_cpu.cpp``): x (M, K) times an int4 weight with a scale and a min per group
-  of K (``zskernels/formats/int4.py``), blocked like the int8 kernel, in a layout made once by ``int4_pack``.
+  of K (``zskernels/formats/int4.py``), the codes multiplied as they are like the int8 kernel's weights, in a
+  layout made once by ``int4_pack``.
 
 Compiled on first use with torch's extension builder (g++ and ninja; about 40 s, then cached under
-``TORCH_EXTENSIONS_DIR``). They need a CPU with AVX-512 BF16 and VNNI (``avx512_bf16``, ``avx512_vnni``, with F, BW and
-VL: Cooper Lake, Sapphire Rapids and later Xeons, AMD Zen 4 and later). Where
-any of that is missing, or ``ZSKERNELS_CPU_KERNEL=0``, ``available()`` is False, a one-line message says
-why, and the CPU paths keep torch's routes.
+``TORCH_EXTENSIONS_DIR``). They need a CPU with AVX-512 BF16 and VNNI (``avx512_bf16``, ``avx512_vnni``, with
+F, BW and VL: Cooper Lake, Sapphire Rapids and later Xeons, AMD Zen 4 and later). Where any of that is
+missing, or ``ZSKERNELS_CPU_KERNEL=0``, ``available()`` is False, a one-line message says why, and the CPU
+paths keep torch's routes.
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def int4_pack(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> 
     rows = -codes.shape[0] % 16
     blocks = (codes.shape[0] + rows) // 16
 
-    def by_block(t: torch.Tensor) -> torch.Tensor:  # (N, C...) -> [N/16][C...][16]
+    def by_block(t: torch.Tensor) -> torch.Tensor:  # (N, C, ...) -> [N/16][C][16][...]
         t = torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, rows))
         return t.view(blocks, 16, *t.shape[1:]).movedim(1, 2).contiguous()
 
