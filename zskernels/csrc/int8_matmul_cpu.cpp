@@ -6,7 +6,7 @@
 // x is quantised per row into two int8 planes: with step = absmax / 127 and a = x / step (|a| <= 127),
 // a = hi + lo / 254 + e, hi and lo integers in [-127, 127] and |e| <= 1/508 (a step of absmax / 32258, finer
 // than bf16 on every value of the row but the smallest). vpdpbusd multiplies unsigned by signed bytes, so the
-// weights are stored offset, w + 128 in [1, 255], and each row's plane sums times 128 are subtracted. Sums
+// weights are stored offset, w + 128 in [0, 255], and each row's plane sums times 128 are subtracted. Sums
 // in int32 (exact for K up to kMaxK), combined in fp32 as (hi_sum + lo_sum / 254) * step * scale, one rounding
 // to bf16 (where, as in every bf16 conversion by vcvtneps2bf16, results below FLT_MIN become zero). Rows that
 // are not finite are computed in fp32 instead, so that infinities and NaNs propagate as in IEEE arithmetic.
