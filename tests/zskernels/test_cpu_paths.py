@@ -375,6 +375,21 @@ def _compiled_cases(rng):
     }
 
 
+@pytest.mark.parametrize("name", ["fp8_linear", "fp8_lowrank_matmul", "remap_matmul", "int4_linear",
+                                  "int4_lowrank_matmul"])
+def test_a_later_call_that_does_not_fit_the_plan_is_refused_in_one_line(name, rng):
+    """Once an op's plan exists, a call checks only x's width and the bias against it (``_cpu.check_fits``);
+    where they do not fit, the op's full check names the problem in one line."""
+    op, packed = _compiled_cases(rng)[name]
+    x = torch.randn(3, 23, generator=rng).to(torch.bfloat16)
+    op(x, packed)  # makes the plan
+    for bad in (lambda: op(torch.randn(3, 22).to(torch.bfloat16), packed),
+                lambda: op(x, packed, torch.randn(36).to(torch.bfloat16))):
+        with pytest.raises(ValueError) as err:
+            bad()
+        assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", ["fp8_linear", "fp8_lowrank_matmul", "remap_matmul", "int4_linear",
                                   "int4_lowrank_matmul"])
